@@ -1,0 +1,7 @@
+"""``python -m oneforcing ...``: see :mod:`oneforcing.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

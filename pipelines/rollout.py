@@ -1,0 +1,121 @@
+"""The autoregressive rollout: denoise a block of latent frames in a few steps, commit it to the KV cache, go on.
+
+This is the one implementation of the sampling loop; the pipeline, the ComfyUI nodes and training all call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .kv_cache import KVCache
+from .scheduling_one_forcing import OneForcingScheduler
+
+NoiseSampler = Callable[[tuple, torch.dtype, torch.device], torch.Tensor]
+"""Draws the fresh noise of a re-noising step: (shape [B, C, f, H, W], dtype, device) -> tensor."""
+
+
+@dataclass
+class RolloutBlock:
+    """One generated block: ``latents`` [B, C, f, H, W] are its clean (normalised) latents, frames start_frame.."""
+
+    index: int
+    start_frame: int
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def block_sizes(num_frames: int, frames_per_block: int) -> list[int]:
+    """Split ``num_frames`` latent frames into blocks of ``frames_per_block`` (the last one may be shorter)."""
+    if num_frames < 1:
+        raise ValueError(f"need at least one latent frame, got {num_frames}")
+    if frames_per_block < 1:
+        raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
+    full, rest = divmod(num_frames, frames_per_block)
+    return [frames_per_block] * full + ([rest] if rest else [])
+
+
+def generator_noise_sampler(generator: torch.Generator | list[torch.Generator] | None) -> NoiseSampler:
+    """Fresh Gaussian noise from the caller's generator (reproducible for a seed)."""
+
+    def sample(shape, dtype, device):
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    return sample
+
+
+def causal_rollout(
+    transformer,
+    scheduler: OneForcingScheduler,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    frames_per_block: int | None = None,
+    denoising_timesteps=None,
+    first_block_timesteps=None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    kv_cache: KVCache | None = None,
+    context_timestep: float = 0.0,
+    commit_last_block: bool = False,
+    on_block_denoised: Callable[[RolloutBlock], torch.Tensor | None] | None = None,
+) -> Iterator[RolloutBlock]:
+    """Generate the video block by block.
+
+    Args:
+        noise: [B, C, F, H, W] initial noise of the frames to generate (float32 recommended).
+        prompt_embeds: [B, Ltext, text_dim], passed unchanged to every forward (its cross-attention is cached once).
+        frames_per_block: latent frames per block (default: the transformer's config).
+        denoising_timesteps / first_block_timesteps: override the scheduler's lists (given un-warped).
+        generator / noise_sampler: source of the fresh noise between denoising steps.
+        kv_cache: a cache to continue (e.g. holding a committed start image); blocks then start at its
+            ``committed_frames``. By default a new cache sized for ``noise`` is made.
+        context_timestep: timestep of the clean-context pass (0 = clean).
+        commit_last_block: also commit the final block (needed only to continue the video afterwards).
+        on_block_denoised: called with each block before it is committed; may return replacement latents.
+    Yields:
+        :class:`RolloutBlock` per block, after its clean-context pass.
+    """
+    if noise.ndim != 5:
+        raise ValueError(f"noise must be [B, C, F, H, W], got {tuple(noise.shape)}")
+    batch, _, num_frames, height, width = noise.shape
+    if prompt_embeds.shape[0] != batch:
+        raise ValueError(f"prompt_embeds batch {prompt_embeds.shape[0]} != latent batch {batch}")
+    frames_per_block = frames_per_block or transformer.config.frames_per_block
+    model_dtype = transformer.proj_out.weight.dtype
+    if kv_cache is None:
+        kv_cache = transformer.new_kv_cache(batch, num_frames, height, width, device=noise.device)
+        kv_cache.reset()
+    first_frame = kv_cache.committed_frames
+    sample_noise = noise_sampler or generator_noise_sampler(generator)
+    prompt_embeds = prompt_embeds.to(model_dtype)
+
+    sizes = block_sizes(num_frames, frames_per_block)
+    offset = 0
+    for index, size in enumerate(sizes):
+        start = first_frame + offset
+        timesteps = scheduler.block_timesteps(index, denoising_timesteps, first_block_timesteps)
+        x = noise[:, :, offset : offset + size]
+        for step, t in enumerate(timesteps.tolist()):
+            t_frames = torch.full((batch, size), t, device=noise.device, dtype=torch.float32)
+            flow = transformer(x.to(model_dtype), t_frames, prompt_embeds, kv_cache=kv_cache, start_frame=start).sample
+            x0 = scheduler.x0_from_flow(x, flow.to(x.dtype), t)
+            if step + 1 < len(timesteps):
+                fresh = sample_noise(tuple(x0.shape), torch.float32, x0.device).to(x0.dtype)
+                x = scheduler.add_noise(x0, fresh, timesteps[step + 1].item())
+        block = RolloutBlock(index=index, start_frame=start, latents=x0, timesteps=timesteps)
+        if on_block_denoised is not None:
+            replaced = on_block_denoised(block)
+            if replaced is not None:
+                block.latents = replaced
+        if index + 1 < len(sizes) or commit_last_block:
+            t_clean = torch.full((batch, size), context_timestep, device=noise.device, dtype=torch.float32)
+            transformer(
+                block.latents.to(model_dtype), t_clean, prompt_embeds, kv_cache=kv_cache, start_frame=start,
+                commit=True,
+            )
+        yield block
+        offset += size

@@ -1,0 +1,361 @@
+"""The block-causal Wan2.1 video transformer used by One-Forcing, Self-Forcing and CausVid.
+
+Parameters are exactly those of diffusers' ``WanTransformer3DModel`` (this class subclasses it and keeps its modules),
+so diffusers folders, the original Wan2.1 files and the autoregressive checkpoints all load. What differs is the
+forward pass:
+
+- timesteps are given per latent frame ([B, F]); the time modulation is computed once per frame and broadcast over that
+  frame's tokens (diffusers' per-token path would build a [B, tokens, 6, C] float32 tensor);
+- three attention modes share the weights:
+  ``"kv_cache"`` (a block of frames attends to the committed frames of a :class:`KVCache` plus itself, rotary time
+  positions offset by the block's first frame), ``"block_causal"`` (the whole sequence at once, each block sees itself
+  and earlier blocks; for training and checks) and ``"bidirectional"`` (teacher and critic);
+- hidden states after chosen blocks can be returned (the adversarial critic reads them).
+
+Shapes: B batch, C latent channels (16), F latent frames, H/W latent height/width, L tokens = F * (H/ph) * (W/pw),
+``dim`` model width, heads x head_dim attention geometry.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
+from diffusers.models import WanTransformer3DModel
+from diffusers.utils import BaseOutput
+
+from .. import kernels
+from .attention import attention, block_causal_mask, check_attention_backend
+from .kv_cache import CrossAttentionEntry, KVCache
+from .rope import WanRotaryTables
+
+ATTENTION_MODES = ("bidirectional", "block_causal", "kv_cache")
+
+
+@dataclass
+class CausalWanOutput(BaseOutput):
+    """``sample``: [B, C, F, H, W] flow prediction. ``hidden_states``: [B, L, dim] after each requested block."""
+
+    sample: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    """Wan2.1 transformer with per-frame timesteps, a KV cache and block-causal attention.
+
+    Args (beyond ``WanTransformer3DModel``'s):
+        frames_per_block: latent frames generated per autoregressive block by default (1 = frame-wise, 3 = chunk-wise).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        frames_per_block: int = 1,
+    ) -> None:
+        if image_dim is not None or added_kv_proj_dim is not None:
+            raise ValueError("image-conditioned (I2V) Wan transformers are not supported by the causal model")
+        if frames_per_block < 1:
+            raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
+        super().__init__(
+            patch_size=patch_size,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            cross_attn_norm=cross_attn_norm,
+            qk_norm=qk_norm,
+            eps=eps,
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim,
+            rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        self.rotary = WanRotaryTables(attention_head_dim, rope_max_seq_len)
+        self.attention_backend = "auto"
+
+    # -- public helpers -----------------------------------------------------------------------------------------------
+    def set_attention_backend(self, backend: str) -> None:
+        """Pick the PyTorch SDPA backend ("auto", "cudnn", "flash", "efficient", "math") for every attention call."""
+        self.attention_backend = check_attention_backend(backend)
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens of one latent frame of size height x width."""
+        _, ph, pw = self.config.patch_size
+        self._check_spatial(height, width)
+        return (height // ph) * (width // pw)
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        num_frames: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A cache for a video of ``num_frames`` latent frames of size height x width (latent pixels)."""
+        return KVCache(
+            num_layers=self.config.num_layers,
+            batch_size=batch_size,
+            num_frames=num_frames,
+            tokens_per_frame=self.tokens_per_frame(height, width),
+            num_heads=self.config.num_attention_heads,
+            head_dim=self.config.attention_head_dim,
+            dtype=dtype or self.proj_out.weight.dtype,
+            device=device or self.proj_out.weight.device,
+        )
+
+    @classmethod
+    def from_wan(cls, model: WanTransformer3DModel, frames_per_block: int = 1) -> "CausalWanTransformer3DModel":
+        """The same weights as a diffusers ``WanTransformer3DModel``, as the causal model (parameters are shared)."""
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        config.setdefault("frames_per_block", frames_per_block)
+        with torch.device("meta"):
+            causal = cls(**config)
+        causal.load_state_dict(model.state_dict(), strict=True, assign=True)
+        causal._rebuild_rope_buffers()
+        return causal.train(model.training)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: dict | None = None,
+        num_attention_heads: int | None = None,
+        frames_per_block: int | None = None,
+        prefer_ema: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> "CausalWanTransformer3DModel":
+        """Load a One-Forcing/Self-Forcing ``.pt``, an original Wan2.1 or ComfyUI ``.safetensors`` file.
+
+        The config is inferred from tensor shapes unless given; ``num_attention_heads`` is needed only when the width
+        is not a multiple of 128 (head size 128 is assumed otherwise). Never unpickles code.
+        """
+        from .loading import check_state_dict_matches, infer_transformer_config, load_transformer_state_dict
+
+        state_dict = load_transformer_state_dict(path, prefer_ema=prefer_ema)
+        model_config = dict(config) if config else infer_transformer_config(
+            state_dict, num_attention_heads=num_attention_heads
+        )
+        if frames_per_block is not None:
+            model_config["frames_per_block"] = frames_per_block
+        with torch.device("meta"):
+            model = cls(**model_config)
+        check_state_dict_matches(model, state_dict, path)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model._rebuild_rope_buffers()
+        if dtype is not None:
+            model._cast_keeping_fp32_modules(dtype)
+        return model.eval()
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        attention_mode: str | None = None,
+        frames_per_block: int | None = None,
+        kv_cache: KVCache | None = None,
+        start_frame: int = 0,
+        commit: bool = False,
+        hidden_states_at: Sequence[int] = (),
+        return_dict: bool = True,
+        **unused,
+    ) -> CausalWanOutput | tuple:
+        """Predict the flow (noise - x0) of ``hidden_states``.
+
+        Args:
+            hidden_states: [B, C, F, H, W] noisy latents (with ``kv_cache``: the current block only).
+            timestep: [B] or [B, F] on the 0..1000 scale.
+            encoder_hidden_states: [B, Ltext, text_dim] prompt embeddings (zero-padded).
+            attention_mode: "kv_cache" (default when ``kv_cache`` is given), "block_causal" or "bidirectional"
+                (default otherwise).
+            frames_per_block: block size of the "block_causal" mask (default: the config's).
+            kv_cache: cache of the rollout; the block occupies frames [start_frame, start_frame + F).
+            commit: make this block's keys/values context for later blocks (the clean-context pass).
+            hidden_states_at: indices of blocks whose output hidden states [B, L, dim] are returned too.
+        """
+        if unused.get("encoder_hidden_states_image") is not None:
+            raise ValueError("image conditioning is not supported by CausalWanTransformer3DModel")
+        mode = attention_mode or ("kv_cache" if kv_cache is not None else "bidirectional")
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention_mode {mode!r}; choose one of {ATTENTION_MODES}")
+        if (mode == "kv_cache") != (kv_cache is not None):
+            raise ValueError('attention_mode "kv_cache" needs kv_cache=..., and a kv_cache needs that mode')
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"hidden_states must be [B, {self.config.in_channels}, F, H, W], got {tuple(hidden_states.shape)}"
+            )
+        batch, _, frames, height, width = hidden_states.shape
+        pt, ph, pw = self.config.patch_size
+        if pt != 1:
+            raise ValueError("the causal transformer needs a temporal patch size of 1")
+        self._check_spatial(height, width)
+        grid_h, grid_w = height // ph, width // pw
+        tokens_per_frame = grid_h * grid_w
+
+        timestep = self._per_frame_timesteps(timestep, batch, frames, hidden_states.device)
+        temb, time_mod = self._time_embedding(timestep)  # [B, F, dim], [B, F, 6, dim] float32
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, dim]
+        frame_offset = start_frame if mode == "kv_cache" else 0
+        cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=x.device)
+
+        mask = None
+        if mode == "kv_cache":
+            kv_cache.check_block(start_frame, frames, batch, tokens_per_frame)
+            cross_ready = kv_cache.cross_attention_for(encoder_hidden_states)
+        else:
+            cross_ready = False
+            if mode == "block_causal":
+                mask = block_causal_mask(
+                    frames, tokens_per_frame, frames_per_block or self.config.frames_per_block, device=x.device
+                )
+        context = None if cross_ready else self.condition_embedder.text_embedder(encoder_hidden_states)
+
+        wanted = set(hidden_states_at)
+        if any(i < 0 or i >= len(self.blocks) for i in wanted):
+            raise ValueError(f"hidden_states_at {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
+        collected = []
+        for index, block in enumerate(self.blocks):
+            args = (block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(self._block_forward, *args)
+            else:
+                x = self._block_forward(*args)
+            if index in wanted:
+                collected.append(x)
+        if kv_cache is not None and commit:
+            kv_cache.commit(start_frame, frames)
+
+        shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).unbind(2)  # [B, F, dim] each
+        x = kernels.adaln_modulate(x, shift, scale, self.config.eps)
+        x = self.proj_out(x)
+        x = x.reshape(batch, frames, grid_h, grid_w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        sample = x.reshape(batch, -1, frames * pt, grid_h * ph, grid_w * pw)
+        hidden = tuple(collected) if hidden_states_at else None
+        if not return_dict:
+            return (sample, hidden) if hidden_states_at else (sample,)
+        return CausalWanOutput(sample=sample, hidden_states=hidden)
+
+    def _block_forward(self, block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit):
+        """One transformer block. x: [B, L, dim]; time_mod: [B, F, 6, dim] float32 (without the block's table)."""
+        eps = self.config.eps
+        heads = self.config.num_attention_heads
+        batch, length, _ = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (block.scale_shift_table.float()[:, None] + time_mod).unbind(2)
+
+        # self-attention
+        attn = block.attn1
+        h = kernels.adaln_modulate(x, shift1, scale1, eps)
+        q = kernels.qk_norm_rope(attn.to_q(h), attn.norm_q.weight, cos, sin, heads, eps)
+        k = kernels.qk_norm_rope(attn.to_k(h), attn.norm_k.weight, cos, sin, heads, eps)
+        v = attn.to_v(h).view(batch, length, heads, -1)
+        if kv_cache is not None:
+            k, v = kv_cache.attend(index, k, v, start_frame, commit)
+        out = attention(q, k, v, mask, self.attention_backend)
+        x = kernels.gated_residual(x, attn.to_out[0](out.flatten(2)), gate1)
+
+        # cross-attention to the prompt (keys/values cached per prompt when a KV cache is used)
+        cross = block.attn2
+        h = block.norm2(x.float()).type_as(x)
+        q = cross.norm_q(cross.to_q(h)).view(batch, length, heads, -1)
+        entry = kv_cache.cross[index] if kv_cache is not None else None
+        if entry is None:
+            ctx_len = context.shape[1]
+            entry = CrossAttentionEntry(
+                key=cross.norm_k(cross.to_k(context)).view(batch, ctx_len, heads, -1),
+                value=cross.to_v(context).view(batch, ctx_len, heads, -1),
+            )
+            if kv_cache is not None and not torch.is_grad_enabled():
+                kv_cache.cross[index] = entry
+        out = attention(q, entry.key, entry.value, None, self.attention_backend)
+        x = x + cross.to_out[0](out.flatten(2))
+
+        # feed-forward
+        h = kernels.adaln_modulate(x, shift2, scale2, eps)
+        return kernels.gated_residual(x, block.ffn(h), gate2)
+
+    # -- internals ----------------------------------------------------------------------------------------------------
+    def _check_spatial(self, height: int, width: int) -> None:
+        _, ph, pw = self.config.patch_size
+        if height % ph or width % pw:
+            raise ValueError(
+                f"latent size {height}x{width} is not a multiple of the patch size {ph}x{pw} "
+                f"(video size must be a multiple of {8 * ph}x{8 * pw} with the Wan VAE)"
+            )
+
+    @staticmethod
+    def _per_frame_timesteps(timestep: torch.Tensor, batch: int, frames: int, device) -> torch.Tensor:
+        timestep = torch.as_tensor(timestep, device=device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if timestep.ndim == 1:
+            if timestep.shape[0] != batch:
+                raise ValueError(f"timestep has {timestep.shape[0]} entries for batch {batch}")
+            return timestep[:, None].expand(batch, frames)
+        if timestep.shape != (batch, frames):
+            raise ValueError(f"timestep must be [B] or [B, F] = [{batch}, {frames}], got {tuple(timestep.shape)}")
+        return timestep
+
+    def _time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, F] timesteps -> temb [B, F, dim] and the six block modulations [B, F, 6, dim], float32.
+
+        The sinusoid is taken in float64 (as the reference models do): at t = 1000 float32 angles lose ~1e-4.
+        """
+        batch, frames = timestep.shape
+        half = self.config.freq_dim // 2
+        wide = torch.float32 if timestep.device.type == "mps" else torch.float64
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timestep.device, dtype=wide) / half)
+        angles = timestep.reshape(-1).to(wide)[:, None] * freqs[None]
+        sinusoid = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        embedder = self.condition_embedder
+        temb = embedder.time_embedder(sinusoid.to(embedder.time_embedder.linear_1.weight.dtype))
+        time_mod = embedder.time_proj(embedder.act_fn(temb.to(embedder.time_proj.weight.dtype)))
+        return (
+            temb.float().view(batch, frames, -1),
+            time_mod.float().view(batch, frames, 6, -1),
+        )
+
+    def _rebuild_rope_buffers(self) -> None:
+        """diffusers' rope buffers are non-persistent; after a meta-device build they must be recreated."""
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+        self.rope = WanRotaryPosEmbed(
+            self.config.attention_head_dim, self.config.patch_size, self.config.rope_max_seq_len
+        ).to(self.proj_out.weight.device)
+
+    def _cast_keeping_fp32_modules(self, dtype: torch.dtype) -> None:
+        """Cast like diffusers' ``from_pretrained(dtype=...)``: norms, modulation tables, time embedder stay float32."""
+        keep = tuple(self._keep_in_fp32_modules or ())
+        for name, param in self.named_parameters():
+            if not any(k in name.split(".") for k in keep):
+                param.data = param.data.to(dtype)

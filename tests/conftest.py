@@ -1,0 +1,75 @@
+"""Tiny real models shared by the tests (built from random weights with fixed seeds; nothing is mocked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=128,
+    num_layers=2,
+)
+WORDS = ["a", "corgi", "surfing", "wave", "red", "circle", "moves", "left", "right", "cat", "on", "the", "beach"]
+
+
+def make_tiny_transformer(seed: int = 0, **overrides):
+    from oneforcing import CausalWanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CausalWanTransformer3DModel(**{**TINY_TRANSFORMER, **overrides}).eval()
+
+
+def make_tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
+
+
+def make_tiny_tokenizer():
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -3.0 - i * 0.01) for i, w in enumerate(WORDS)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def make_tiny_text_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def make_tiny_pipeline(seed: int = 0, frames_per_block: int = 1):
+    from oneforcing import OneForcingPipeline, OneForcingScheduler
+
+    tokenizer = make_tiny_tokenizer()
+    return OneForcingPipeline(
+        tokenizer=tokenizer,
+        text_encoder=make_tiny_text_encoder(len(tokenizer), d_model=TINY_TRANSFORMER["text_dim"], seed=seed),
+        transformer=make_tiny_transformer(seed, frames_per_block=frames_per_block),
+        vae=make_tiny_vae(seed),
+        scheduler=OneForcingScheduler(),
+    )
+
+
+@pytest.fixture
+def tiny_transformer():
+    return make_tiny_transformer()
+
+
+@pytest.fixture
+def tiny_pipeline():
+    return make_tiny_pipeline()

