@@ -151,7 +151,7 @@ class OneForcingPipeline(DiffusionPipeline):
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            return latents.to(device=device, dtype=torch.float32)
+            return latents.to(device=device, dtype=torch.float32, copy=True)  # the caller's tensor stays untouched
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -192,8 +192,8 @@ class OneForcingPipeline(DiffusionPipeline):
                 num_videos_per_prompt, dim=0
             )
         batch = prompt_embeds.shape[0]
-        latents = self.prepare_latents(batch, num_frames, height, width, generator, latents, device)
-        noise = latents.clone()
+        noise = self.prepare_latents(batch, num_frames, height, width, generator, latents, device)
+        latents = torch.zeros_like(noise)  # filled block by block with the clean latents
         decoder = WanStreamingDecoder(self.vae) if output_type != "latent" else None
 
         def on_block_denoised(block: RolloutBlock):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.models import WanTransformer3DModel
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.utils import BaseOutput
 
 from .. import kernels

@@ -56,4 +56,4 @@ def test_fixture_is_sensitive_to_the_context_pass():
             )
         )
     latents = torch.cat([b.latents for b in blocks], dim=2).permute(0, 2, 1, 3, 4)
-    assert (latents[:, 1:] - io["latents_BFCHW"][:, 1:]).abs().max().item() > 1e-3
+    assert (latents[:, 1:] - io["latents_BFCHW"][:, 1:]).abs().max().item() > 1e-4  # the parity tolerance
