@@ -1,0 +1,228 @@
+"""GPU benchmark of the one-step causal rollout at Wan2.1-1.3B size (random weights: speed does not depend on values).
+
+Prints, for frame-wise and chunk-wise rollouts of 81 frames at 480x832: transformer time, VAE time, end-to-end
+frames/s, time to the first decoded frame, peak GPU memory, and the transformer's fraction of a roofline built from
+GEMM and attention ceilings measured in the same run; plus diffusers' ``WanTransformer3DModel`` on the same chunk.
+
+    python benchmarks/rollout_benchmark.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+)
+
+
+def cuda_time(fn, warmup=2, repeat=5) -> float:
+    """Median seconds of ``fn()`` measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+# -- ceilings -------------------------------------------------------------------------------------------------------
+def gemm_ceiling(tokens: int, dim: int, ffn: int) -> float:
+    """TFLOP/s of the transformer's own linear shapes at this token count (bf16)."""
+    shapes = [(tokens, dim, dim), (tokens, dim, ffn), (tokens, ffn, dim)]
+    flops = total = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        t = cuda_time(lambda: F.linear(a, w), warmup=3, repeat=10)
+        flops += 2 * m * k * n
+        total += t
+    return flops / total / 1e12
+
+
+def attention_ceiling(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, backend) -> float:
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.randn(1, heads, q_tokens, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, heads, kv_tokens, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+
+    def run():
+        with sdpa_kernel([backend]):
+            F.scaled_dot_product_attention(q, k, v)
+
+    t = cuda_time(run, warmup=3, repeat=10)
+    return 4 * q_tokens * kv_tokens * heads * head_dim / t / 1e12
+
+
+def rollout_flops(num_frames, frames_per_block, tokens_per_frame, cfg, steps_first=1, steps=1, text_len=512):
+    """(GEMM FLOPs, attention FLOPs) of a rollout: every denoising step + the clean-context pass of all but the last
+    block, cross-attention keys/values computed once."""
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    layers, ffn = cfg["num_layers"], cfg["ffn_dim"]
+    gemm = attn = 0.0
+    start = 0
+    blocks = list(range(0, num_frames, frames_per_block))
+    for i, s in enumerate(blocks):
+        f = min(frames_per_block, num_frames - s)
+        n = f * tokens_per_frame
+        forwards = (steps_first if i == 0 else steps) + (1 if i + 1 < len(blocks) else 0)
+        kv = (s + f) * tokens_per_frame
+        per_forward_gemm = layers * 2 * n * (6 * dim * dim + 2 * dim * ffn)
+        per_forward_attn = layers * 4 * n * dim * (kv + text_len)
+        gemm += forwards * per_forward_gemm
+        attn += forwards * per_forward_attn
+        start += f
+    return gemm, attn
+
+
+# -- the measured runs ----------------------------------------------------------------------------------------------
+def build(args):
+    from oneforcing import CausalWanTransformer3DModel, OneForcingScheduler
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = CausalWanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16).eval()
+    return model, OneForcingScheduler()
+
+
+def build_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return AutoencoderKLWan().to(torch.bfloat16).eval()  # Wan2.1 VAE config (random weights)
+
+
+def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, h, w, vae=None, on_frames=None):
+    from oneforcing import causal_rollout
+    from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    noise = torch.randn(1, 16, latent_frames, h, w, device="cuda", generator=gen)
+    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    decoder = WanStreamingDecoder(vae) if vae is not None else None
+    with torch.no_grad():
+        for block in causal_rollout(model, scheduler, noise, text, frames_per_block=frames_per_block,
+                                    first_block_timesteps=first_steps, generator=gen):
+            if decoder is not None:
+                video = decoder.decode_block(block.latents.to(torch.bfloat16))
+                if on_frames is not None:
+                    on_frames(video)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--backends", default="auto,cudnn,flash")
+    parser.add_argument("--compile-kernels", action="store_true", help="also time torch.compile'd elementwise work")
+    args = parser.parse_args()
+
+    from torch.nn.attention import SDPBackend
+
+    latent_frames = (args.frames - 1) // 4 + 1
+    h, w = args.height // 8, args.width // 8
+    tokens_per_frame = (h // 2) * (w // 2)
+    dim = 1536
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "frames": args.frames,
+               "size": f"{args.width}x{args.height}"}
+
+    big = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    results["gemm_8192_tflops"] = 2 * 8192**3 / cuda_time(lambda: big @ big, 3, 10) / 1e12
+    del big
+    for fpb in (1, 3):
+        results[f"gemm_ceiling_tflops_fpb{fpb}"] = gemm_ceiling(fpb * tokens_per_frame, dim, 8960)
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                results[f"attn_{name}_tflops_fpb{fpb}"] = attention_ceiling(
+                    fpb * tokens_per_frame, latent_frames * tokens_per_frame // 2, 12, 128, backend)
+            except RuntimeError as err:
+                results[f"attn_{name}_tflops_fpb{fpb}"] = f"unavailable: {str(err)[:80]}"
+    print(json.dumps(results, indent=1), flush=True)
+
+    model, scheduler = build(args)
+    # baseline a user has today: diffusers' WanTransformer3DModel on one 3-frame chunk, bidirectional, no cache
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("cuda"):
+        stock = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16).eval()
+    x3 = torch.randn(1, 16, 3, h, w, device="cuda", dtype=torch.bfloat16)
+    x1 = x3[:, :, :1].contiguous()
+    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([1000.0], device="cuda")
+    with torch.no_grad():
+        results["diffusers_forward_3frames_s"] = cuda_time(lambda: stock(x3, t, text), 2, 5)
+        results["diffusers_forward_1frame_s"] = cuda_time(lambda: stock(x1, t, text), 2, 5)
+        results["ours_bidirectional_3frames_s"] = cuda_time(lambda: model(x3, t, text), 2, 5)
+    del stock
+    torch.cuda.empty_cache()
+
+    variants = []
+    for backend in args.backends.split(","):
+        variants.append((backend, False))
+    if args.compile_kernels:
+        variants.append((args.backends.split(",")[-1], True))
+    vae = build_vae()
+    for backend, compiled in variants:
+        model.set_attention_backend(backend)
+        if compiled:
+            from oneforcing import kernels
+
+            kernels.compile_reference_kernels()
+        tag = f"{backend}{'+compiled' if compiled else ''}"
+        for fpb, first in ((1, None), (1, [1000, 750, 500, 250]), (3, None)):
+            name = f"{tag}/fpb{fpb}{'/first4' if first else ''}"
+            torch.cuda.reset_peak_memory_stats()
+            transformer_s = cuda_time(lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w), 1, 3)
+            gemm, attn = rollout_flops(latent_frames, fpb, tokens_per_frame, WAN_1_3B, steps_first=len(first or [1]))
+            attn_ceiling = results.get(f"attn_cudnn_tflops_fpb{fpb}")
+            if not isinstance(attn_ceiling, float):
+                attn_ceiling = results[f"attn_flash_tflops_fpb{fpb}"]
+            roofline = gemm / (results[f"gemm_ceiling_tflops_fpb{fpb}"] * 1e12) + attn / (attn_ceiling * 1e12)
+            first_frame = {}
+
+            def note(video):
+                if "t" not in first_frame:
+                    torch.cuda.synchronize()
+                    first_frame["t"] = time.perf_counter()
+
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run_rollout(model, scheduler, fpb, first, latent_frames, h, w, vae=vae, on_frames=note)
+            torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+            results[name] = {
+                "transformer_s": round(transformer_s, 4),
+                "roofline_s": round(roofline, 4),
+                "roofline_fraction": round(roofline / transformer_s, 3),
+                "end_to_end_s": round(total, 4),
+                "vae_s_estimate": round(total - transformer_s, 4),
+                "frames_per_s": round(args.frames / total, 2),
+                "first_frame_s": round(first_frame["t"] - t0, 4),
+                "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            }
+            print(name, json.dumps(results[name]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
