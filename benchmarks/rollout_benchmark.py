@@ -106,7 +106,8 @@ def build_vae():
         return AutoencoderKLWan().to(torch.bfloat16).eval()  # Wan2.1 VAE config (random weights)
 
 
-def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, h, w, vae=None, on_frames=None):
+def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, h, w, vae=None, on_frames=None,
+                fuse=True):
     from oneforcing import causal_rollout
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
@@ -116,11 +117,30 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
     decoder = WanStreamingDecoder(vae) if vae is not None else None
     with torch.no_grad():
         for block in causal_rollout(model, scheduler, noise, text, frames_per_block=frames_per_block,
-                                    first_block_timesteps=first_steps, generator=gen):
+                                    first_block_timesteps=first_steps, generator=gen, fuse_context_pass=fuse):
             if decoder is not None:
                 video = decoder.decode_block(block.latents.to(torch.bfloat16))
                 if on_frames is not None:
                     on_frames(video)
+
+
+def time_vae_variants(vae, latent_frames, h, w) -> dict:
+    """Streaming decode of a whole video in 3-frame blocks, with and without cuDNN autotuning."""
+    from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+
+    latents = torch.randn(1, 16, latent_frames, h, w, device="cuda", dtype=torch.bfloat16)
+
+    def decode():
+        decoder = WanStreamingDecoder(vae)
+        for s in range(0, latent_frames, 3):
+            decoder.decode_block(latents[:, :, s:s + 3])
+
+    out = {}
+    for name, benchmark_mode in (("default", False), ("cudnn_benchmark", True)):
+        torch.backends.cudnn.benchmark = benchmark_mode
+        out[name] = round(cuda_time(decode, 1, 3), 4)
+    torch.backends.cudnn.benchmark = False
+    return out
 
 
 def main():
@@ -131,6 +151,8 @@ def main():
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--backends", default="auto,cudnn,flash")
     parser.add_argument("--compile-kernels", action="store_true", help="also time torch.compile'd elementwise work")
+    parser.add_argument("--unfused", action="store_true", help="also time separate clean-context passes")
+    parser.add_argument("--vae-variants", action="store_true", help="time streaming VAE decode settings")
     args = parser.parse_args()
 
     from torch.nn.attention import SDPBackend
@@ -173,23 +195,28 @@ def main():
     del stock
     torch.cuda.empty_cache()
 
-    variants = []
-    for backend in args.backends.split(","):
-        variants.append((backend, False))
+    variants = [(backend, False, True) for backend in args.backends.split(",")]
+    if args.unfused:
+        variants.insert(0, (args.backends.split(",")[0], False, False))
     if args.compile_kernels:
-        variants.append((args.backends.split(",")[-1], True))
+        variants.append((args.backends.split(",")[-1], True, True))
     vae = build_vae()
-    for backend, compiled in variants:
+    if args.vae_variants:
+        results["vae"] = time_vae_variants(vae, latent_frames, h, w)
+        print("vae", json.dumps(results["vae"]), flush=True)
+    for backend, compiled, fuse in variants:
         model.set_attention_backend(backend)
         if compiled:
             from oneforcing import kernels
 
             kernels.compile_reference_kernels()
-        tag = f"{backend}{'+compiled' if compiled else ''}"
+        tag = f"{backend}{'+compiled' if compiled else ''}{'' if fuse else '+unfused'}"
         for fpb, first in ((1, None), (1, [1000, 750, 500, 250]), (3, None)):
             name = f"{tag}/fpb{fpb}{'/first4' if first else ''}"
             torch.cuda.reset_peak_memory_stats()
-            transformer_s = cuda_time(lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w), 1, 3)
+            transformer_s = cuda_time(
+                lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse), 1, 3)
+            # roofline counts the work of the unfused rollout: fusing does the same FLOPs in fewer, larger forwards
             gemm, attn = rollout_flops(latent_frames, fpb, tokens_per_frame, WAN_1_3B, steps_first=len(first or [1]))
             attn_ceiling = results.get(f"attn_cudnn_tflops_fpb{fpb}")
             if not isinstance(attn_ceiling, float):
@@ -204,7 +231,7 @@ def main():
 
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run_rollout(model, scheduler, fpb, first, latent_frames, h, w, vae=vae, on_frames=note)
+            run_rollout(model, scheduler, fpb, first, latent_frames, h, w, vae=vae, on_frames=note, fuse=fuse)
             torch.cuda.synchronize()
             total = time.perf_counter() - t0
             results[name] = {

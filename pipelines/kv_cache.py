@@ -96,23 +96,27 @@ class KVCache:
             )
 
     def attend(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, start_frame: int, commit: bool
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, start_frame: int, commit_frames: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values the block's queries attend to: committed context before ``start_frame`` + the block itself.
+        """Keys/values visible to the forward: committed context before ``start_frame`` + the forward's own frames.
+
+        The forward's first ``commit_frames`` frames are clean context being committed; the transformer lets their
+        queries see only keys up to their own end (see :meth:`context_end`).
 
         Args:
-            key, value: [B, f * tokens_per_frame, H, D] of the block (keys already rotated).
+            key, value: [B, f * tokens_per_frame, H, D] of the forward's frames (keys already rotated).
         Returns:
             two [B, (start_frame + f) * tokens_per_frame, H, D] tensors.
         """
         begin = start_frame * self.tokens_per_frame
         end = begin + key.shape[1]
-        overwrites_context = begin < self.committed_frames * self.tokens_per_frame and not commit
+        committed_end = begin + commit_frames * self.tokens_per_frame
+        overwrites_context = begin < self.committed_frames * self.tokens_per_frame and commit_frames == 0
         if overwrites_context or (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)):
             # Gradient-carrying or non-committing re-runs of committed frames must not write the shared buffer.
-            if commit:
-                self.key[layer][:, begin:end] = key.detach()
-                self.value[layer][:, begin:end] = value.detach()
+            if commit_frames:
+                self.key[layer][:, begin:committed_end] = key[:, : committed_end - begin].detach()
+                self.value[layer][:, begin:committed_end] = value[:, : committed_end - begin].detach()
             return (
                 torch.cat([self.key[layer][:, :begin], key], dim=1),
                 torch.cat([self.value[layer][:, :begin], value], dim=1),

@@ -187,6 +187,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         kv_cache: KVCache | None = None,
         start_frame: int = 0,
         commit: bool = False,
+        commit_frames: int | None = None,
         hidden_states_at: Sequence[int] = (),
         return_dict: bool = True,
         **unused,
@@ -202,6 +203,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             frames_per_block: block size of the "block_causal" mask (default: the config's).
             kv_cache: cache of the rollout; the block occupies frames [start_frame, start_frame + F).
             commit: make this block's keys/values context for later blocks (the clean-context pass).
+            commit_frames: commit only the first ``commit_frames`` frames: the input is then a clean block being
+                committed followed by the next block's noisy frames, computed in one forward (their queries see the
+                clean block, the clean block's queries do not see them). Halves the forwards of one-step rollouts.
             hidden_states_at: indices of blocks whose output hidden states [B, L, dim] are returned too.
         """
         if unused.get("encoder_hidden_states_image") is not None:
@@ -231,6 +235,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=x.device)
 
         mask = None
+        if commit_frames is None:
+            commit_frames = frames if commit else 0
+        if not 0 <= commit_frames <= frames or (commit_frames and mode != "kv_cache"):
+            raise ValueError(f"commit_frames must be in 0..{frames} and needs a kv_cache, got {commit_frames}")
         if mode == "kv_cache":
             kv_cache.check_block(start_frame, frames, batch, tokens_per_frame)
             cross_ready = kv_cache.cross_attention_for(encoder_hidden_states)
@@ -247,15 +255,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(f"hidden_states_at {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
         collected = []
         for index, block in enumerate(self.blocks):
-            args = (block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit)
+            args = (block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit_frames)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(self._block_forward, *args)
             else:
                 x = self._block_forward(*args)
             if index in wanted:
                 collected.append(x)
-        if kv_cache is not None and commit:
-            kv_cache.commit(start_frame, frames)
+        if kv_cache is not None and commit_frames:
+            kv_cache.commit(start_frame, commit_frames)
 
         shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).unbind(2)  # [B, F, dim] each
         x = kernels.adaln_modulate(x, shift, scale, self.config.eps)
@@ -267,7 +275,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             return (sample, hidden) if hidden_states_at else (sample,)
         return CausalWanOutput(sample=sample, hidden_states=hidden)
 
-    def _block_forward(self, block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit):
+    def _block_forward(self, block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit_frames):
         """One transformer block. x: [B, L, dim]; time_mod: [B, F, 6, dim] float32 (without the block's table)."""
         eps = self.config.eps
         heads = self.config.num_attention_heads
@@ -281,8 +289,20 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         k = kernels.qk_norm_rope(attn.to_k(h), attn.norm_k.weight, cos, sin, heads, eps)
         v = attn.to_v(h).view(batch, length, heads, -1)
         if kv_cache is not None:
-            k, v = kv_cache.attend(index, k, v, start_frame, commit)
-        out = attention(q, k, v, mask, self.attention_backend)
+            k, v = kv_cache.attend(index, k, v, start_frame, commit_frames)
+        if kv_cache is not None and 0 < commit_frames < time_mod.shape[1]:
+            # the clean block's queries must not see the next block: two unmasked calls instead of a mask
+            split = commit_frames * (length // time_mod.shape[1])
+            visible = k.shape[1] - length + split
+            out = torch.cat(
+                [
+                    attention(q[:, :split], k[:, :visible], v[:, :visible], None, self.attention_backend),
+                    attention(q[:, split:], k, v, None, self.attention_backend),
+                ],
+                dim=1,
+            )
+        else:
+            out = attention(q, k, v, mask, self.attention_backend)
         x = kernels.gated_residual(x, attn.to_out[0](out.flatten(2)), gate1)
 
         # cross-attention to the prompt (keys/values cached per prompt when a KV cache is used)

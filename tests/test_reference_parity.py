@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from oneforcing import CausalWanTransformer3DModel, OneForcingScheduler, causal_rollout
@@ -20,7 +21,8 @@ def _fixture_sampler(renoise: torch.Tensor):
     return sample
 
 
-def test_framewise_rollout_matches_reference_fixture():
+@pytest.mark.parametrize("fuse_context_pass", [False, True])
+def test_framewise_rollout_matches_reference_fixture(fuse_context_pass):
     io = torch.load(FIXTURES / "ref_tiny_io.pt", weights_only=True)
     model = CausalWanTransformer3DModel.from_single_file(
         FIXTURES / "ref_tiny_oneforcing.pt", num_attention_heads=io["config"]["num_heads"]
@@ -34,7 +36,7 @@ def test_framewise_rollout_matches_reference_fixture():
         blocks = list(
             causal_rollout(
                 model, scheduler, noise, io["prompt_embeds"], frames_per_block=1,
-                noise_sampler=_fixture_sampler(io["renoise"]),
+                noise_sampler=_fixture_sampler(io["renoise"]), fuse_context_pass=fuse_context_pass,
             )
         )
     latents = torch.cat([b.latents for b in blocks], dim=2).permute(0, 2, 1, 3, 4)

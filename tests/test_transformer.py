@@ -159,3 +159,22 @@ def test_save_and_load_round_trip_and_stock_folder(tmp_path, tiny_transformer):
     loaded = CausalWanTransformer3DModel.from_pretrained(tmp_path / "stock")
     assert loaded.config.frames_per_block == 1
     assert torch.equal(loaded.proj_out.weight, stock.proj_out.weight)
+
+
+def test_fused_commit_and_next_step_equal_two_forwards(tiny_transformer):
+    x, t, text = _inputs(frames=4)
+    with torch.no_grad():
+        split = tiny_transformer.new_kv_cache(1, 4, 8, 12)
+        tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=split, start_frame=0, commit=True)
+        tiny_transformer(x[:, :, 1:2], t[:, 1:2], text, kv_cache=split, start_frame=1, commit=True)
+        ref = tiny_transformer(x[:, :, 2:4], t[:, 2:4], text, kv_cache=split, start_frame=2).sample
+
+        fused = tiny_transformer.new_kv_cache(1, 4, 8, 12)
+        tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=fused, start_frame=0, commit=True)
+        out = tiny_transformer(x[:, :, 1:4], t[:, 1:4], text, kv_cache=fused, start_frame=1, commit_frames=1).sample
+    assert fused.committed_frames == 2
+    assert (out[:, :, 1:] - ref).abs().max() < 1e-5
+    for layer in range(2):  # the committed clean frame's keys are the same as from its own pass
+        assert (fused.key[layer][:, : 2 * 24] - split.key[layer][:, : 2 * 24]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="commit_frames"):
+        tiny_transformer(x, t, text, commit_frames=1)
