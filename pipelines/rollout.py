@@ -135,7 +135,9 @@ def causal_rollout(
             if replaced is not None:
                 block.latents = replaced
         is_last = index + 1 == len(sizes)
-        if fuse_context_pass and not is_last:
+        next_size = sizes[index + 1] if not is_last else 0
+        # a rolling cache that must evict for the next block would evict before this block's clean pass: keep it apart
+        if fuse_context_pass and not is_last and kv_cache.fits(size + next_size):
             pending = block
         elif not is_last or commit_last_block:
             commit(block)

@@ -35,6 +35,19 @@ class WanRotaryTables:
             inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu")[: d // 2] / d)
             self._angles.append(torch.outer(positions, inv_freq))
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._time_pairs = t_dim // 2
+
+    def time_shift(self, delta_frames: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [D/2], of a rotation that moves keys ``delta_frames`` along the time axis only.
+
+        Rotations compose, so keys rotated at frame p and then by this table sit at frame p + delta_frames; the
+        height and width pairs get the identity.
+        """
+        angles = torch.zeros(self.head_dim // 2, dtype=torch.float64)
+        t_angles = self._angles[0]
+        inv_freq = t_angles[1] if t_angles.shape[0] > 1 else torch.zeros(self._time_pairs, dtype=torch.float64)
+        angles[: self._time_pairs] = delta_frames * inv_freq
+        return angles.cos().float().to(device), angles.sin().float().to(device)
 
     def tables(
         self, frames: int, height: int, width: int, frame_offset: int = 0, device: torch.device | str = "cpu"

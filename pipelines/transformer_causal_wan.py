@@ -118,8 +118,16 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         width: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        window_frames: int | None = None,
+        sink_frames: int = 0,
+        relative_positions: bool = False,
     ) -> KVCache:
-        """A cache for a video of ``num_frames`` latent frames of size height x width (latent pixels)."""
+        """A cache for a video of ``num_frames`` latent frames of size height x width (latent pixels).
+
+        With ``window_frames`` the cache rolls instead: ``sink_frames`` first frames plus the ``window_frames`` most
+        recent ones, at constant memory, for videos of any length (``relative_positions`` lifts the 1024-frame limit
+        of absolute rotary positions). See :class:`KVCache`.
+        """
         return KVCache(
             num_layers=self.config.num_layers,
             batch_size=batch_size,
@@ -129,6 +137,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             head_dim=self.config.attention_head_dim,
             dtype=dtype or self.proj_out.weight.dtype,
             device=device or self.proj_out.weight.device,
+            window_frames=window_frames,
+            sink_frames=sink_frames,
+            relative_positions=relative_positions,
+            time_shift=self.rotary.time_shift,
         )
 
     @classmethod
@@ -231,23 +243,21 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         temb, time_mod = self._time_embedding(timestep)  # [B, F, dim], [B, F, 6, dim] float32
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, dim]
-        frame_offset = start_frame if mode == "kv_cache" else 0
-        cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=x.device)
-
         mask = None
         if commit_frames is None:
             commit_frames = frames if commit else 0
         if not 0 <= commit_frames <= frames or (commit_frames and mode != "kv_cache"):
             raise ValueError(f"commit_frames must be in 0..{frames} and needs a kv_cache, got {commit_frames}")
+        frame_offset = 0
+        cross_ready = False
         if mode == "kv_cache":
-            kv_cache.check_block(start_frame, frames, batch, tokens_per_frame)
+            frame_offset = kv_cache.begin_forward(start_frame, frames, batch, tokens_per_frame)
             cross_ready = kv_cache.cross_attention_for(encoder_hidden_states)
-        else:
-            cross_ready = False
-            if mode == "block_causal":
-                mask = block_causal_mask(
-                    frames, tokens_per_frame, frames_per_block or self.config.frames_per_block, device=x.device
-                )
+        elif mode == "block_causal":
+            mask = block_causal_mask(
+                frames, tokens_per_frame, frames_per_block or self.config.frames_per_block, device=x.device
+            )
+        cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=x.device)
         context = None if cross_ready else self.condition_embedder.text_embedder(encoder_hidden_states)
 
         wanted = set(hidden_states_at)
@@ -289,7 +299,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         k = kernels.qk_norm_rope(attn.to_k(h), attn.norm_k.weight, cos, sin, heads, eps)
         v = attn.to_v(h).view(batch, length, heads, -1)
         if kv_cache is not None:
-            k, v = kv_cache.attend(index, k, v, start_frame, commit_frames)
+            k, v = kv_cache.attend(index, k, v, commit_frames)
         if kv_cache is not None and 0 < commit_frames < time_mod.shape[1]:
             # the clean block's queries must not see the next block: two unmasked calls instead of a mask
             split = commit_frames * (length // time_mod.shape[1])

@@ -146,7 +146,7 @@ def test_bad_inputs_are_clear_errors(tiny_transformer):
     with pytest.raises(ValueError, match="in order"):
         tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=cache, start_frame=2)
     with pytest.raises(ValueError, match="do not fit"):
-        tiny_transformer(x, t, text, kv_cache=cache, start_frame=3)
+        tiny_transformer(x, t, text, kv_cache=tiny_transformer.new_kv_cache(1, 1, 8, 12), start_frame=0)
 
 
 def test_save_and_load_round_trip_and_stock_folder(tmp_path, tiny_transformer):
