@@ -28,10 +28,9 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from oneforcing import CausalWanTransformer3DModel, OneForcingScheduler, causal_rollout, kernels
+    from oneforcing import CausalWanTransformer3DModel, OneForcingScheduler, causal_rollout
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
-    kernels.compile_reference_kernels()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = CausalWanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16).eval()

@@ -150,7 +150,8 @@ def main():
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--backends", default="auto,cudnn,flash")
-    parser.add_argument("--compile-kernels", action="store_true", help="also time torch.compile'd elementwise work")
+    parser.add_argument("--compile-kernels", action="store_true",
+                        help="also time a variant with fused elementwise kernels (on by default on CUDA since then)")
     parser.add_argument("--unfused", action="store_true", help="also time separate clean-context passes")
     parser.add_argument("--vae-variants", action="store_true", help="time streaming VAE decode settings")
     args = parser.parse_args()
@@ -196,20 +197,25 @@ def main():
     torch.cuda.empty_cache()
 
     variants = [(backend, False, True) for backend in args.backends.split(",")]
+    from oneforcing import kernels
+
+    kernels.set_fused_kernels(not args.compile_kernels)  # with --compile-kernels, plain variants measure references
     if args.unfused:
         variants.insert(0, (args.backends.split(",")[0], False, False))
     if args.compile_kernels:
         variants.append((args.backends.split(",")[-1], True, True))
     vae = build_vae()
+    with torch.no_grad():  # first-call cuDNN set-up must not count as time to the first frame
+        from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+
+        WanStreamingDecoder(vae).decode_block(torch.zeros(1, 16, 2, h, w, device="cuda", dtype=torch.bfloat16))
     if args.vae_variants:
         results["vae"] = time_vae_variants(vae, latent_frames, h, w)
         print("vae", json.dumps(results["vae"]), flush=True)
     for backend, compiled, fuse in variants:
         model.set_attention_backend(backend)
         if compiled:
-            from oneforcing import kernels
-
-            kernels.compile_reference_kernels()
+            kernels.set_fused_kernels(True)
         tag = f"{backend}{'+compiled' if compiled else ''}{'' if fuse else '+unfused'}"
         for fpb, first in ((1, None), (1, [1000, 750, 500, 250]), (3, None)):
             name = f"{tag}/fpb{fpb}{'/first4' if first else ''}"
