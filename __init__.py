@@ -1,7 +1,7 @@
 """One-Forcing: one-step autoregressive video generation.
 
-Imported as ``oneforcing`` it is a diffusers-style library; dropped into ``ComfyUI/custom_nodes/`` the same folder is a
-ComfyUI node package (see ``comfy_entrypoint`` at the end of this file).
+Imported as ``oneforcing`` it is a diffusers-style library. The same folder is meant to be dropped into
+``ComfyUI/custom_nodes/`` as a node package; the nodes (``nodes/``) are not written yet, so ComfyUI finds none today.
 """
 
 from .pipelines import (
