@@ -1,9 +1,10 @@
 """Streaming decode (and encode) with diffusers' ``AutoencoderKLWan``.
 
 The Wan VAE decoder is causal in time: ``AutoencoderKLWan._decode`` feeds it one latent frame at a time while every
-causal 3-D convolution keeps its last input frames in a feature cache. Keeping that cache alive between blocks makes
-block-by-block decoding equal to one full decode; calling ``vae.decode`` (which clears the cache) mid-stream would not.
-The first latent frame of a video decodes to 1 video frame, every later one to 4.
+causal 3-D convolution keeps its last input frames in a feature cache (a list with one slot per causal conv). Keeping
+such a list alive between blocks makes block-by-block decoding equal to one full decode. ``vae.decode`` cannot be used
+for this: it resets the VAE's own cache at its start and end. The first latent frame of a video decodes to 1 video
+frame, every later one to ``scale_factor_temporal`` (4).
 
 Latents in this package are *normalised*: ``(z - latents_mean) / latents_std`` per channel.
 """
@@ -12,83 +13,172 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 
-def _stats(vae: AutoencoderKLWan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, -1, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=torch.float32).view(shape)
-    std = torch.tensor(vae.config.latents_std, device=like.device, dtype=torch.float32).view(shape)
+def _check_5d(tensor: torch.Tensor, name: str, channels: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
+    if tensor.ndim != 5:
+        raise ValueError(f"{name} must be 5-D {layout}, got shape {tuple(tensor.shape)}")
+    if tensor.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels {layout}, got shape {tuple(tensor.shape)}")
+
+
+def _latent_stats(vae: AutoencoderKLWan, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and std, shaped [1, C, 1, 1, 1]."""
+    mean = torch.tensor(vae.config.latents_mean, dtype=dtype).view(1, -1, 1, 1, 1).to(device)
+    std = torch.tensor(vae.config.latents_std, dtype=dtype).view(1, -1, 1, 1, 1).to(device)
     return mean, std
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # At least float32 for the affine map, so bf16/fp16 latents are rounded once, at the end.
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def normalize_latents(z: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
-    """Raw VAE latents [B, C, F, H, W] -> normalised latents (same dtype)."""
-    mean, std = _stats(vae, z)
-    return ((z.float() - mean) / std).to(z.dtype)
+    """Raw VAE latents z [B, C, F, H, W] -> normalised ``(z - mean) / std`` (same dtype and device as ``z``)."""
+    _check_5d(z, "z", len(vae.config.latents_mean), "[B, C, F, H, W]")
+    mean, std = _latent_stats(vae, z.device, _compute_dtype(z))
+    return ((z.to(mean.dtype) - mean) / std).to(z.dtype)
 
 
 def denormalize_latents(latents: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
-    """Normalised latents [B, C, F, H, W] -> raw VAE latents (same dtype)."""
-    mean, std = _stats(vae, latents)
-    return (latents.float() * std + mean).to(latents.dtype)
+    """Normalised latents [B, C, F, H, W] -> raw VAE latents ``latents * std + mean`` (same dtype and device)."""
+    _check_5d(latents, "latents", len(vae.config.latents_mean), "[B, C, F, H, W]")
+    mean, std = _latent_stats(vae, latents.device, _compute_dtype(latents))
+    return (latents.to(mean.dtype) * std + mean).to(latents.dtype)
 
 
-def _check_latents(latents: torch.Tensor, vae: AutoencoderKLWan) -> None:
-    if latents.ndim != 5 or latents.shape[1] != vae.config.z_dim:
-        raise ValueError(f"latents must be [B, {vae.config.z_dim}, F, H, W], got {tuple(latents.shape)}")
+def _prepare_vae(vae: AutoencoderKLWan) -> tuple[torch.device | None, torch.dtype]:
+    """Run an accelerate offload hook if one is attached (what diffusers' ``@apply_forward_hook`` does for
+    ``vae.decode``), then say where the VAE computes: (device or None when its weights are not materialised, dtype)."""
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
+    device = vae.post_quant_conv.weight.device
+    return (None if device.type == "meta" else device), vae.dtype
 
 
 class WanStreamingDecoder:
-    """Decodes a video block by block, keeping the VAE's causal-convolution cache between blocks.
+    """Decodes one video block by block, keeping the VAE's causal-convolution cache between blocks.
 
-    ``decode_block`` of consecutive blocks, concatenated in time, equals ``vae.decode`` of all their latents.
+    ``decode_block`` of consecutive blocks, concatenated in time, equals ``vae.decode`` of all their (denormalised)
+    latents, for any split. The cache lives in this object, never in the ``vae``: the VAE's own ``decode``/``encode``
+    may be called at any time, also mid-stream, without disturbing either. VAE tiling (``vae.enable_tiling``) does not
+    apply here; a batch is decoded whole (the cache holds every batch item).
+
+    Args:
+        vae: the ``AutoencoderKLWan`` (Wan2.1; also the patchified Wan2.2 layout).
     """
 
     def __init__(self, vae: AutoencoderKLWan):
-        if vae.config.patch_size is not None:
-            raise ValueError("streaming decode supports the Wan2.1 VAE (no patchified Wan2.2 VAE)")
+        if not isinstance(vae, AutoencoderKLWan):
+            raise TypeError(f"vae must be a diffusers AutoencoderKLWan, got {type(vae).__name__}")
+        if vae.decoder is None:
+            raise ValueError("vae has no decoder")
         self.vae = vae
+        self._stats: dict = {}
         self.reset()
 
     def reset(self) -> None:
-        """Start a new video."""
-        self._feat_cache: list = [None] * self.vae._cached_conv_counts["decoder"]
+        """Forget the stream: the next ``decode_block`` starts a new video."""
+        self._feat_cache: list = self._new_cache()
+        self._stream_shape: tuple[int, int, int] | None = None
         self.latent_frames_decoded = 0
         self.frames_decoded = 0
 
-    @torch.no_grad()
-    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, C, f, h, w] -> video [B, 3, T, 8h, 8w] in [-1, 1].
+    @property
+    def first_block(self) -> bool:
+        """True until a block has been decoded since construction or ``reset``."""
+        return self.latent_frames_decoded == 0
 
-        T = 1 + 4 (f - 1) for the stream's first block, 4 f afterwards.
+    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode the next block of the stream.
+
+        Args:
+            latents: normalised latents [B, z_dim, f, h, w], f >= 1. Batch size and h, w must stay the same for the
+                whole stream.
+
+        Returns:
+            video [B, 3, T, s*h, s*w] in [-1, 1] (s = ``vae.config.scale_factor_spatial``, 8 for Wan2.1), in the VAE's
+            dtype, with T = 1 + 4 (f - 1) for the stream's first block and 4 f afterwards.
         """
-        _check_latents(latents, self.vae)
-        vae = self.vae
-        z = denormalize_latents(latents, vae).to(vae.dtype)
-        x = vae.post_quant_conv(z)
-        frames = []
-        for i in range(x.shape[2]):
-            first = self.latent_frames_decoded == 0
-            frames.append(
-                vae.decoder(x[:, :, i : i + 1], feat_cache=self._feat_cache, feat_idx=[0], first_chunk=first)
+        self._check(latents)
+        shape = (latents.shape[0], latents.shape[3], latents.shape[4])
+        if self._stream_shape is not None and shape != self._stream_shape:
+            raise ValueError(
+                f"latents [B, C, f, h, w] = {tuple(latents.shape)} do not continue this stream "
+                f"(batch {self._stream_shape[0]}, h x w = {self._stream_shape[1]} x {self._stream_shape[2]}); "
+                "call reset() to start a new video"
             )
-            self.latent_frames_decoded += 1
-        video = torch.cat(frames, dim=2).clamp(-1.0, 1.0)
+        video = self._decode(latents, self._feat_cache, first=self.first_block)
+        self._stream_shape = shape
+        self.latent_frames_decoded += latents.shape[2]
         self.frames_decoded += video.shape[2]
         return video
 
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
-        """A whole video at once (a fresh stream of one block)."""
-        self.reset()
-        return self.decode_block(latents)
+        """Decode a whole video [B, z_dim, F, h, w] (normalised) -> [B, 3, 1 + 4 (F - 1), s*h, s*w] in [-1, 1].
+
+        Uses a fresh cache of its own: the stream of ``decode_block`` calls, if any, is left as it was.
+        """
+        self._check(latents)
+        return self._decode(latents, self._new_cache(), first=True)
+
+    def _new_cache(self) -> list:
+        return [None] * self.vae._cached_conv_counts["decoder"]
+
+    def _check(self, latents: torch.Tensor) -> None:
+        _check_5d(latents, "latents", self.vae.config.z_dim, f"[B, {self.vae.config.z_dim} (the VAE's z_dim), f, h, w]")
+        if latents.shape[2] == 0:
+            raise ValueError(f"latents hold no frame: shape {tuple(latents.shape)}")
+
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        # The stats are cached per device: building them is a host-to-device copy, a sync point on every block.
+        key = (latents.device, _compute_dtype(latents))
+        if key not in self._stats:
+            self._stats[key] = _latent_stats(self.vae, *key)
+        mean, std = self._stats[key]
+        return latents.to(mean.dtype) * std + mean
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor, feat_cache: list, first: bool) -> torch.Tensor:
+        vae = self.vae
+        device, dtype = _prepare_vae(vae)
+        z = self._denormalize(latents).to(device=device or latents.device, dtype=dtype)
+        x = vae.post_quant_conv(z)
+        frames = []
+        for i in range(x.shape[2]):
+            # feat_idx restarts at 0 for every latent frame; first_chunk marks the video's frame 0 (used by Wan2.2).
+            frames.append(
+                vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=first and i == 0)
+            )
+        video = torch.cat(frames, dim=2)
+        if vae.config.patch_size is not None:
+            video = unpatchify(video, patch_size=vae.config.patch_size)
+        return video.clamp_(-1.0, 1.0)
 
 
 @torch.no_grad()
 def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
-    """Video [B, 3, T, H, W] in [-1, 1] with T = 1 + 4k -> normalised latents [B, C, 1 + k, H/8, W/8] (posterior mode)."""
-    if video.ndim != 5 or video.shape[1] != 3:
-        raise ValueError(f"video must be [B, 3, T, H, W], got {tuple(video.shape)}")
-    if (video.shape[2] - 1) % vae.config.scale_factor_temporal:
-        raise ValueError(f"video frames must be 1 + {vae.config.scale_factor_temporal}k, got {video.shape[2]}")
-    z = vae.encode(video.to(vae.dtype)).latent_dist.mode()
+    """Encode a video to normalised latents (the posterior's mode).
+
+    Args:
+        vae: the ``AutoencoderKLWan``.
+        video: [B, 3, T, H, W] in [-1, 1], T = 1 + 4k, H and W multiples of ``scale_factor_spatial`` (8).
+
+    Returns:
+        normalised latents [B, z_dim, 1 + k, H/8, W/8] in the VAE's dtype, on the VAE's device.
+    """
+    _check_5d(video, "video", 3, "[B, 3, T, H, W]")
+    temporal, spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    frames, height, width = video.shape[2:]
+    if (frames - 1) % temporal:
+        raise ValueError(f"video must have 1 + {temporal}k frames, got {frames} (shape {tuple(video.shape)})")
+    if height % spatial or width % spatial:
+        raise ValueError(f"video height and width must be multiples of {spatial}, got {height} x {width}")
+    device, dtype = _prepare_vae(vae)
+    z = vae.encode(video.to(device=device or video.device, dtype=dtype)).latent_dist.mode()
     return normalize_latents(z, vae)

@@ -1,64 +1,155 @@
-"""Writing videos: frames to mp4 with OpenCV, appended block by block so an interrupted stream stays playable."""
+"""Video frames to uint8 and to mp4 files (OpenCV, codec mp4v), written block by block as a stream produces them.
+
+An mp4 file becomes playable when its writer is closed (the container index is written last). ``Mp4Writer`` closes
+its file on ``close()``, at the end of a ``with`` block (also when an exception or ``KeyboardInterrupt`` leaves it),
+when it is garbage-collected and at interpreter exit, so an interrupted stream leaves a playable file of the frames
+written so far. A process killed outright (SIGKILL, power loss) leaves an unplayable file: OpenCV cannot write
+fragmented mp4.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
 
 
+def _to_numpy(array, name: str):
+    """numpy or torch -> numpy array (torch tensors are moved to the CPU; bf16/fp16 become float32)."""
+    if hasattr(array, "detach"):  # a torch.Tensor, without importing torch here
+        array = array.detach()
+        if array.is_floating_point():
+            array = array.float()
+        return array.cpu().numpy()
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
+    return array
+
+
+def _float_to_uint8(frames: np.ndarray) -> np.ndarray:
+    return (np.clip(np.nan_to_num(frames, nan=0.0), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
 def to_uint8_frames(frames) -> np.ndarray:
-    """[T, H, W, 3] floats in 0..1 (numpy or torch) or uint8 -> uint8 [T, H, W, 3]."""
-    if hasattr(frames, "detach"):
-        frames = frames.detach().float().cpu().numpy()
-    frames = np.asarray(frames)
+    """Frames [T, H, W, 3] RGB, uint8 or floats in 0..1 (numpy or torch) -> uint8 [T, H, W, 3].
+
+    Floats outside 0..1 are clipped.
+    """
+    frames = _to_numpy(frames, "frames")
     if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be [T, H, W, 3], got {frames.shape}")
+        raise ValueError(f"frames must be [T, H, W, 3] RGB, got shape {frames.shape}")
     if frames.dtype == np.uint8:
         return frames
-    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise TypeError(f"frames must be uint8 or floats in 0..1, got dtype {frames.dtype}")
+    return _float_to_uint8(frames)
+
+
+def video_to_uint8(video) -> np.ndarray:
+    """A decoded video -> uint8 frames [T, H, W, 3] RGB for writing.
+
+    Args:
+        video: one of
+            - [B, 3, T, H, W] floats in [-1, 1] (what ``WanStreamingDecoder`` returns), with B = 1;
+            - [T, H, W, 3] floats in 0..1 or uint8.
+          numpy or torch; a torch tensor is converted on its own device, so only uint8 crosses to the CPU.
+    """
+    if getattr(video, "ndim", None) == 5:
+        if video.shape[0] != 1 or video.shape[1] != 3:
+            raise ValueError(
+                f"video [B, 3, T, H, W] must hold one RGB video (B = 1; pick one with video[i:i + 1]), "
+                f"got shape {tuple(video.shape)}"
+            )
+        if hasattr(video, "detach"):
+            video = ((video.detach()[0].float() + 1.0) * 127.5).nan_to_num_(0.0).clamp_(0.0, 255.0).round_()
+            return video.byte().permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        return _float_to_uint8((_to_numpy(video, "video")[0].transpose(1, 2, 3, 0) + 1.0) / 2.0)
+    if getattr(video, "ndim", None) == 4:
+        return to_uint8_frames(video)
+    raise ValueError(
+        f"video must be [B, 3, T, H, W] in [-1, 1] or [T, H, W, 3] in 0..1, got shape {getattr(video, 'shape', None)}"
+    )
+
+
+def _check_output_path(path: Path) -> None:
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"cannot write {path}: the file name must end in .mp4")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    folder = path.parent
+    if not folder.exists():
+        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write {path}: no write permission")
 
 
 class Mp4Writer:
-    """Appends RGB frames to an mp4 file (codec mp4v).
+    """Appends RGB frames to an mp4 file (codec mp4v), block by block; a context manager.
 
-    Each ``write`` goes to disk at once: if the process stops, the frames written so far remain a valid video once
-    the file is closed, and OpenCV's writer closes the file when the object is collected.
+    Frames are encoded as they arrive, nothing is kept in memory. The file is opened at the first ``write`` (which
+    fixes the frame size) or at once when ``size`` is given. Height and width must be even (4:2:0 chroma).
+
+    Args:
+        path: the ``.mp4`` file to create (overwritten if it exists); its folder must exist.
+        fps: frames per second (Wan2.1 models: 16).
+        size: optional (height, width) to open the file now and check every block against.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float = 16.0):
+    def __init__(self, path: str | os.PathLike, fps: float = 16.0, size: tuple[int, int] | None = None):
         self.path = Path(path)
-        if fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        if not self.path.parent.is_dir():
-            raise ValueError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
-        self.fps = fps
-        self._writer = None
-        self._size = None
+        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a positive number, got {fps!r}")
+        _check_output_path(self.path)
+        self.fps = float(fps)
+        self.size: tuple[int, int] | None = None
         self.frames_written = 0
+        self._writer = None
+        self._finalizer = None
+        self._closed = False
+        if size is not None:
+            self._open(*size)
 
-    def write(self, frames) -> None:
-        """frames: [T, H, W, 3] RGB, uint8 or floats in 0..1."""
+    def _open(self, height: int, width: int) -> None:
         import cv2
 
+        if height <= 0 or width <= 0 or height % 2 or width % 2:
+            raise ValueError(f"mp4 frames need an even, positive height and width, got {height} x {width}")
+        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (int(width), int(height)))
+        if not writer.isOpened():
+            writer.release()
+            raise OSError(f"OpenCV could not open {self.path} for writing (codec mp4v, {width} x {height})")
+        self._writer = writer
+        self.size = (int(height), int(width))
+        # Finalizes the file when this object is collected or the interpreter exits without close().
+        self._finalizer = weakref.finalize(self, writer.release)
+
+    def write(self, frames) -> None:
+        """Append frames [T, H, W, 3] RGB: uint8, or floats in 0..1 (numpy or torch)."""
+        if self._closed:
+            raise ValueError(f"{self.path} is closed; open a new Mp4Writer")
         frames = to_uint8_frames(frames)
         height, width = frames.shape[1:3]
         if self._writer is None:
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
-            if not self._writer.isOpened():
-                self._writer = None
-                raise OSError(f"OpenCV could not open {self.path} for writing")
-            self._size = (height, width)
-        elif (height, width) != self._size:
-            raise ValueError(f"frame size {height}x{width} differs from the video's {self._size[0]}x{self._size[1]}")
+            self._open(height, width)
+        elif (height, width) != self.size:
+            raise ValueError(
+                f"frame size {height} x {width} differs from the video's {self.size[0]} x {self.size[1]} ({self.path})"
+            )
         for frame in frames:
-            self._writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # OpenCV wants BGR
+            self._writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # OpenCV takes BGR
         self.frames_written += len(frames)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.release()
+        """Finish the file (idempotent). Without ``size``, a writer that never received a frame creates no file."""
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()  # releases the OpenCV writer once
+            self._finalizer = None
             self._writer = None
 
     def __enter__(self) -> "Mp4Writer":
@@ -69,7 +160,10 @@ class Mp4Writer:
 
 
 def export_to_mp4(frames, path: str | os.PathLike, fps: float = 16.0) -> Path:
-    """Write a whole clip ([T, H, W, 3]) to ``path``."""
+    """Write a whole clip to ``path``: frames [T, H, W, 3] (uint8 or 0..1) or a video [1, 3, T, H, W] in [-1, 1]."""
+    frames = video_to_uint8(frames)
+    if frames.shape[0] == 0:
+        raise ValueError(f"no frames to write to {path}")
     with Mp4Writer(path, fps) as writer:
         writer.write(frames)
     return Path(path)
