@@ -1,0 +1,62 @@
+"""Stage ``teacher``: a bidirectional Wan transformer trained by flow matching on latents.
+
+x_t = (1 - s) x0 + s * noise at one timestep per clip (shift-``timestep_shift`` sampling), target flow noise - x0;
+with probability ``caption_dropout`` a clip is conditioned on the negative prompt instead of its caption, so the
+teacher also learns the unconditional prediction used by classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TrainingConfig
+from .data import LatentFolder, batch_indices
+from .flow import add_noise, randn, sample_timesteps
+from .losses import flow_matching_loss
+from .runner import StageRun, load_transformer
+from .single_model import train_single_model
+
+
+def teacher_loss(
+    model, latents: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Flow-matching loss of a bidirectional forward. latents/noise [B, C, F, H, W], timesteps [B]."""
+    x_t = add_noise(latents, noise, timesteps)
+    flow = model(x_t, timesteps, prompt_embeds, attention_mode="bidirectional").sample
+    return flow_matching_loss(flow, noise, latents)
+
+
+def drop_captions(
+    prompt_embeds: torch.Tensor, negative: torch.Tensor | None, probability: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each sample's embedding [L, D] by ``negative`` with the given probability."""
+    if probability <= 0 or negative is None:
+        return prompt_embeds
+    drop = torch.rand(prompt_embeds.shape[0], generator=generator, device=generator.device) < probability
+    drop = drop.to(prompt_embeds.device)[:, None, None]
+    return torch.where(drop, negative.to(prompt_embeds)[None], prompt_embeds)
+
+
+def train_teacher(config: TrainingConfig, resume: str = "auto") -> dict:
+    section = config.teacher
+    run = StageRun(config, "teacher", resume, section.log_every)
+    data = LatentFolder(config.latents_dir())
+    negative = data.negative_prompt_embeds().to(run.device, torch.float32) if section.caption_dropout > 0 else None
+    model = load_transformer(section.init, config, what="teacher")
+    run.print(f"[teacher] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(data)} clips, "
+              f"{run.world_size} process(es) on {run.device}")
+
+    def loss_fn(model, step, generator):
+        index = batch_indices(len(data), section.batch_size, step - 1, seed=config.seed, rank=run.rank,
+                              world_size=run.world_size)
+        batch = data.collate([data[i] for i in index])
+        latents = batch["latents"].to(run.device, torch.float32)
+        embeds = drop_captions(batch["prompt_embeds"].to(run.device, torch.float32), negative, section.caption_dropout, generator)
+        timesteps = sample_timesteps(
+            latents.shape[0], shift=section.timestep_shift, min_timestep=section.min_timestep,
+            max_timestep=section.max_timestep, generator=generator, device=run.device,
+        )
+        noise = randn(latents.shape, generator, run.device)
+        return teacher_loss(model, latents, embeds, timesteps, noise), {}
+
+    return train_single_model(run, model, "transformer", section, loss_fn)
