@@ -322,18 +322,22 @@ def train_vae(
     save_every: int = 50,
     log_every: int = 25,
     log=print,
+    device: str | torch.device = "cpu",
 ) -> list[dict[str, float]]:
     """Train ``vae`` in place through ``stages``; resumes from ``state_path`` when it exists. Returns the logged rows
     (running means since the previous row; ``seconds`` counts training time over all runs).
 
     Batches and posterior noise depend only on (seed, global step), so a resumed run sees what an unbroken one would.
+    ``device``: where the VAE trains (it is moved there); batches are rendered on the CPU and copied.
     """
+    device = torch.device(device)
+    vae.to(device)
     total = sum(s.steps for s in stages)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99))
     step, seconds_before = 0, 0.0
     state_path = Path(state_path) if state_path is not None else None
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(state_path, map_location=device, weights_only=True)
         try:
             vae.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -348,10 +352,10 @@ def train_vae(
     boundaries = np.cumsum([0] + [s.steps for s in stages])
     while step < total:
         stage = stages[int(np.searchsorted(boundaries, step, side="right")) - 1]
-        video = vae_batch(seed * 1_000_003 + step, stage.batch_size, stage.num_frames, stage.crop)
+        video = vae_batch(seed * 1_000_003 + step, stage.batch_size, stage.num_frames, stage.crop).to(device)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, total, lr)
-        generator = torch.Generator().manual_seed(seed * 7919 + step)
+        generator = torch.Generator(device).manual_seed(seed * 7919 + step)
         loss, parts = vae_loss(vae, video, kl_weight, edge_weight, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -377,7 +381,7 @@ def latent_statistics(vae, num_clips: int = 8, num_frames: int = 81, size: int =
     latents = []
     for i in range(num_clips):
         video, _, _ = world.render_clip(seed + i, "train", num_frames, size, size)
-        latents.append(vae.encode(video[None]).latent_dist.mode())
+        latents.append(vae.encode(video[None].to(vae.device)).latent_dist.mode().float().cpu())
     z = torch.cat([x.transpose(0, 1).flatten(1) for x in latents], dim=1)  # [C, N]
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
 
@@ -389,6 +393,7 @@ def reconstruction_psnr(vae, num_clips: int = 4, num_frames: int = 81, size: int
     values = []
     for i in range(num_clips):
         video, _, _ = world.render_clip(seed + i, split, num_frames, size, size)
+        video = video.to(vae.device)
         recon = vae.decode(vae.encode(video[None]).latent_dist.mode()).sample[0]
         values.append(-10 * math.log10(max(F.mse_loss(recon, video).item() / 4, 1e-12)))
     return float(np.mean(values))
@@ -421,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-clips", type=int, default=4, help="held-out clips for the PSNR report")
     parser.add_argument("--stat-clips", type=int, default=8, help="clips for latents_mean / latents_std")
     parser.add_argument("--eval-frames", type=int, default=81, help="frames per clip for the statistics and PSNR")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the VAE trains (default: cuda when available)")
     args = parser.parse_args(argv)
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -458,11 +465,12 @@ def main(argv: list[str] | None = None) -> dict:
         vae = build_vae(args.vae_base_dim, seed=args.seed)
         started = time.time()
         rows = train_vae(vae, stages, args.vae_lr, args.vae_kl_weight, args.vae_edge_weight, args.seed,
-                         out / "train_state" / "vae.pt")
+                         out / "train_state" / "vae.pt", device=args.device)
         train_seconds = time.time() - started
         mean, std = latent_statistics(vae, args.stat_clips, args.eval_frames)
         vae.register_to_config(latents_mean=mean, latents_std=std)
-        vae.save_pretrained(str(out / "vae"))
+        vae.to("cpu").save_pretrained(str(out / "vae"))
+        vae.to(args.device)
         started = time.time()
         psnr = reconstruction_psnr(vae, args.eval_clips, args.eval_frames)
         report["vae"] = {
