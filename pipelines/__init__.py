@@ -5,7 +5,8 @@ classes only from modules that are already imported.
 """
 
 from .kv_cache import KVCache
-from .rollout import RolloutBlock, block_sizes, causal_rollout
+from .prompt_schedule import PromptRange, PromptSchedule
+from .rollout import RolloutBlock, block_sizes, causal_rollout, commit_context, recache
 from .scheduling_one_forcing import OneForcingScheduler
 from .transformer_causal_wan import CausalWanOutput, CausalWanTransformer3DModel
 from .pipeline_one_forcing import OneForcingPipeline, OneForcingPipelineOutput
@@ -17,7 +18,11 @@ __all__ = [
     "OneForcingPipeline",
     "OneForcingPipelineOutput",
     "OneForcingScheduler",
+    "PromptRange",
+    "PromptSchedule",
     "RolloutBlock",
     "block_sizes",
     "causal_rollout",
+    "commit_context",
+    "recache",
 ]

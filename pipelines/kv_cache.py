@@ -9,7 +9,10 @@ Rules of the self-attention buffers (``slots = capacity_frames * tokens_per_fram
   cached (committed) frames plus its own tokens;
 - denoising passes use the forward's own slots as scratch, but only committed frames stay: ``committed_frames`` is
   what later blocks see, so noisy keys never reach them;
-- keys are stored already rotated.
+- keys are stored already rotated;
+- beside the keys, the cache can hold the clean latents each cached frame was committed from
+  (:meth:`store_latents`; the rollout does it), moved and evicted with the keys, so the frames still in the cache can
+  be committed again under another prompt (the KV re-cache of a prompt switch, :func:`rollout.recache`).
 
 Two ways to hold a video:
 - **full** (``window_frames=None``): one slot per latent frame of the video; positions are absolute frame indices.
@@ -94,6 +97,9 @@ class KVCache:
         self.cached_frames = 0  # of them, frames held in the buffers now
         self.evicted_frames = 0
         self._slot = 0  # first slot of the forward in progress
+        self.latents: torch.Tensor | None = None  # [B, C, capacity, h, w] clean latents per slot, made on first store
+        self._latents_stored = [False] * self.capacity
+        self._commit_starts = [False] * self.capacity  # slot holds the first frame of one committing forward
 
     @property
     def num_frames(self) -> int:
@@ -110,6 +116,8 @@ class KVCache:
     def reset(self) -> None:
         """Forget the video and the prompt; the buffers are kept (no reallocation)."""
         self.committed_frames = self.cached_frames = self.evicted_frames = 0
+        self._latents_stored = [False] * self.capacity
+        self._commit_starts = [False] * self.capacity
         self.reset_cross_attention()
 
     def reset_cross_attention(self) -> None:
@@ -167,6 +175,12 @@ class KVCache:
                 if rotate and shift is not None:
                     block = _rotate(block, *shift)
                 buffers[layer][:, to : to + moved] = block
+        first, last = self.sink_frames + frames, self.cached_frames
+        if self.latents is not None:
+            self.latents[:, :, self.sink_frames : last - frames] = self.latents[:, :, first:last].clone()
+        for flags in (self._latents_stored, self._commit_starts):
+            flags[self.sink_frames : last - frames] = flags[first:last]
+            flags[last - frames : last] = [False] * frames
         self.cached_frames -= frames
         self.evicted_frames += frames
 
@@ -205,6 +219,76 @@ class KVCache:
         self.committed_frames = max(self.committed_frames, start_frame + num_frames)
         self.cached_frames = max(self.cached_frames, self._slot + num_frames)
 
+    # -- clean latents and re-cache ---------------------------------------------------------------------------------
+    def slot_of(self, frame: int) -> int:
+        """Slot of committed video frame ``frame`` (ValueError if it was evicted or is not committed)."""
+        if frame < 0 or frame >= self.committed_frames:
+            raise ValueError(f"frame {frame} is not committed ({self.committed_frames} frames are)")
+        slot = frame if frame < self.sink_frames else frame - self.evicted_frames
+        if slot < self.sink_frames and frame >= self.sink_frames:
+            raise ValueError(f"frame {frame} was evicted from the rolling KV cache")
+        return slot
+
+    def store_latents(self, start_frame: int, latents: torch.Tensor) -> None:
+        """Keep the clean latents [B, C, f, h, w] that committed frames [start_frame, start_frame + f) came from.
+
+        The frames are remembered as one group: a re-cache commits them again together, as they were committed.
+        """
+        if latents.ndim != 5 or latents.shape[0] != self.batch_size:
+            raise ValueError(f"latents must be [{self.batch_size}, C, f, h, w], got {tuple(latents.shape)}")
+        frames = latents.shape[2]
+        first = self.slot_of(start_frame)
+        if frames > 1:
+            self.slot_of(start_frame + frames - 1)
+        shape = (latents.shape[0], latents.shape[1], self.capacity, *latents.shape[3:])
+        if self.latents is None or self.latents.shape != shape:
+            self.latents = torch.zeros(shape, dtype=latents.dtype, device=latents.device)
+            self._latents_stored = [False] * self.capacity
+            self._commit_starts = [False] * self.capacity
+        self.latents[:, :, first : first + frames] = latents.detach().to(self.latents.dtype)
+        self._latents_stored[first : first + frames] = [True] * frames
+        self._commit_starts[first : first + frames] = [True] + [False] * (frames - 1)
+
+    def recache_groups(self, keep_sink: bool = False) -> list[tuple[int, int, int]]:
+        """The cached frames in the groups they were committed in: [(first video frame, first slot, frames)], in order.
+
+        A group is also cut where the cache is not contiguous in time (after the sink of a cache that evicted frames).
+        ``keep_sink`` leaves out a rolling cache's first ``sink_frames`` frames.
+        """
+        if self.evicted_frames:
+            runs = [(0, 0, self.sink_frames), (self.sink_frames + self.evicted_frames, self.sink_frames,
+                                              self.cached_frames - self.sink_frames)]
+        else:
+            runs = [(0, 0, self.cached_frames)]
+        if keep_sink:
+            skip = min(self.sink_frames, self.cached_frames)
+            frame, slot, count = runs[0]
+            runs[0] = (frame + skip, slot + skip, count - skip)
+        groups = []
+        for frame, slot, count in runs:
+            begin = 0
+            for i in range(1, count + 1):
+                if i == count or self._commit_starts[slot + i]:
+                    groups.append((frame + begin, slot + begin, i - begin))
+                    begin = i
+        return groups
+
+    def stored_latents(self, slot: int, frames: int) -> torch.Tensor:
+        """Clean latents [B, C, frames, h, w] of slots [slot, slot + frames) (ValueError if some were never stored)."""
+        if self.latents is None or not all(self._latents_stored[slot : slot + frames]):
+            raise ValueError(
+                "the KV cache does not hold the clean latents of all its frames, so it cannot be recomputed: frames "
+                "committed outside causal_rollout need kv_cache.store_latents(start_frame, latents)"
+            )
+        return self.latents[:, :, slot : slot + frames]
+
+    def rewind(self, frame: int, slot: int) -> None:
+        """Make the next forward write video frame ``frame`` at ``slot`` (a cached position): for re-committing the
+        cached frames under a new prompt. The counters grow back as the frames are committed again."""
+        if not 0 <= slot <= self.cached_frames or (slot != frame and slot != frame - self.evicted_frames):
+            raise ValueError(f"cannot rewind to frame {frame} at slot {slot}: not a cached position")
+        self.committed_frames, self.cached_frames = frame, slot
+
     # -- cross-attention ------------------------------------------------------------------------------------------
     def cross_attention_for(self, context: torch.Tensor) -> bool:
         """Whether the stored cross-attention keys/values were made from this exact ``context`` tensor.
@@ -212,15 +296,18 @@ class KVCache:
         A different tensor (a new prompt) clears them so they are recomputed once.
         """
         source = self._cross_source
-        if source is None or source[0] is not context or source[1] != context._version:
+        version = _version_of(context)
+        if source is None or source[0] is not context or source[1] != version:
             self.reset_cross_attention()
-            self._cross_source = (context, context._version)
+            self._cross_source = (context, version)
             return False
         return self.cross[0] is not None
 
     def memory_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.key + self.value)
         total += sum(e.key.numel() * e.key.element_size() * 2 for e in self.cross if e is not None)
+        if self.latents is not None:
+            total += self.latents.numel() * self.latents.element_size()
         return total
 
 
@@ -230,3 +317,9 @@ def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x0, x1 = pairs.unbind(-1)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(keys.dtype)
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place-modification counter; ``None`` for inference tensors, which have none (they cannot be
+    modified in place outside inference mode, and ComfyUI runs every node inside it)."""
+    return None if tensor.is_inference() else tensor._version

@@ -23,14 +23,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from tqdm.auto import tqdm
+
+from .prompt_schedule import PromptSchedule
 from .rollout import RolloutBlock, block_sizes, causal_rollout
 from .scheduling_one_forcing import OneForcingScheduler
 from .transformer_causal_wan import CausalWanTransformer3DModel
-from .vae_streaming import WanStreamingDecoder
+from .vae_streaming import WanStreamingDecoder, encode_video
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+ENDLESS_SINK_FRAMES = 3  # default rolling cache (latent frames): LongLive's sink of one 3-frame chunk ...
+ENDLESS_WINDOW_FRAMES = 12  # ... plus the 12 latest frames
 
 
 @dataclass
@@ -65,7 +70,11 @@ class OneForcingPipeline(DiffusionPipeline):
         transformer: CausalWanTransformer3DModel,
         vae: AutoencoderKLWan,
         scheduler: OneForcingScheduler,
+        default_video_size: dict | None = None,
+        max_sequence_length: int | None = None,
     ):
+        """``default_video_size`` ({"num_frames", "height", "width"}) and ``max_sequence_length`` record what the
+        model was trained with (saved in ``model_index.json``); the CLI and the nodes use them as defaults."""
         super().__init__()
         if isinstance(transformer, WanTransformer3DModel) and not isinstance(transformer, CausalWanTransformer3DModel):
             logger.info("Converting WanTransformer3DModel to CausalWanTransformer3DModel (same weights).")
@@ -76,6 +85,7 @@ class OneForcingPipeline(DiffusionPipeline):
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
         )
+        self.register_to_config(default_video_size=default_video_size, max_sequence_length=max_sequence_length)
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -85,16 +95,26 @@ class OneForcingPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def default_max_sequence_length(self) -> int:
+        """Prompt tokens the model was trained with: ``max_sequence_length`` recorded in ``model_index.json`` (the
+        demo model: 32), else Wan2.1's 512. Padding rows are zero but still attended to, so the length matters."""
+        return int(self.config.get("max_sequence_length", None) or 512)
+
     # -- prompts ------------------------------------------------------------------------------------------------------
     def encode_prompt(
         self,
         prompt: str | list[str],
         num_videos_per_prompt: int = 1,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """UMT5 embeddings [B * num_videos_per_prompt, max_sequence_length, dim], zero beyond each prompt's tokens."""
+        """UMT5 embeddings [B * num_videos_per_prompt, max_sequence_length, dim], zero beyond each prompt's tokens.
+
+        ``max_sequence_length``: default :attr:`default_max_sequence_length` (the length the model was trained with).
+        """
+        max_sequence_length = max_sequence_length or self.default_max_sequence_length
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError("this pipeline has no tokenizer/text_encoder: pass prompt_embeds instead of a prompt")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -117,14 +137,19 @@ class OneForcingPipeline(DiffusionPipeline):
         return hidden.repeat_interleave(num_videos_per_prompt, dim=0)
 
     # -- checks -------------------------------------------------------------------------------------------------------
-    def check_inputs(self, prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type):
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of prompt or prompt_embeds")
+    def check_inputs(
+        self, prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
+        prompt_schedule=None, image=None, video=None, context_latents=None,
+    ):
+        if sum(x is not None for x in (prompt, prompt_embeds, prompt_schedule)) != 1:
+            raise ValueError("pass exactly one of prompt, prompt_embeds or prompt_schedule")
+        if sum(x is not None for x in (image, video, context_latents)) > 1:
+            raise ValueError("pass at most one of image, video or context_latents")
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         t = self.vae_scale_factor_temporal
-        if num_frames < 1 or (num_frames - 1) % t:
+        if num_frames is not None and (num_frames < 1 or (num_frames - 1) % t):
             raise ValueError(f"num_frames must be 1 + {t}k (e.g. 81), got {num_frames}")
         if frames_per_block is not None and frames_per_block < 1:
             raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
@@ -138,13 +163,13 @@ class OneForcingPipeline(DiffusionPipeline):
             )
 
     def prepare_latents(
-        self, batch_size, num_frames, height, width, generator, latents=None, device=None
+        self, batch_size, num_frames, height, width, generator, latents=None, device=None, latent_frames=None
     ) -> torch.Tensor:
-        """Initial noise [B, C, 1 + (num_frames - 1) / 4, H / 8, W / 8] in float32."""
+        """Initial noise [B, C, 1 + (num_frames - 1) / 4 (or ``latent_frames``), H / 8, W / 8] in float32."""
         shape = (
             batch_size,
             self.transformer.config.in_channels,
-            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            latent_frames if latent_frames is not None else (num_frames - 1) // self.vae_scale_factor_temporal + 1,
             height // self.vae_scale_factor_spatial,
             width // self.vae_scale_factor_spatial,
         )
@@ -155,6 +180,76 @@ class OneForcingPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def encode_context(
+        self, image=None, video=None, height: int = 480, width: int = 832, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """An image or a clip -> normalised clean latents [B, 16, 1 + (T - 1) / 4, H / 8, W / 8] (float32).
+
+        Args:
+            image: a PIL image, np [H, W, 3] / [B, H, W, 3] or torch [3, H, W] / [B, 3, H, W] (floats in 0..1 or
+                uint8); encoded as a one-frame clip.
+            video: a list of PIL images, np [T, H, W, 3] / [B, T, H, W, 3] or torch [T, 3, H, W] / [B, T, 3, H, W]
+                (floats in 0..1 or uint8), with T = 1 + 4k frames (the Wan VAE's temporal stride).
+            height, width: the frames are resized to this size first.
+        """
+        if (image is None) == (video is None):
+            raise ValueError("pass exactly one of image or video")
+        name = "image" if image is not None else "video"
+        frames = _as_frames(image, "image", single=True) if image is not None else _as_frames(video, "video")
+        pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # [B, 3, T, H, W] in -1..1
+        count, t = pixels.shape[2], self.vae_scale_factor_temporal
+        if (count - 1) % t:
+            below = (count - 1) // t * t + 1
+            raise ValueError(
+                f"{name} has {count} frames; the Wan VAE encodes 1 + {t}k frames: use {below} or {below + t} frames"
+            )
+        device = device or self._execution_device
+        return encode_video(self.vae, pixels.to(device)).to(device=device, dtype=torch.float32)
+
+    def _context(self, image, video, context_latents, height, width, batch, device) -> torch.Tensor | None:
+        """The clean context [B, 16, f, H/8, W/8] (float32) of an image-to-video or extension run, or None."""
+        if image is not None or video is not None:
+            context = self.encode_context(image=image, video=video, height=height, width=width, device=device)
+        elif context_latents is not None:
+            context = context_latents
+            expected = (self.transformer.config.in_channels, height // self.vae_scale_factor_spatial,
+                        width // self.vae_scale_factor_spatial)
+            if (not isinstance(context, torch.Tensor) or context.ndim != 5 or context.shape[2] < 1
+                    or (context.shape[1], *context.shape[3:]) != expected):
+                raise ValueError(
+                    f"context_latents must be normalised latents [B, {expected[0]}, f, {expected[1]}, {expected[2]}] "
+                    f"for a {height}x{width} video, got {tuple(getattr(context, 'shape', ()))}"
+                )
+            context = context.to(device=device, dtype=torch.float32)
+        else:
+            return None
+        if context.shape[0] != batch:
+            if context.shape[0] != 1:
+                raise ValueError(f"the context holds {context.shape[0]} videos but the prompts make {batch}")
+            context = context.expand(batch, *context.shape[1:])
+        return context.contiguous()
+
+    def _cache_settings(self, num_latent_frames, frames_per_block, window_frames, sink_frames, relative_positions):
+        """(window_frames, sink_frames, relative_positions) of the run's KV cache (window None: a full cache)."""
+        if num_latent_frames is None and window_frames is None:
+            window_frames = ENDLESS_WINDOW_FRAMES
+            sink_frames = ENDLESS_SINK_FRAMES if sink_frames is None else sink_frames
+        if window_frames is None:
+            if sink_frames or relative_positions:
+                raise ValueError("sink_frames and relative_positions need a rolling cache: pass window_frames too")
+            return None, 0, False
+        if window_frames < frames_per_block:
+            raise ValueError(
+                f"window_frames={window_frames} must hold a whole block ({frames_per_block} latent frames)"
+            )
+        sink_frames = ENDLESS_SINK_FRAMES if sink_frames is None else sink_frames
+        if sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {sink_frames}")
+        if relative_positions is None:  # absolute positions are the reference; relative only where they run out
+            relative_positions = (num_latent_frames is None
+                                  or num_latent_frames > self.transformer.config.rope_max_seq_len)
+        return window_frames, sink_frames, relative_positions
 
     # -- generation ---------------------------------------------------------------------------------------------------
     def _blocks(
@@ -174,9 +269,20 @@ class OneForcingPipeline(DiffusionPipeline):
         max_sequence_length,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-    ) -> Iterator[tuple[RolloutBlock, torch.Tensor | None]]:
-        """Shared body of ``__call__`` and ``stream``: yields (block, decoded video [B, 3, T, H, W] or None)."""
-        self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type)
+        *,
+        image=None,
+        video=None,
+        context_latents=None,
+        prompt_schedule=None,
+        keep_sink_on_switch: bool = False,
+        window_frames: int | None = None,
+        sink_frames: int | None = None,
+        relative_positions: bool | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Shared body of ``__call__`` and ``stream``: yields (clean latents [B, C, f, h, w], decoded video
+        [B, 3, T, H, W] or None), first for the context (if any), then per generated block."""
+        self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
+                          prompt_schedule, image, video, context_latents)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         bad = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
@@ -185,28 +291,91 @@ class OneForcingPipeline(DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
         model_dtype = self.transformer.proj_out.weight.dtype
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt, num_videos_per_prompt, max_sequence_length, device, model_dtype)
+        frames_per_block = frames_per_block or self.transformer.config.frames_per_block
+        endless = num_frames is None
+        if endless and latents is not None:
+            raise ValueError("latents (initial noise) cannot be given for an endless stream (num_frames=None)")
+
+        encoded: dict = {}
+
+        def embed(value) -> torch.Tensor:
+            """Text (each distinct one encoded once) or embeddings -> [B * num_videos_per_prompt, L, D]."""
+            if isinstance(value, torch.Tensor):
+                return value.to(device=device, dtype=model_dtype).repeat_interleave(num_videos_per_prompt, dim=0)
+            key = value if isinstance(value, str) else tuple(value)
+            if key not in encoded:
+                encoded[key] = self.encode_prompt(value, num_videos_per_prompt, max_sequence_length, device,
+                                                  model_dtype)
+            return encoded[key]
+
+        schedule = None if prompt_schedule is None else PromptSchedule.coerce(prompt_schedule)
+        if schedule is not None:
+            prompt_embeds = embed(schedule.prompts[0])
         else:
-            prompt_embeds = prompt_embeds.to(device=device, dtype=model_dtype).repeat_interleave(
-                num_videos_per_prompt, dim=0
-            )
+            prompt_embeds = embed(prompt_embeds if prompt_embeds is not None else prompt)
         batch = prompt_embeds.shape[0]
-        noise = self.prepare_latents(batch, num_frames, height, width, generator, latents, device)
-        latents = torch.zeros_like(noise)  # filled block by block with the clean latents
+
+        context = self._context(image, video, context_latents, height, width, batch, device)
+        context_frames = 0 if context is None else context.shape[2]
+        total = None if endless else (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        if total is not None and total <= context_frames:
+            video_frames = 1 + self.vae_scale_factor_temporal * (context_frames - 1)
+            raise ValueError(f"num_frames={num_frames} leaves nothing to generate after the context's {video_frames} "
+                             "frames: num_frames counts the whole video, context included")
+        generate = None if endless else total - context_frames
+
+        switches: dict[int, torch.Tensor] = {}
+        current_prompt = [(0, prompt_embeds)]
+        if schedule is not None:
+            for latent_frame, text in schedule.latent_switches(num_frames, frames_per_block, context_frames,
+                                                               self.vae_scale_factor_temporal)[1:]:
+                embeds = embed(text)
+                if embeds.shape[0] != batch or embeds.shape[2] != prompt_embeds.shape[2]:
+                    raise ValueError(f"the prompt switched to at latent frame {latent_frame} has embeddings "
+                                     f"{tuple(embeds.shape)}, the first prompt {tuple(prompt_embeds.shape)}")
+                switches[latent_frame] = embeds
+                current_prompt.append((latent_frame, embeds))
+
+        window, sink, relative = self._cache_settings(total, frames_per_block, window_frames, sink_frames,
+                                                      relative_positions)
+        latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+        kv_cache = self.transformer.new_kv_cache(
+            batch, total if window is None else 1, latent_h, latent_w, device=device,
+            window_frames=window, sink_frames=sink, relative_positions=relative,
+        )
+        self.kv_cache = kv_cache  # for inspection while the run is under way; dropped at its end (GPU memory)
+
+        if endless:
+            channels = self.transformer.config.in_channels
+
+            def noise(start_frame: int, size: int) -> torch.Tensor:
+                shape = (batch, channels, size, latent_h, latent_w)
+                return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            noise = self.prepare_latents(batch, num_frames, height, width, generator, latents, device,
+                                         latent_frames=generate)
+        # every clean latent of a finite video is kept (output_type="latent", callbacks); an endless one keeps none
+        all_latents = None
+        if not endless:
+            all_latents = torch.zeros(batch, self.transformer.config.in_channels, total, latent_h, latent_w,
+                                      device=device)
+            if context is not None:
+                all_latents[:, :, :context_frames] = context
+        self.latents = all_latents
         decoder = WanStreamingDecoder(self.vae) if output_type != "latent" else None
 
         def on_block_denoised(block: RolloutBlock):
             frames = slice(block.start_frame, block.start_frame + block.latents.shape[2])
-            latents[:, :, frames] = block.latents
+            all_latents[:, :, frames] = block.latents
             if callback_on_step_end is None:
                 return None
-            local = {"latents": latents, "prompt_embeds": prompt_embeds}
+            embeds = [e for frame, e in current_prompt if frame <= block.start_frame][-1]
+            local = {"latents": all_latents, "prompt_embeds": embeds}
             kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}
             result = callback_on_step_end(self, block.index, block.timesteps[-1], kwargs) or {}
             if "latents" in result:
-                latents.copy_(result["latents"])
-            return latents[:, :, frames]
+                all_latents.copy_(result["latents"])
+            return all_latents[:, :, frames]
 
         rollout = causal_rollout(
             self.transformer,
@@ -217,20 +386,36 @@ class OneForcingPipeline(DiffusionPipeline):
             denoising_timesteps=denoising_timesteps,
             first_block_timesteps=first_block_timesteps,
             generator=generator,
-            on_block_denoised=on_block_denoised,
+            kv_cache=kv_cache,
+            on_block_denoised=None if endless else on_block_denoised,
+            num_frames=generate if endless else None,
+            context_latents=context,
+            prompt_switches=switches,
+            keep_sink_on_switch=keep_sink_on_switch,
         )
-        num_blocks = len(block_sizes(noise.shape[2], frames_per_block or self.transformer.config.frames_per_block))
-        with self.progress_bar(total=num_blocks) as bar:
-            for block in rollout:
-                video = None
-                if decoder is not None:
-                    video = decoder.decode_block(block.latents.to(self.vae.dtype))
-                yield block, video
-                bar.update()
-                if self.interrupt:
-                    break
-        self.latents = latents
-        self.maybe_free_model_hooks()
+        num_blocks = None if endless else len(block_sizes(generate, frames_per_block))
+        bar = self.progress_bar(total=num_blocks) if num_blocks else tqdm(**self._endless_bar_config())
+        try:
+            if context is not None:
+                yield context, None if decoder is None else decoder.decode_block(context.to(self.vae.dtype))
+            with bar:
+                for block in rollout:
+                    decoded = None
+                    if decoder is not None:
+                        decoded = decoder.decode_block(block.latents.to(self.vae.dtype))
+                    yield block.latents, decoded
+                    bar.update()
+                    if self.interrupt:
+                        break
+        finally:
+            rollout.close()
+            self.kv_cache = None
+            self.maybe_free_model_hooks()
+
+    def _endless_bar_config(self) -> dict:
+        config = dict(getattr(self, "_progress_bar_config", {}) or {})
+        config.setdefault("disable", False)
+        return {**config, "total": None, "unit": "block"}
 
     def _postprocess(self, video: torch.Tensor, output_type: str):
         """[B, 3, T, H, W] in [-1, 1] -> the requested output format."""
@@ -254,32 +439,60 @@ class OneForcingPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
+        *,
+        image=None,
+        video=None,
+        context_latents: torch.Tensor | None = None,
+        prompt_schedule: PromptSchedule | dict | list | None = None,
+        keep_sink_on_switch: bool = False,
+        window_frames: int | None = None,
+        sink_frames: int | None = None,
+        relative_positions: bool | None = None,
     ) -> OneForcingPipelineOutput | tuple:
         """Generate a video.
 
         Args:
             prompt / prompt_embeds: the text, or its embeddings [B, L, text_dim].
-            num_frames: video frames, 1 + 4k (81 = 21 latent frames).
+            num_frames: video frames, 1 + 4k (81 = 21 latent frames), the context's frames included.
             height, width: multiples of 16.
             frames_per_block: latent frames per block (default: the transformer's ``frames_per_block``).
             denoising_timesteps / first_block_timesteps: per-block timestep lists, un-warped (default: the
                 scheduler's, e.g. [1000] for one step; [1000, 750, 500, 250] for four).
             generator: makes the initial and re-noising noise reproducible.
-            latents: initial noise [B, 16, F, H/8, W/8] instead of drawing it.
+            latents: initial noise [B, 16, F, H/8, W/8] of the frames to generate (F excludes a context's frames).
             output_type: "np", "pil", "pt" or "latent" (normalised latents).
             callback_on_step_end: ``f(pipe, block_index, timestep, tensors) -> dict``, called after each block is
                 denoised and before it is committed to the KV cache; returning ``latents`` replaces them. Setting
                 ``pipe._interrupt = True`` stops after the current block.
+            image: image-to-video: a start image (PIL, np [H, W, 3], torch [3, H, W]; floats 0..1 or uint8), resized to
+                height x width, VAE-encoded and committed as clean context; the output begins with its decode.
+            video: video extension: a clip of 1 + 4k frames (list of PIL, np [T, H, W, 3], torch [T, 3, H, W]) to
+                continue; the output begins with its decode.
+            context_latents: already encoded context, normalised latents [B, 16, f, H/8, W/8].
+            prompt_schedule: prompts per frame range instead of ``prompt`` (:class:`PromptSchedule`,
+                ``{video frame: prompt}`` or a list of ranges; prompts are text or embeddings). Frames are video
+                frames; a switch lands on the first block starting at or after it. At a switch the cross-attention
+                is replaced and the cached frames' keys/values are recomputed under the new prompt (KV re-cache).
+            keep_sink_on_switch: at a switch keep the sink frames' keys/values from the old prompt (rolling cache).
+            window_frames / sink_frames: a rolling KV cache of ``sink_frames`` first frames plus the ``window_frames``
+                latest (latent frames; default: a full cache; sink 3 when only the window is given), at constant
+                memory for any length.
+            relative_positions: rotary positions relative to the cache (default: only when absolute positions would
+                pass the transformer's table, e.g. endless streams).
         """
+        if num_frames is None:
+            raise ValueError("num_frames=None (an endless video) needs stream(); __call__ returns a whole video")
         decoded = []
-        for _, video in self._blocks(
+        for block_latents, block_video in self._blocks(
             prompt, num_frames, height, width, frames_per_block, denoising_timesteps, first_block_timesteps,
             num_videos_per_prompt, generator, latents, prompt_embeds, output_type, max_sequence_length,
-            callback_on_step_end, callback_on_step_end_tensor_inputs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, image=image, video=video,
+            context_latents=context_latents, prompt_schedule=prompt_schedule, keep_sink_on_switch=keep_sink_on_switch,
+            window_frames=window_frames, sink_frames=sink_frames, relative_positions=relative_positions,
         ):
-            if video is not None:
-                decoded.append(video)
+            if block_video is not None:
+                decoded.append(block_video)
         if output_type == "latent":
             frames = self.latents
         else:
@@ -292,7 +505,7 @@ class OneForcingPipeline(DiffusionPipeline):
     def stream(
         self,
         prompt: str | list[str] | None = None,
-        num_frames: int = 81,
+        num_frames: int | None = 81,
         height: int = 480,
         width: int = 832,
         frames_per_block: int | None = None,
@@ -303,15 +516,73 @@ class OneForcingPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
+        *,
+        image=None,
+        video=None,
+        context_latents: torch.Tensor | None = None,
+        prompt_schedule: PromptSchedule | dict | list | None = None,
+        keep_sink_on_switch: bool = False,
+        window_frames: int | None = None,
+        sink_frames: int | None = None,
+        relative_positions: bool | None = None,
     ) -> Iterator[Any]:
         """Like ``__call__`` but yields each block's decoded frames as soon as they exist.
 
         Yields the frames of one block in ``output_type`` (np [B, T_block, H, W, 3], pt [B, T_block, 3, H, W], PIL
-        lists, or the block's latents for "latent"); concatenated over blocks they equal ``__call__``'s output.
+        lists, or the block's latents for "latent"); concatenated over blocks they equal ``__call__``'s output. With
+        a context (``image``, ``video``, ``context_latents``) the first item is the context's decode.
+
+        ``num_frames=None`` streams without end, until the caller stops iterating (``close()`` the generator or
+        break out of the loop). It needs a rolling KV cache: by default ``sink_frames=3`` and ``window_frames=12``
+        latent frames with relative positions, so memory stays flat; no latents are kept.
         """
-        for block, video in self._blocks(
+        for block_latents, block_video in self._blocks(
             prompt, num_frames, height, width, frames_per_block, denoising_timesteps, first_block_timesteps,
             num_videos_per_prompt, generator, latents, prompt_embeds, output_type, max_sequence_length, None, (),
+            image=image, video=video, context_latents=context_latents, prompt_schedule=prompt_schedule,
+            keep_sink_on_switch=keep_sink_on_switch, window_frames=window_frames, sink_frames=sink_frames,
+            relative_positions=relative_positions,
         ):
-            yield block.latents if video is None else self._postprocess(video, output_type)
+            yield block_latents if block_video is None else self._postprocess(block_video, output_type)
+
+
+def _as_frames(value, name: str, single: bool = False):
+    """Image/clip input -> what ``VideoProcessor.preprocess_video`` takes (PIL lists, np [B, T, H, W, C] in 0..1,
+    torch [B, T, C, H, W] in 0..1)."""
+    if isinstance(value, PIL.Image.Image):
+        if not single:
+            raise ValueError(f"{name} must be a list of frames, got a single PIL image (pass it as image=)")
+        return [value]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{name} holds no frames")
+        if single:
+            raise ValueError(f"image must be one image, got a list of {len(value)} (pass a clip as video=)")
+        if all(isinstance(v, PIL.Image.Image) for v in value):
+            return list(value)
+        value = np.stack([np.asarray(v) for v in value]) if all(isinstance(v, np.ndarray) for v in value) \
+            else torch.stack([torch.as_tensor(v) for v in value])
+    if isinstance(value, np.ndarray):
+        if value.dtype == np.uint8:
+            value = value.astype(np.float32) / 255.0
+        layout = "[H, W, 3] or [B, H, W, 3]" if single else "[T, H, W, 3] or [B, T, H, W, 3]"
+        if value.ndim not in (3 + (not single), 4 + (not single)) or value.shape[-1] not in (1, 3):
+            raise ValueError(f"{name} as a numpy array must be {layout}, got shape {value.shape}")
+        if single:
+            value = value[None] if value.ndim == 3 else value
+            return value[:, None]  # [B, 1, H, W, C]
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.uint8:
+            value = value.float() / 255.0
+        layout = "[3, H, W] or [B, 3, H, W]" if single else "[T, 3, H, W] or [B, T, 3, H, W]"
+        channels = value.shape[-3] if value.ndim >= 3 else None
+        if value.ndim not in (3 + (not single), 4 + (not single)) or channels not in (1, 3):
+            raise ValueError(f"{name} as a torch tensor must be {layout} in 0..1, got shape {tuple(value.shape)}")
+        value = value.float().cpu()
+        if single:
+            value = value[None] if value.ndim == 3 else value
+            return value[:, None]  # [B, 1, C, H, W]
+        return value
+    raise TypeError(f"{name} must be a PIL image, a numpy array or a torch tensor, got {type(value).__name__}")

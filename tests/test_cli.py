@@ -52,3 +52,84 @@ def test_bad_arguments(tmp_path, model_dir):
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "oneforcing", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--frames-per-block" in result.stdout
+
+
+def _frames(path):
+    cap = cv2.VideoCapture(str(path))
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    cap.release()
+    return count
+
+
+BASE = ["--height", "32", "--width", "32", "--frames-per-block", "1", "--seed", "2"]
+
+
+def test_prompt_switches_image_and_video(tmp_path, model_dir, capsys):
+    import json
+
+    import numpy as np
+    import PIL.Image
+
+    from oneforcing.pipelines.video_io import export_to_mp4
+
+    out = tmp_path / "switch.mp4"
+    main(["generate", "--prompt", "0:a red circle", "--prompt", "6:a cat on the beach", "--out", str(out),
+          "--model", str(model_dir), "--num-frames", "13", *BASE])
+    text = capsys.readouterr().out
+    assert "frame 9: a cat on the beach" in text and "wrote 13 frames" in text  # 6 rounds up to latent frame 3
+    assert _frames(out) == 13
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text(json.dumps([{"start": 0, "end": 6, "prompt": "a red circle"},
+                                    {"start": 6, "prompt": "a cat on the beach"}]))
+    again = tmp_path / "again.mp4"
+    main(["generate", "--prompt-schedule", str(schedule), "--out", str(again), "--model", str(model_dir),
+          "--num-frames", "13", *BASE])
+    assert _frames(again) == 13
+    image = tmp_path / "start.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image)
+    from_image = tmp_path / "i2v.mp4"
+    main(["generate", "--prompt", "a cat", "--image", str(image), "--out", str(from_image), "--model",
+          str(model_dir), "--num-frames", "5", *BASE])
+    assert _frames(from_image) == 5
+    clip = export_to_mp4(np.random.default_rng(1).random((5, 32, 32, 3), dtype=np.float32), tmp_path / "clip.mp4")
+    extended = tmp_path / "extended.mp4"
+    main(["generate", "--prompt", "a cat", "--video", str(clip), "--out", str(extended), "--model", str(model_dir),
+          "--num-frames", "13", *BASE])
+    assert _frames(extended) == 13
+
+
+def test_interrupted_endless_run_leaves_a_playable_file(tmp_path, model_dir, capsys):
+    from oneforcing.cli import _parser, generate
+
+    out = tmp_path / "endless.mp4"
+    args = _parser().parse_args(["generate", "--prompt", "a cat", "--out", str(out), "--model", str(model_dir),
+                                 "--num-frames", "endless", "--window-frames", "2", "--sink-frames", "1", *BASE])
+
+    def ctrl_c(written):
+        if written >= 13:
+            raise KeyboardInterrupt
+
+    generate(args, on_block=ctrl_c)
+    assert args.interrupted and "interrupted" in capsys.readouterr().out
+    cap = cv2.VideoCapture(str(out))
+    assert cap.isOpened() and _frames(out) == 13
+    assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (32, 32)
+
+
+def test_bad_schedules_and_context_arguments(tmp_path, model_dir):
+    out = str(tmp_path / "a.mp4")
+    common = ["--out", out, "--model", str(model_dir), "--num-frames", "9", *BASE]
+    with pytest.raises(SystemExit, match="needs its first frame"):
+        main(["generate", "--prompt", "0:a cat", "--prompt", "a dog", *common])
+    with pytest.raises(SystemExit, match="past the end"):
+        main(["generate", "--prompt", "0:a cat", "--prompt", "9:a dog", *common])
+    with pytest.raises(SystemExit, match="give --prompt"):
+        main(["generate", *common])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["generate", "--prompt-schedule", str(tmp_path / "none.json"), *common])
+    with pytest.raises(SystemExit, match="cannot read it as an image"):
+        main(["generate", "--prompt", "a cat", "--image", str(tmp_path / "none.png"), *common])
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "a cat", "--out", out, "--num-frames", "lots"])
