@@ -1,0 +1,148 @@
+"""The four nodes, declared as plain data (``spec.NodeSpec``) over the plain functions that run them.
+
+Model loader -> ONEFORCING_MODEL; text encoder -> CONDITIONING; rollout (model + CONDITIONING) -> LATENT (raw Wan
+VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT + Wan VAE) -> IMAGE.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+from ..pipelines.attention import ATTENTION_BACKENDS
+from .decoding import decode_video
+from .folders import BUNDLED_DEMO, list_models, resolve_model
+from .model_loading import DTYPE_CHOICES, load_transformer
+from .sampling import TIMESTEP_PRESETS, encode_text, generate_latents
+from .spec import InputSpec, NodeSpec, OutputSpec
+
+CATEGORY = "OneForcing"
+FRAMES_PER_BLOCK_CHOICES = ("model default", "1 (frame-wise)", "3 (chunk-wise)")
+MAX_SIZE = 4096
+MAX_LENGTH = 4097  # 1 + 4 * 1024 video frames: the rotary time table's 1024 latent frames
+
+
+def _file_fingerprint(kind: str, name):
+    """Changes when the chosen file or folder changes on disk, so ComfyUI re-runs the node instead of its cache."""
+    if not isinstance(name, str):
+        return None
+    try:
+        path = resolve_model(kind, name)
+    except (OSError, ValueError):
+        return name  # execute() reports the problem
+    return name, os.stat(path).st_mtime_ns
+
+
+# -- node functions: inputs by name, one tuple entry per output ------------------------------------------------------
+def model_loader(model_name: str, dtype: str, frames_per_block: str, attention_backend: str) -> tuple:
+    if frames_per_block not in FRAMES_PER_BLOCK_CHOICES:
+        raise ValueError(f"frames_per_block must be one of {FRAMES_PER_BLOCK_CHOICES}, got {frames_per_block!r}")
+    blocks = 0 if frames_per_block == FRAMES_PER_BLOCK_CHOICES[0] else int(frames_per_block.split()[0])
+    return (load_transformer(model_name, dtype, blocks, attention_backend),)
+
+
+def text_encode(text_encoder_name: str, prompt: str, dtype: str) -> tuple:
+    return (encode_text(text_encoder_name, prompt, dtype),)
+
+
+def rollout(model, conditioning, seed: int, width: int, height: int, length: int, frames_per_block: int,
+            timesteps: str, initial_latent=None) -> tuple:
+    return (generate_latents(model, conditioning, seed, width, height, length, frames_per_block, timesteps,
+                             initial_latent),)
+
+
+def decode(samples, vae_name: str, vae=None) -> tuple:
+    return (decode_video(samples, vae_name, vae),)
+
+
+# -- declarations ----------------------------------------------------------------------------------------------------
+MODEL_LOADER = NodeSpec(
+    node_id="OneForcingModelLoader",
+    display_name="One-Forcing Model Loader",
+    category=f"{CATEGORY}/loaders",
+    description="Loads a causal Wan2.1 transformer (One-Forcing / Self-Forcing .pt, ComfyUI or original .safetensors, "
+                "diffusers folder) from models/diffusion_models for the One-Forcing rollout.",
+    inputs=(
+        InputSpec("model_name", "COMBO", "A file or model folder in models/diffusion_models, or the bundled demo.",
+                  default=BUNDLED_DEMO, options=partial(list_models, "diffusion_models")),
+        InputSpec("dtype", "COMBO", "Weight dtype; default = bfloat16 on a GPU, float32 on the CPU.",
+                  default="default", options=DTYPE_CHOICES),
+        InputSpec("frames_per_block", "COMBO",
+                  "Latent frames generated per autoregressive block; 'model default' reads the model's config "
+                  "(single files do not record it and default to frame-wise).",
+                  default=FRAMES_PER_BLOCK_CHOICES[0], options=FRAMES_PER_BLOCK_CHOICES),
+        InputSpec("attention_backend", "COMBO", "PyTorch attention backend; auto lets PyTorch choose.",
+                  default="auto", options=ATTENTION_BACKENDS),
+    ),
+    outputs=(OutputSpec("ONEFORCING_MODEL", "model", "The causal transformer, managed by ComfyUI."),),
+    function=model_loader,
+    fingerprint=lambda model_name=None, **_: _file_fingerprint("diffusion_models", model_name),
+)
+
+TEXT_ENCODE = NodeSpec(
+    node_id="OneForcingTextEncode",
+    display_name="One-Forcing Text Encode (UMT5)",
+    category=f"{CATEGORY}/conditioning",
+    description="Encodes a prompt with the UMT5 text encoder from models/text_encoders (ComfyUI's umt5_xxl single "
+                "file, a transformers folder, or the bundled demo). ComfyUI's CLIPLoader (type wan) + "
+                "CLIPTextEncode give the same kind of CONDITIONING and keep the encoder loaded between prompts.",
+    inputs=(
+        InputSpec("text_encoder_name", "COMBO", "A UMT5 file or folder in models/text_encoders, or the bundled demo.",
+                  default=BUNDLED_DEMO, options=partial(list_models, "text_encoders")),
+        InputSpec("prompt", "STRING", "What the video shows.", default="", multiline=True),
+        InputSpec("dtype", "COMBO", "Encoder dtype; default = bfloat16 on a GPU, float32 on the CPU.",
+                  default="default", options=DTYPE_CHOICES),
+    ),
+    outputs=(OutputSpec("CONDITIONING", "conditioning", "UMT5 embeddings [1, 512, dim], zero after the prompt."),),
+    function=text_encode,
+    fingerprint=lambda text_encoder_name=None, **_: _file_fingerprint("text_encoders", text_encoder_name),
+)
+
+ROLLOUT = NodeSpec(
+    node_id="OneForcingRollout",
+    display_name="One-Forcing Autoregressive Rollout",
+    category=f"{CATEGORY}/sampling",
+    description="Generates the video latents block by block with the KV cache (one denoising step per block by "
+                "default). Progress per block; Cancel stops between blocks. The LATENT is in Wan VAE space, so "
+                "ComfyUI's VAEDecode with the Wan VAE decodes it too.",
+    inputs=(
+        InputSpec("model", "ONEFORCING_MODEL", "From One-Forcing Model Loader."),
+        InputSpec("conditioning", "CONDITIONING", "One prompt: One-Forcing Text Encode, or CLIPTextEncode (wan)."),
+        InputSpec("seed", "INT", "Seed of the initial and re-noising noise.", default=0, min=0,
+                  max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+        InputSpec("width", "INT", "Video width in pixels, a multiple of 16.", default=832, min=16, max=MAX_SIZE,
+                  step=16),
+        InputSpec("height", "INT", "Video height in pixels, a multiple of 16.", default=480, min=16, max=MAX_SIZE,
+                  step=16),
+        InputSpec("length", "INT", "Video frames, 1 + 4k (81 = 21 latent frames).", default=81, min=1,
+                  max=MAX_LENGTH, step=4),
+        InputSpec("frames_per_block", "INT", "Latent frames per block; 0 = the loader's setting.", default=0, min=0,
+                  max=64),
+        InputSpec("timesteps", "COMBO", "Denoising steps per block.", default="one step",
+                  options=tuple(TIMESTEP_PRESETS)),
+        InputSpec("initial_latent", "LATENT", "Optional: an empty video latent whose shape sets batch, length and "
+                  "size (width/height/length are then ignored).", optional=True),
+    ),
+    outputs=(OutputSpec("LATENT", "latent", "Wan2.1 video latents [B, 16, F, H/8, W/8], raw VAE space."),),
+    function=rollout,
+)
+
+DECODE = NodeSpec(
+    node_id="OneForcingDecode",
+    display_name="One-Forcing Decode (streaming Wan VAE)",
+    category=f"{CATEGORY}/latent",
+    description="Decodes video latents to frames with the Wan2.1 VAE, one latent frame at a time through the causal "
+                "decoder cache (flat memory in the video length). Uses the connected VAE if any, else vae_name.",
+    inputs=(
+        InputSpec("samples", "LATENT", "Wan2.1 video latents (from the rollout or any Wan sampler)."),
+        InputSpec("vae_name", "COMBO", "A Wan2.1 VAE in models/vae, or the bundled demo's; ignored when a VAE is "
+                  "connected.", default=BUNDLED_DEMO, options=partial(list_models, "vae")),
+        InputSpec("vae", "VAE", "Optional: ComfyUI's Wan2.1 VAE (from VAELoader) instead of vae_name.",
+                  optional=True),
+    ),
+    outputs=(OutputSpec("IMAGE", "images", "Frames [T, H, W, 3] in 0..1 (batch videos one after another)."),),
+    function=decode,
+    fingerprint=lambda vae_name=None, **_: _file_fingerprint("vae", vae_name),
+)
+
+NODE_SPECS: tuple[NodeSpec, ...] = (MODEL_LOADER, TEXT_ENCODE, ROLLOUT, DECODE)

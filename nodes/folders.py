@@ -1,0 +1,151 @@
+"""Model files and folders the nodes offer, and the safe way from a chosen name to a path.
+
+Inside ComfyUI the roots are ComfyUI's own model folders (``folder_paths``: ``diffusion_models`` = models/unet +
+models/diffusion_models, ``text_encoders`` = models/text_encoders + models/clip, ``vae``). Outside ComfyUI (tests,
+scripts) they are the matching subfolders of ``$ONEFORCING_MODELS_DIR`` (a folder laid out like ComfyUI's
+``models/``), or whatever :func:`set_model_roots` set.
+
+A choice is a weights file (``.safetensors``, ``.pt`` ...), a diffusers/transformers component folder (it holds a
+``config.json``; offered as ``name/``) or a diffusers pipeline folder (``model_index.json``; the matching component
+subfolder is used), given relative to its root. The bundled demo model is always offered first, as
+:data:`BUNDLED_DEMO`, and resolves to :func:`bundled_demo_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path, PurePosixPath
+
+from ..pipelines.loading import WEIGHT_SUFFIXES
+
+BUNDLED_DEMO = "oneforcing-demo (bundled)"
+MODEL_KINDS = {
+    # kind -> (ComfyUI folder names, pipeline component subfolder)
+    "diffusion_models": (("diffusion_models", "unet"), "transformer"),
+    "text_encoders": (("text_encoders", "clip"), "text_encoder"),
+    "vae": (("vae",), "vae"),
+}
+_MAX_DEPTH = 3
+_override_roots: dict[str, list[Path]] | None = None
+
+
+def bundled_demo_dir() -> Path:
+    """``$ONEFORCING_DEMO_DIR`` if set, else ``<repository>/models/oneforcing-demo``."""
+    env = os.environ.get("ONEFORCING_DEMO_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models" / "oneforcing-demo"
+
+
+def set_model_roots(roots: dict[str, list[str | os.PathLike]] | None) -> None:
+    """Use these roots (kind -> folders) instead of ComfyUI's or ``$ONEFORCING_MODELS_DIR``; None undoes it."""
+    global _override_roots
+    if roots is not None:
+        unknown = set(roots) - set(MODEL_KINDS)
+        if unknown:
+            raise ValueError(f"unknown model kinds {sorted(unknown)}; known: {sorted(MODEL_KINDS)}")
+        roots = {kind: [Path(p) for p in paths] for kind, paths in roots.items()}
+    _override_roots = roots
+
+
+def model_roots(kind: str) -> list[Path]:
+    """The folders searched for models of ``kind`` ("diffusion_models", "text_encoders" or "vae")."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
+    if _override_roots is not None:
+        return list(_override_roots.get(kind, []))
+    folder_paths = sys.modules.get("folder_paths")  # present only inside a running ComfyUI
+    if folder_paths is not None:
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    env = os.environ.get("ONEFORCING_MODELS_DIR")
+    if not env:
+        return []
+    return [Path(env) / name for name in MODEL_KINDS[kind][0]]
+
+
+def _is_component_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "model_index.json").is_file()
+
+
+def list_models(kind: str) -> list[str]:
+    """Choices for ``kind``: the bundled demo, then every weights file and model folder under the roots."""
+    found: set[str] = set()
+    for root in model_roots(kind):
+        if not root.is_dir():
+            continue
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            here = Path(folder)
+            rel = here.relative_to(root)
+            if rel.parts and _is_component_folder(here):
+                found.add(rel.as_posix() + "/")
+                dirs[:] = []  # a model folder is one choice, not its files
+                continue
+            if len(rel.parts) >= _MAX_DEPTH:
+                dirs[:] = []
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in files:
+                if name.lower().endswith(WEIGHT_SUFFIXES) and not name.startswith("."):
+                    found.add((rel / name).as_posix())
+    return [BUNDLED_DEMO] + sorted(found, key=str.lower)
+
+
+def check_model_name(kind: str, name) -> str:
+    """The name if it is a well-formed relative choice; a clear ``ValueError`` otherwise."""
+    label = f"{kind} model {name!r}"
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{label}: expected a non-empty file or folder name")
+    if name == BUNDLED_DEMO:
+        return name
+    if "\\" in name or "\x00" in name:
+        raise ValueError(f"{label}: use '/' as separator; backslashes and NUL are not allowed")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or (pure.parts and ":" in pure.parts[0]):
+        raise ValueError(f"{label}: must be relative to the {kind} folder, not an absolute path")
+    if ".." in pure.parts:
+        raise ValueError(f"{label}: '..' is not allowed (the model must lie inside the {kind} folder)")
+    return name
+
+
+def resolve_model(kind: str, name: str) -> Path:
+    """The path of choice ``name`` of ``kind``: a file, a component folder or a pipeline folder.
+
+    Raises ``ValueError`` for malformed names (absolute, ``..``) and ``FileNotFoundError`` naming the folders searched.
+    """
+    check_model_name(kind, name)
+    if name == BUNDLED_DEMO:
+        demo = bundled_demo_dir()
+        if not (demo / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{kind} model {name!r}: the bundled demo model is not installed at {demo} "
+                "(build it with training/demo_model.sh, or pick another model)"
+            )
+        return demo
+    roots = model_roots(kind)
+    for root in roots:
+        candidate = root / name.rstrip("/")
+        if not candidate.exists():
+            continue
+        # lexically inside root (no '..', not absolute); symlinked model collections are allowed, as in ComfyUI
+        if candidate.is_dir() and not _is_component_folder(candidate):
+            raise FileNotFoundError(f"{kind} model {name!r}: {candidate} is a folder without config.json or model_index.json")
+        return candidate
+    searched = ", ".join(str(r) for r in roots) or "no model folders (set ONEFORCING_MODELS_DIR or run inside ComfyUI)"
+    raise FileNotFoundError(f"{kind} model {name!r}: not found in {searched}")
+
+
+def component_path(kind: str, path: Path) -> Path:
+    """For a pipeline folder (``model_index.json``), its component subfolder for ``kind``; else ``path``."""
+    if path.is_dir() and (path / "model_index.json").is_file():
+        sub = path / MODEL_KINDS[kind][1]
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{path} is a pipeline folder without a {MODEL_KINDS[kind][1]}/ subfolder")
+        return sub
+    return path
+
+
+def pipeline_folder(kind: str, path: Path) -> Path | None:
+    """The pipeline folder that ``path`` (a pipeline folder or one of its components) belongs to, if any."""
+    if (path / "model_index.json").is_file():
+        return path
+    if path.name == MODEL_KINDS[kind][1] and (path.parent / "model_index.json").is_file():
+        return path.parent
+    return None

@@ -1,0 +1,39 @@
+"""ComfyUI's LATENT holds raw Wan VAE latents; this package's rollout and decoder work in the VAE's normalised space,
+``(z - mean) / std`` per channel. These two maps convert, with the statistics given as lists of 16 floats."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def _stats(values: Sequence[float], like: torch.Tensor, name: str) -> torch.Tensor:
+    if len(values) != like.shape[1]:
+        raise ValueError(f"{name} has {len(values)} channels, the latents [B, C, F, H, W] {tuple(like.shape)}")
+    return torch.tensor(list(values), dtype=torch.float32, device=like.device).view(1, -1, 1, 1, 1)
+
+
+def to_raw(latents: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised [B, C, F, H, W] -> raw VAE space ``latents * std + mean`` (float32)."""
+    return latents.float() * _stats(std, latents, "latents_std") + _stats(mean, latents, "latents_mean")
+
+
+def to_normalised(samples: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Raw VAE-space [B, C, F, H, W] -> normalised ``(z - mean) / std`` (float32)."""
+    return (samples.float() - _stats(mean, samples, "latents_mean")) / _stats(std, samples, "latents_std")
+
+
+def latent_samples(latent, name: str = "latent") -> torch.Tensor:
+    """The ``samples`` tensor of a ComfyUI LATENT dict, checked to be Wan's [B, 16, F, H/8, W/8]."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise TypeError(f"{name} must be a ComfyUI LATENT (a dict with 'samples'), got {type(latent).__name__}")
+    samples = latent["samples"]
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"{name} must hold video latents [B, 16, F, H/8, W/8] (Wan2.1), got {shape}")
+    if samples.shape[1] != 16:
+        raise ValueError(f"{name} has {samples.shape[1]} channels; Wan2.1 video latents have 16")
+    if samples.shape[2] == 0:
+        raise ValueError(f"{name} holds no frame: shape {tuple(samples.shape)}")
+    return samples

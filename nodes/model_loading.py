@@ -1,0 +1,250 @@
+"""Loading the three models from a chosen file or folder (see ``folders.py``), through ``pipelines/loading.py``.
+
+Every loaded model is wrapped for ComfyUI's model management (``runtime.manage``): ComfyUI moves it to the GPU
+when a node needs it and offloads it when another model needs the room.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..pipelines.loading import (
+    CheckpointError,
+    check_state_dict_matches,
+    infer_wan_vae_config,
+    load_umt5_encoder_single_file,
+    load_wan_vae_single_file,
+)
+from ..pipelines.scheduling_one_forcing import OneForcingScheduler
+from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
+from . import runtime
+from .folders import component_path, pipeline_folder, resolve_model
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_CHOICES = ("default", *DTYPES)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"default" is bfloat16 on a GPU and float32 on the CPU (CPU half precision is slow and inexact)."""
+    if name == "default":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def wan21_latent_stats() -> tuple[list[float], list[float]]:
+    """Wan2.1's per-channel latent mean/std: the defaults of diffusers' ``AutoencoderKLWan`` config."""
+    import inspect
+
+    from diffusers import AutoencoderKLWan
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    return list(params["latents_mean"].default), list(params["latents_std"].default)
+
+
+@dataclass
+class OneForcingModel:
+    """What flows on an ``ONEFORCING_MODEL`` socket.
+
+    ``patcher.model.transformer`` is the :class:`CausalWanTransformer3DModel`; ``scheduler`` its pipeline's scheduler
+    (the default one-step schedule for single files). ``latents_mean``/``latents_std`` are
+    the statistics of the VAE the model was trained with (its pipeline's ``vae/config.json``, else Wan2.1's): the
+    rollout uses them to hand out raw VAE-space LATENTs.
+    """
+
+    patcher: object
+    scheduler: OneForcingScheduler
+    frames_per_block: int
+    latents_mean: list[float]
+    latents_std: list[float]
+    source: str
+    text_length: int = 512
+
+    @property
+    def transformer(self) -> CausalWanTransformer3DModel:
+        return self.patcher.model.transformer
+
+
+def _text_length_of(folder: Path | None) -> int:
+    """Prompt tokens the model was trained with: its pipeline's recorded ``max_sequence_length``, else Wan's 512."""
+    if folder is not None and (folder / "model_index.json").is_file():
+        length = json.loads((folder / "model_index.json").read_text()).get("max_sequence_length")
+        if length:
+            return int(length)
+    return 512
+
+
+def _latent_stats_of(folder: Path | None) -> tuple[list[float], list[float]]:
+    if folder is not None and (folder / "vae" / "config.json").is_file():
+        config = json.loads((folder / "vae" / "config.json").read_text())
+        if config.get("latents_mean") and config.get("latents_std"):
+            return list(config["latents_mean"]), list(config["latents_std"])
+    return wan21_latent_stats()
+
+
+def load_transformer(
+    model_name: str, dtype: str = "default", frames_per_block: int = 0, attention_backend: str = "auto"
+) -> OneForcingModel:
+    """The causal transformer from the ``diffusion_models`` folder.
+
+    Args:
+        model_name: a choice of ``list_models("diffusion_models")``: a One-Forcing/Self-Forcing ``.pt``, a ComfyUI or
+            original single ``.safetensors`` file, a diffusers ``transformer/`` folder, or a pipeline folder.
+        dtype: "default", "bfloat16", "float16" or "float32".
+        frames_per_block: 0 keeps the model's own setting (its config; 1 for single files, which do not record it),
+            1 = frame-wise, 3 = chunk-wise, or any positive count.
+        attention_backend: see ``pipelines.attention.ATTENTION_BACKENDS``.
+    """
+    if frames_per_block < 0:
+        raise ValueError(f"frames_per_block must be 0 (model default) or positive, got {frames_per_block}")
+    path = resolve_model("diffusion_models", model_name)
+    torch_dtype = resolve_dtype(dtype, runtime.default_device())
+    component = component_path("diffusion_models", path)
+    try:
+        if component.is_dir():
+            transformer = CausalWanTransformer3DModel.from_pretrained(component, dtype=torch_dtype)
+        else:
+            transformer = CausalWanTransformer3DModel.from_single_file(component, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(component, f"cannot load the transformer: {err}") from err
+    transformer.set_attention_backend(attention_backend)
+    transformer.eval().requires_grad_(False)
+    folder = pipeline_folder("diffusion_models", path)
+    mean, std = _latent_stats_of(folder)
+    scheduler = OneForcingScheduler()
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        scheduler = OneForcingScheduler.from_pretrained(folder / "scheduler")
+    patcher = runtime.manage(runtime.ModelHolder(transformer=transformer), "diffusion_model")
+    return OneForcingModel(
+        patcher=patcher,
+        scheduler=scheduler,
+        frames_per_block=frames_per_block or int(transformer.config.frames_per_block),
+        latents_mean=mean,
+        latents_std=std,
+        source=model_name,
+        text_length=_text_length_of(folder),
+    )
+
+
+# -- text encoder --------------------------------------------------------------------------------------------------
+class SentencePieceTokenizer:
+    """UMT5 tokenization straight from a SentencePiece model (what a ComfyUI ``umt5_xxl`` file embeds as
+    ``spiece_model``): pieces, then ``</s>`` (id 1), padded with ``<pad>`` (id 0). Called like a transformers
+    tokenizer by ``OneForcingPipeline.encode_prompt``."""
+
+    def __init__(self, model_proto: bytes, eos_id: int = 1, pad_id: int = 0):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        self.eos_id, self.pad_id = eos_id, pad_id
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def __call__(self, texts, *, max_length: int, padding="max_length", truncation=True, add_special_tokens=True,
+                 return_attention_mask=True, return_tensors="pt"):
+        from transformers import BatchEncoding
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_length), dtype=torch.long)
+        for row, text in enumerate(texts):
+            pieces = self.sp.encode(text)[: max_length - 1] + [self.eos_id]
+            ids[row, : len(pieces)] = torch.tensor(pieces)
+            mask[row, : len(pieces)] = 1
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+
+def _embedded_spiece_model(path: Path) -> bytes | None:
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        names = [k for k in handle.keys() if k == "spiece_model" or k.endswith(".spiece_model")]
+        if not names:
+            return None
+        return handle.get_tensor(names[0]).to(torch.uint8).numpy().tobytes()
+
+
+def _tokenizer_for(path: Path):
+    """A tokenizer for the text encoder at ``path``: from a pipeline's ``tokenizer/`` folder, tokenizer files in a
+    transformers folder, a ``spiece_model`` embedded in a ComfyUI single file, or a ``tokenizer/`` folder (or a
+    ``<file stem>.tokenizer/`` folder) next to the file."""
+    from transformers import AutoTokenizer
+
+    folder = pipeline_folder("text_encoders", path)
+    candidates = []
+    if folder is not None:
+        candidates.append(folder / "tokenizer")
+    if path.is_dir():
+        candidates.append(path)
+    else:
+        embedded = _embedded_spiece_model(path)
+        if embedded is not None:
+            return SentencePieceTokenizer(embedded)
+        candidates += [path.with_name(path.name.split(".")[0] + ".tokenizer"), path.parent / "tokenizer"]
+    for candidate in candidates:
+        if candidate.is_dir() and any((candidate / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+            return AutoTokenizer.from_pretrained(candidate)
+    raise CheckpointError(
+        path,
+        "no tokenizer found: expected a spiece_model tensor in the file (ComfyUI's umt5_xxl files have one), "
+        f"or tokenizer files in one of {', '.join(str(c) for c in candidates)}",
+    )
+
+
+def load_text_encoder(text_encoder_name: str, dtype: str = "default"):
+    """(tokenizer, managed UMT5 encoder) from the ``text_encoders`` folder.
+
+    Accepts ComfyUI's single ``umt5_xxl_*.safetensors`` (fp8 included), the original Wan ``.pth``, a transformers
+    folder, or a pipeline folder (its ``text_encoder/`` and ``tokenizer/``).
+    """
+    path = resolve_model("text_encoders", text_encoder_name)
+    torch_dtype = resolve_dtype(dtype, runtime.default_device())
+    component = component_path("text_encoders", path)
+    tokenizer = _tokenizer_for(path if pipeline_folder("text_encoders", path) else component)
+    encoder = load_umt5_encoder_single_file(component, dtype=torch_dtype).requires_grad_(False)
+    return tokenizer, runtime.manage(runtime.ModelHolder(text_encoder=encoder), "text_encoder")
+
+
+# -- VAE -----------------------------------------------------------------------------------------------------------
+def load_vae(vae_name: str):
+    """A managed ``AutoencoderKLWan`` (float32) from the ``vae`` folder: ComfyUI's ``wan_2.1_vae.safetensors``, the
+    original ``Wan2.1_VAE.pth``, a diffusers ``vae/`` folder, or a pipeline folder."""
+    path = resolve_model("vae", vae_name)
+    vae = load_wan_vae_single_file(component_path("vae", path)).requires_grad_(False)
+    return runtime.manage(runtime.ModelHolder(vae=vae), "vae")
+
+
+def vae_from_comfy(comfy_vae):
+    """ComfyUI's ``VAE`` object (from its ``VAELoader``) as a managed diffusers ``AutoencoderKLWan``, same weights.
+
+    Only a Wan2.1 VAE (16 latent channels) fits; anything else is refused with the reason.
+    """
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    model = getattr(comfy_vae, "first_stage_model", None)
+    if model is None or not hasattr(model, "state_dict"):
+        raise TypeError(f"vae must be ComfyUI's VAE object, got {type(comfy_vae).__name__}")
+    source = f"ComfyUI VAE ({type(model).__name__})"
+    state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+    if "decoder.conv1.weight" not in state or "decoder.middle.0.residual.0.gamma" not in state:
+        raise CheckpointError(source, "is not a Wan2.1 VAE (no decoder.conv1 / decoder.middle weights)")
+    state = convert_wan_vae_to_diffusers(state)
+    z_dim = int(state["post_quant_conv.weight"].shape[0])
+    if z_dim != 16:
+        raise CheckpointError(source, f"has {z_dim} latent channels; only the Wan2.1 VAE (16) is supported")
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**infer_wan_vae_config(state, source))
+    check_state_dict_matches(vae, state, source)
+    vae.load_state_dict(state, strict=True, assign=True)
+    return runtime.manage(runtime.ModelHolder(vae=vae.eval().requires_grad_(False)), "vae")
