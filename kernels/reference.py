@@ -66,3 +66,17 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
         [B, L, C] in ``x.dtype``.
     """
     return (x.float() + y.float() * _per_frame(gate, x.shape[1])).to(x.dtype)
+
+
+def qk_norm_rope_pair(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qk_norm_rope` of queries and keys (each with its own gain); fused versions do both in one launch."""
+    return qk_norm_rope(q, weight_q, cos, sin, num_heads, eps), qk_norm_rope(k, weight_k, cos, sin, num_heads, eps)
