@@ -95,6 +95,27 @@ def test_every_stage_writes_loadable_outputs(recipe):
     assert video.shape == (1, 16, 3, 8, 8) and torch.isfinite(video).all()
 
 
+def test_distill_time_budget_stops_saves_and_a_rerun_finishes_the_plan(recipe):
+    root, path = recipe
+    uninterrupted = {r["step"]: r for r in _rows(root / "run" / "distill" / "log.jsonl")}
+    out = root / "budget"
+    inputs = [f"output_dir={out}", f"distill.generator={root / 'run' / 'ode_init' / 'final' / 'generator'}",
+              f"distill.teacher={root / 'run' / 'teacher' / 'final' / 'transformer'}", "distill.save_every=0"]
+    summary = main(["distill", "--config", str(path), *inputs, "distill.max_seconds=1e-9"])
+    assert summary["steps"] == 1 and summary["planned_steps"] == 6
+    stage = out / "distill"
+    assert (stage / "final" / "generator_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert [p.name for p in (stage / "checkpoints").iterdir()] == ["step_0000001"]
+    summary = main(["distill", "--config", str(path), *inputs])  # resumes from step 1, no limit
+    assert summary["steps"] == 6
+    rows = _rows(stage / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        for key, value in row.items():
+            if key != "seconds":
+                assert value == pytest.approx(uninterrupted[row["step"]][key], rel=1e-6, abs=1e-9), (row["step"], key)
+
+
 def test_distill_resume_repeats_the_uninterrupted_run(recipe):
     root, path = recipe
     stage = root / "run" / "distill"

@@ -94,6 +94,7 @@ class OptimConfig:
     ema_start_step: int = 0
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
+    max_seconds: float = 0.0  # > 0: stop after this many seconds of this run (all ranks together) and save as final
 
 
 @dataclass

@@ -323,12 +323,14 @@ def train_vae(
     log_every: int = 25,
     log=print,
     device: str | torch.device = "cpu",
+    max_seconds: float | None = None,
 ) -> list[dict[str, float]]:
     """Train ``vae`` in place through ``stages``; resumes from ``state_path`` when it exists. Returns the logged rows
     (running means since the previous row; ``seconds`` counts training time over all runs).
 
     Batches and posterior noise depend only on (seed, global step), so a resumed run sees what an unbroken one would.
     ``device``: where the VAE trains (it is moved there); batches are rendered on the CPU and copied.
+    ``max_seconds``: stop (saving the state) once this run has trained that long, even before the last stage ends.
     """
     device = torch.device(device)
     vae.to(device)
@@ -365,12 +367,18 @@ def train_vae(
         window.append(parts)
         if state_path is not None and (step % save_every == 0 or step == total):
             _save_state(state_path, vae, optimizer, step, seconds_before + time.time() - started)
-        if step % log_every == 0 or step == total:
+        out_of_time = max_seconds is not None and time.time() - started > max_seconds
+        if out_of_time and state_path is not None and step % save_every != 0:
+            _save_state(state_path, vae, optimizer, step, seconds_before + time.time() - started)
+        if step % log_every == 0 or step == total or out_of_time:
             row = {k: float(np.mean([p[k] for p in window])) for k in window[0]}
             row.update(step=step, crop=stage.crop, seconds=round(seconds_before + time.time() - started, 1))
             rows.append(row)
             window = []
             log(json.dumps(row))
+        if out_of_time:
+            log(f"stopping VAE training at step {step}/{total}: the {max_seconds:.0f} s budget is spent")
+            break
     vae.eval()
     return rows
 
@@ -426,6 +434,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-clips", type=int, default=4, help="held-out clips for the PSNR report")
     parser.add_argument("--stat-clips", type=int, default=8, help="clips for latents_mean / latents_std")
     parser.add_argument("--eval-frames", type=int, default=81, help="frames per clip for the statistics and PSNR")
+    parser.add_argument("--vae-init", default=None,
+                        help="start VAE training from this saved VAE folder (fine-tuning) instead of a fresh VAE")
+    parser.add_argument("--vae-max-seconds", type=float, default=None,
+                        help="stop VAE training after this many seconds (the state is saved; a rerun resumes)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the VAE trains (default: cuda when available)")
     args = parser.parse_args(argv)
@@ -462,10 +474,16 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(f"text encoder: {report['text_encoder']}")
     if "vae" in parts:
-        vae = build_vae(args.vae_base_dim, seed=args.seed)
+        if args.vae_init:
+            from diffusers import AutoencoderKLWan
+
+            vae = AutoencoderKLWan.from_pretrained(args.vae_init, torch_dtype=torch.float32)
+        else:
+            vae = build_vae(args.vae_base_dim, seed=args.seed)
         started = time.time()
         rows = train_vae(vae, stages, args.vae_lr, args.vae_kl_weight, args.vae_edge_weight, args.seed,
-                         out / "train_state" / "vae.pt", device=args.device)
+                         out / "train_state" / "vae.pt", device=args.device,
+                         max_seconds=args.vae_max_seconds)
         train_seconds = time.time() - started
         mean, std = latent_statistics(vae, args.stat_clips, args.eval_frames)
         vae.register_to_config(latents_mean=mean, latents_std=std)

@@ -303,6 +303,7 @@ def train_distill(config: TrainingConfig, resume: str = "auto") -> dict:
         run.save_checkpoint(step, prepared, {"generator": opt_g, "critic": opt_c},
                             {k: (e, generator) for k, e in emas.items()})
 
+    last = start
     for iteration in range(start + 1, section.steps + 1):
         logs: dict[str, float] = {}
         if (iteration - 1) % section.critic_steps_per_generator_step == 0:
@@ -331,15 +332,20 @@ def train_distill(config: TrainingConfig, resume: str = "auto") -> dict:
         logs["critic_grad_norm"] = clip_and_step(run, critic_params_of(critic, discriminator), opt_c,
                                                  section.max_grad_norm)
         run.log(iteration, logs)
+        last = iteration
         if section.save_every and iteration % section.save_every == 0 and iteration < section.steps:
             save(iteration)
-    if section.steps > start:
-        save(section.steps)
+        if iteration < section.steps and run.out_of_time(section.max_seconds):
+            run.print(f"[distill] stopping at iteration {iteration} of {section.steps}: "
+                      f"max_seconds={section.max_seconds} spent")
+            break
+    if last > start:
+        save(last)
     run.check_replicas(prepared)
     final_states = {k: e.state_dict() for k, e in emas.items()}
     run.save_final({**prepared, **{k: generator for k in emas}}, final_states)
     exported = export_generator(run, final_states.get("generator_ema"), generator)
-    return run.finish({"steps": section.steps, "gan": use_gan, "final": str(run.dir / "final"),
+    return run.finish({"steps": last, "planned_steps": section.steps, "gan": use_gan, "final": str(run.dir / "final"),
                        "reference_checkpoint": str(exported) if exported else None})
 
 

@@ -159,6 +159,16 @@ class StageRun:
                 shown = " ".join(f"{k}={_short(v)}" for k, v in row.items() if k not in ("stage", "step", "seconds"))
                 print(f"[{self.stage}] step {step} {shown} ({row['seconds']:.1f}s)", flush=True)
 
+    def out_of_time(self, max_seconds: float) -> bool:
+        """Whether this run has trained ``max_seconds`` (0 = no limit). A collective call when ``max_seconds > 0``:
+        every rank takes rank 0's clock, so all ranks stop after the same step."""
+        if max_seconds <= 0:
+            return False
+        over = torch.tensor([float(time.time() - self.started > max_seconds)], device=self.device)
+        if self.world_size > 1:
+            over = self.accelerator.reduce(over, reduction="max")
+        return bool(over.item())
+
     # -- checkpoints --------------------------------------------------------------------------------------------------
     def checkpoint_dir(self, step: int) -> Path:
         return self.dir / "checkpoints" / f"step_{step:07d}"

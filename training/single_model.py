@@ -34,6 +34,7 @@ def train_single_model(run: StageRun, model: torch.nn.Module, name: str, optim: 
     def save(step: int) -> None:
         run.save_checkpoint(step, {name: model}, {name: optimizer}, {k: (e, model) for k, e in emas.items()})
 
+    last = start
     for step in range(start + 1, optim.steps + 1):
         generator = step_generator(config.seed, step, 0, run.rank, run.device)
         with run.autocast():
@@ -43,11 +44,15 @@ def train_single_model(run: StageRun, model: torch.nn.Module, name: str, optim: 
         if ema is not None:
             ema.update(run.unwrap(model), step)
         run.log(step, {"loss": loss.item(), "grad_norm": grad_norm, **extra})
+        last = step
         if optim.save_every and step % optim.save_every == 0 and step < optim.steps:
             save(step)
-    if optim.steps > start:
-        save(optim.steps)
+        if step < optim.steps and run.out_of_time(optim.max_seconds):
+            run.print(f"[{run.stage}] stopping at step {step} of {optim.steps}: max_seconds={optim.max_seconds} spent")
+            break
+    if last > start:
+        save(last)
     run.check_replicas({name: model})
     final_models = {name: model, **{k: model for k in emas}}
     run.save_final(final_models, {k: e.state_dict() for k, e in emas.items()})
-    return run.finish({"steps": optim.steps, "final": str(run.dir / "final" / name)})
+    return run.finish({"steps": last, "planned_steps": optim.steps, "final": str(run.dir / "final" / name)})

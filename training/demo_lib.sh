@@ -1,0 +1,49 @@
+# Shell functions shared by training/demo_model.sh and training/demo_model_2gpu.sh (sourced, not run).
+# Expects RUN, PY and PHASE to be set; OUT (optional) is where pieces and logs are shipped.
+mkdir -p "$RUN/pack" "$RUN/logs"
+started=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - started )) s)"; }
+run_stage() {  # name, command...: output in $RUN/logs/<name>.out; its last lines, or the error
+  local name=$1; shift
+  stamp "$name"
+  if ! "$@" > "$RUN/logs/$name.out" 2>&1; then tail -n 40 "$RUN/logs/$name.out"; echo "FAILED: $name"; exit 1; fi
+  grep -v -i "warn" "$RUN/logs/$name.out" | tail -n 2 || true
+}
+half() {  # diffusers model folder -> the same folder with float16 weights (loads back as float32 by default)
+  $PY - "$1" "$2" <<'EOF'
+import shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True, exist_ok=True)
+for f in src.iterdir():
+    if f.suffix == ".safetensors":
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}
+        save_file(tensors, dst / f.name, metadata={"format": "pt"})
+    elif f.is_file():
+        shutil.copy(f, dst / f.name)
+EOF
+}
+ship() {  # tar of $RUN/pack -> $OUT/<phase>.tar.part-* (15 MiB pieces), logs -> $OUT/<phase>_logs.tar.gz
+  [ -n "${OUT:-}" ] || return 0
+  tar -C "$RUN/pack" -cf - . | split -b 15M - "$OUT/$PHASE.tar.part-"
+  for d in "$RUN"/*/; do  # stage logs and summaries, not the checkpoints
+    find "$d" -maxdepth 2 \( -name "log.jsonl" -o -name "summary.json" -o -name "report.json" \) 2>/dev/null
+  done | tar -czf "$OUT/${PHASE}_logs.tar.gz" -T - "$RUN/logs" 2>/dev/null || true
+  ls -la "$OUT"
+}
+
+ship_folder() {  # one model of $RUN/pack -> $OUT/<name>.tar.part-*, and the logs so far (a later stage may not finish)
+  [ -n "${OUT:-}" ] || return 0
+  tar -C "$RUN/pack" -cf - "$1" | split -b 15M - "$OUT/$1.tar.part-"
+  find "$RUN" -maxdepth 3 \( -name "log.jsonl" -o -name "summary.json" \) | tar -czf "$OUT/${PHASE}_logs.tar.gz" -T - "$RUN/logs"
+}
+unpack() {  # folder holding <phase>.tar.part-* pieces (from an earlier call) or an unpacked pack -> the folder
+  local src=$1 name=$2
+  if ls "$src"/"$name".tar.part-* >/dev/null 2>&1; then
+    mkdir -p "$RUN/in_$name" && cat "$src"/"$name".tar.part-* | tar -C "$RUN/in_$name" -xf - && echo "$RUN/in_$name"
+  else
+    echo "$src"
+  fi
+}
