@@ -98,10 +98,6 @@ def _load_pipeline(args):
     return pipe.to(args.device)
 
 
-def _defaults(pipe) -> dict:
-    """Video size defaults: the model's recorded ones (``model_index.json``), else Wan2.1's 81 x 480 x 832."""
-    recorded = getattr(pipe.config, "default_video_size", None) or {}
-    return {"num_frames": 81, "height": 480, "width": 832, **recorded}
 
 
 def _schedule(args):
@@ -163,7 +159,7 @@ def generate(args, on_block=None) -> Path:
         raise SystemExit("error: give --image or --video, not both")
     pipe = _load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
-    size = _defaults(pipe)
+    size = pipe.default_video_size
     num_frames = None if args.num_frames == ENDLESS else (args.num_frames or size["num_frames"])
     height, width = args.height or size["height"], args.width or size["width"]
     steps, first = TIMESTEP_PRESETS[args.timesteps]

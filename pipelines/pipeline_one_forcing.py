@@ -96,6 +96,13 @@ class OneForcingPipeline(DiffusionPipeline):
         return self._interrupt
 
     @property
+    def default_video_size(self) -> dict[str, int]:
+        """{"num_frames", "height", "width"}: the size recorded at save time (``default_video_size`` in
+        ``model_index.json``), else Wan2.1's 81 x 480 x 832."""
+        recorded = getattr(self.config, "default_video_size", None) or {}
+        return {"num_frames": 81, "height": 480, "width": 832, **recorded}
+
+    @property
     def default_max_sequence_length(self) -> int:
         """Prompt tokens the model was trained with: ``max_sequence_length`` recorded in ``model_index.json`` (the
         demo model: 32), else Wan2.1's 512. Padding rows are zero but still attended to, so the length matters."""
@@ -281,6 +288,8 @@ class OneForcingPipeline(DiffusionPipeline):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Shared body of ``__call__`` and ``stream``: yields (clean latents [B, C, f, h, w], decoded video
         [B, 3, T, H, W] or None), first for the context (if any), then per generated block."""
+        height = height or self.default_video_size["height"]
+        width = width or self.default_video_size["width"]
         self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
                           prompt_schedule, image, video, context_latents)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -425,9 +434,9 @@ class OneForcingPipeline(DiffusionPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        num_frames: int = 81,
-        height: int = 480,
-        width: int = 832,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         frames_per_block: int | None = None,
         denoising_timesteps: list[float] | None = None,
         first_block_timesteps: list[float] | None = None,
@@ -454,8 +463,9 @@ class OneForcingPipeline(DiffusionPipeline):
 
         Args:
             prompt / prompt_embeds: the text, or its embeddings [B, L, text_dim].
-            num_frames: video frames, 1 + 4k (81 = 21 latent frames), the context's frames included.
-            height, width: multiples of 16.
+            num_frames: video frames, 1 + 4k (81 = 21 latent frames), the context's frames included (default: the
+                recorded ``default_video_size``, else 81).
+            height, width: multiples of 16 (default: the recorded size, else 480 x 832).
             frames_per_block: latent frames per block (default: the transformer's ``frames_per_block``).
             denoising_timesteps / first_block_timesteps: per-block timestep lists, un-warped (default: the
                 scheduler's, e.g. [1000] for one step; [1000, 750, 500, 250] for four).
@@ -482,7 +492,7 @@ class OneForcingPipeline(DiffusionPipeline):
                 pass the transformer's table, e.g. endless streams).
         """
         if num_frames is None:
-            raise ValueError("num_frames=None (an endless video) needs stream(); __call__ returns a whole video")
+            num_frames = self.default_video_size["num_frames"]  # an endless video needs stream()
         decoded = []
         for block_latents, block_video in self._blocks(
             prompt, num_frames, height, width, frames_per_block, denoising_timesteps, first_block_timesteps,
@@ -506,8 +516,8 @@ class OneForcingPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         num_frames: int | None = 81,
-        height: int = 480,
-        width: int = 832,
+        height: int | None = None,
+        width: int | None = None,
         frames_per_block: int | None = None,
         denoising_timesteps: list[float] | None = None,
         first_block_timesteps: list[float] | None = None,
