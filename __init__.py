@@ -1,10 +1,13 @@
 """One-Forcing: one-step autoregressive video generation.
 
 Imported as ``oneforcing`` it is a diffusers-style library. The same folder is also a ComfyUI custom-node package:
-cloned into ``ComfyUI/custom_nodes/`` it registers the nodes of ``nodes/`` (model loader, UMT5 text encoder,
-autoregressive rollout, streaming Wan VAE decoder) through ComfyUI's V3 entry point :func:`comfy_entrypoint`. ComfyUI
+cloned into ``ComfyUI/custom_nodes/`` it registers the nodes of ``nodes/`` (model loader, UMT5 text encoder, prompt
+schedule, autoregressive rollout, start-frame encoder, streaming Wan VAE decoder) through ComfyUI's V3 entry point
+:func:`comfy_entrypoint`. ComfyUI
 is never needed to use the library: the node layer imports ``comfy_api`` only when ComfyUI calls the entry point.
 """
+
+from pathlib import Path
 
 from .pipelines import (
     CausalWanTransformer3DModel,
@@ -15,7 +18,11 @@ from .pipelines import (
     causal_rollout,
 )
 
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "models" / "oneforcing-demo"
+"""The bundled demo pipeline (a ``OneForcingPipeline.from_pretrained`` folder); the CLI's and the nodes' default."""
+
 __all__ = [
+    "DEMO_MODEL_DIR",
     "CausalWanTransformer3DModel",
     "KVCache",
     "OneForcingPipeline",

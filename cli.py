@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "models" / "oneforcing-demo"
+from . import DEMO_MODEL_DIR
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMESTEP_PRESETS = {
     "one-step": ([1000], None),

@@ -1,7 +1,9 @@
-"""The four nodes, declared as plain data (``spec.NodeSpec``) over the plain functions that run them.
+"""The nodes, declared as plain data (``spec.NodeSpec``) over the plain functions that run them.
 
-Model loader -> ONEFORCING_MODEL; text encoder -> CONDITIONING; rollout (model + CONDITIONING) -> LATENT (raw Wan
-VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT + Wan VAE) -> IMAGE.
+Model loader -> ONEFORCING_MODEL; text encoder -> CONDITIONING (one prompt); prompt schedule -> CONDITIONING (one
+prompt per frame range); encoder (IMAGE + Wan VAE) -> LATENT (a start image or clip); rollout (model + CONDITIONING,
+optionally a context LATENT) -> LATENT (raw Wan VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT
++ Wan VAE) -> IMAGE.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from functools import partial
 
 from ..pipelines.attention import ATTENTION_BACKENDS
 from .decoding import decode_video
+from .encoding import encode_images
 from .folders import BUNDLED_DEMO, list_models, resolve_model
 from .model_loading import DTYPE_CHOICES, load_transformer
-from .sampling import TIMESTEP_PRESETS, encode_text, generate_latents
+from .sampling import TIMESTEP_PRESETS, encode_text, generate_latents, schedule_conditioning
 from .spec import InputSpec, NodeSpec, OutputSpec
 
 CATEGORY = "OneForcing"
 FRAMES_PER_BLOCK_CHOICES = ("model default", "1 (frame-wise)", "3 (chunk-wise)")
 MAX_SIZE = 4096
 MAX_LENGTH = 4097  # 1 + 4 * 1024 video frames: the rotary time table's 1024 latent frames
+MAX_CACHE_FRAMES = 1024  # latent frames
 
 
 def _file_fingerprint(kind: str, name):
@@ -45,10 +49,19 @@ def text_encode(text_encoder_name: str, prompt: str, dtype: str) -> tuple:
     return (encode_text(text_encoder_name, prompt, dtype),)
 
 
+def prompt_schedule(text_encoder_name: str, schedule: str, dtype: str) -> tuple:
+    return (schedule_conditioning(text_encoder_name, schedule, dtype),)
+
+
 def rollout(model, conditioning, seed: int, width: int, height: int, length: int, frames_per_block: int,
-            timesteps: str, initial_latent=None) -> tuple:
+            timesteps: str, initial_latent=None, context_latent=None, window_frames: int = 0, sink_frames: int = 3,
+            keep_sink_on_switch: bool = False) -> tuple:
     return (generate_latents(model, conditioning, seed, width, height, length, frames_per_block, timesteps,
-                             initial_latent),)
+                             initial_latent, context_latent, window_frames, sink_frames, keep_sink_on_switch),)
+
+
+def encode(images, vae_name: str, width: int, height: int, vae=None) -> tuple:
+    return (encode_images(images, vae_name, width, height, vae),)
 
 
 def decode(samples, vae_name: str, vae=None) -> tuple:
@@ -98,30 +111,93 @@ TEXT_ENCODE = NodeSpec(
     fingerprint=lambda text_encoder_name=None, **_: _file_fingerprint("text_encoders", text_encoder_name),
 )
 
+PROMPT_SCHEDULE = NodeSpec(
+    node_id="OneForcingPromptSchedule",
+    display_name="One-Forcing Prompt Schedule (UMT5)",
+    category=f"{CATEGORY}/conditioning",
+    description="Several prompts over one video, one per line as 'FRAME: prompt' (0-based video frames, as the "
+                "CLI's --prompt FRAME:text; 'START-END: prompt' with END exclusive also works). Each prompt runs "
+                "from its frame to the next line's; the first line starts at 0. A switch takes effect at the first "
+                "block starting at or after its frame, and the KV cache is recomputed under the new prompt. Feed it "
+                "to One-Forcing Autoregressive Rollout.",
+    inputs=(
+        InputSpec("text_encoder_name", "COMBO", "A UMT5 file or folder in models/text_encoders, or the bundled demo.",
+                  default=BUNDLED_DEMO, options=partial(list_models, "text_encoders")),
+        InputSpec("schedule", "STRING", "One 'FRAME: prompt' per line, in frame order, starting at 0 (e.g. "
+                  "'0: a cat walks' then '80: a cat sits'). Blank lines and lines starting with # are skipped.",
+                  default="0: ", multiline=True),
+        InputSpec("dtype", "COMBO", "Encoder dtype; default = bfloat16 on a GPU, float32 on the CPU.",
+                  default="default", options=DTYPE_CHOICES),
+    ),
+    outputs=(OutputSpec("CONDITIONING", "conditioning", "One UMT5 embedding [1, 512, dim] per range, each marked "
+                        "with its frames; only the One-Forcing rollout reads the schedule."),),
+    function=prompt_schedule,
+    fingerprint=lambda text_encoder_name=None, **_: _file_fingerprint("text_encoders", text_encoder_name),
+)
+
+ENCODE = NodeSpec(
+    node_id="OneForcingEncode",
+    display_name="One-Forcing Encode (Wan VAE)",
+    category=f"{CATEGORY}/latent",
+    description="Encodes a start image (image-to-video) or a clip of 1 + 4k frames (video extension) with the "
+                "Wan2.1 VAE, resized to width x height, for the rollout's context_latent. ComfyUI's VAEEncode with "
+                "the Wan VAE gives the same kind of LATENT.",
+    inputs=(
+        InputSpec("images", "IMAGE", "One image, or a clip of 1 + 4k frames (1, 5, 9, ...)."),
+        InputSpec("vae_name", "COMBO", "A Wan2.1 VAE in models/vae, or the bundled demo's; ignored when a VAE is "
+                  "connected.", default=BUNDLED_DEMO, options=partial(list_models, "vae")),
+        InputSpec("width", "INT", "Width to resize to, in pixels (the video's width).", default=832, min=16,
+                  max=MAX_SIZE, step=16),
+        InputSpec("height", "INT", "Height to resize to, in pixels (the video's height).", default=480, min=16,
+                  max=MAX_SIZE, step=16),
+        InputSpec("vae", "VAE", "Optional: ComfyUI's Wan2.1 VAE (from VAELoader) instead of vae_name.",
+                  optional=True),
+    ),
+    outputs=(OutputSpec("LATENT", "latent", "Wan2.1 latents [1, 16, 1 + (T-1)/4, H/8, W/8], raw VAE space."),),
+    function=encode,
+    fingerprint=lambda vae_name=None, **_: _file_fingerprint("vae", vae_name),
+)
+
 ROLLOUT = NodeSpec(
     node_id="OneForcingRollout",
     display_name="One-Forcing Autoregressive Rollout",
     category=f"{CATEGORY}/sampling",
     description="Generates the video latents block by block with the KV cache (one denoising step per block by "
-                "default). Progress per block; Cancel stops between blocks. The LATENT is in Wan VAE space, so "
-                "ComfyUI's VAEDecode with the Wan VAE decodes it too.",
+                "default). Takes one prompt or a prompt schedule; an optional context latent (encoded start image "
+                "or clip) is continued; a rolling cache window makes videos longer than the model was trained for. "
+                "Progress per block; Cancel stops between blocks. The LATENT is in Wan VAE space, so ComfyUI's "
+                "VAEDecode with the Wan VAE decodes it too.",
     inputs=(
         InputSpec("model", "ONEFORCING_MODEL", "From One-Forcing Model Loader."),
-        InputSpec("conditioning", "CONDITIONING", "One prompt: One-Forcing Text Encode, or CLIPTextEncode (wan)."),
+        InputSpec("conditioning", "CONDITIONING", "One prompt (One-Forcing Text Encode, or CLIPTextEncode with a wan "
+                  "CLIP) or a prompt schedule (One-Forcing Prompt Schedule)."),
         InputSpec("seed", "INT", "Seed of the initial and re-noising noise.", default=0, min=0,
                   max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
         InputSpec("width", "INT", "Video width in pixels, a multiple of 16.", default=832, min=16, max=MAX_SIZE,
                   step=16),
         InputSpec("height", "INT", "Video height in pixels, a multiple of 16.", default=480, min=16, max=MAX_SIZE,
                   step=16),
-        InputSpec("length", "INT", "Video frames, 1 + 4k (81 = 21 latent frames).", default=81, min=1,
-                  max=MAX_LENGTH, step=4),
+        InputSpec("length", "INT", "Video frames, 1 + 4k (81 = 21 latent frames), a context's frames included.",
+                  default=81, min=1, max=MAX_LENGTH, step=4),
         InputSpec("frames_per_block", "INT", "Latent frames per block; 0 = the loader's setting.", default=0, min=0,
                   max=64),
         InputSpec("timesteps", "COMBO", "Denoising steps per block.", default="one step",
                   options=tuple(TIMESTEP_PRESETS)),
         InputSpec("initial_latent", "LATENT", "Optional: an empty video latent whose shape sets batch, length and "
                   "size (width/height/length are then ignored).", optional=True),
+        InputSpec("context_latent", "LATENT", "Optional: clean context to continue, raw Wan VAE latents (One-Forcing "
+                  "Encode or VAEEncode of a start image or clip; width/height then come from it). The output begins "
+                  "with it.", optional=True),
+        InputSpec("window_frames", "INT", "Rolling KV cache: the latest latent frames kept (besides the sink); 0 = "
+                  "keep every frame. Set it to run past the length the model was trained for (e.g. 18 with sink 3 "
+                  "for a model trained on 21 latent frames).", optional=True, default=0, min=0,
+                  max=MAX_CACHE_FRAMES),
+        InputSpec("sink_frames", "INT", "Rolling KV cache: the first latent frames kept for the whole video "
+                  "(attention sink); used only with window_frames > 0.", optional=True, default=3, min=0,
+                  max=MAX_CACHE_FRAMES),
+        InputSpec("keep_sink_on_switch", "BOOLEAN", "At a prompt switch keep the sink frames as computed under the "
+                  "old prompt (only with window_frames > 0); off recomputes them under the new prompt.",
+                  optional=True, default=False),
     ),
     outputs=(OutputSpec("LATENT", "latent", "Wan2.1 video latents [B, 16, F, H/8, W/8], raw VAE space."),),
     function=rollout,
@@ -145,4 +221,4 @@ DECODE = NodeSpec(
     fingerprint=lambda vae_name=None, **_: _file_fingerprint("vae", vae_name),
 )
 
-NODE_SPECS: tuple[NodeSpec, ...] = (MODEL_LOADER, TEXT_ENCODE, ROLLOUT, DECODE)
+NODE_SPECS: tuple[NodeSpec, ...] = (MODEL_LOADER, TEXT_ENCODE, PROMPT_SCHEDULE, ROLLOUT, ENCODE, DECODE)

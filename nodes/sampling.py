@@ -1,21 +1,23 @@
-"""Text encoding and the autoregressive rollout, as plain functions the nodes call.
+"""Text encoding, prompt schedules and the autoregressive rollout, as plain functions the nodes call.
 
-The sampling loop itself is ``pipelines.rollout.causal_rollout``; this module only prepares its inputs the way
-``OneForcingPipeline`` does (same noise for the same seed), reports progress, honours cancellation between blocks and
-converts the result to a ComfyUI LATENT (raw VAE space).
+The rollout is ``OneForcingPipeline.stream`` (``output_type="latent"``, which runs ``pipelines.rollout.causal_rollout``
+with the pipeline's context, prompt-switch and rolling-cache handling); this module only converts ComfyUI's values
+(CONDITIONING, raw VAE-space LATENTs) to the pipeline's arguments, reports progress, honours cancellation between
+blocks and converts the result back to a ComfyUI LATENT (raw VAE space).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..pipelines.pipeline_one_forcing import OneForcingPipeline
-from ..pipelines.rollout import block_sizes, causal_rollout
+from ..pipelines.prompt_schedule import PromptRange, PromptSchedule
+from ..pipelines.rollout import block_sizes
 from . import runtime
-from .latents import latent_samples, to_raw
+from .latents import latent_samples, to_normalised, to_raw
 from .model_loading import OneForcingModel, load_text_encoder
 
 TIMESTEP_PRESETS = {
@@ -26,6 +28,30 @@ TIMESTEP_PRESETS = {
 }
 MAX_SEQUENCE_LENGTH = 512
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+# a CONDITIONING entry's dict keys marking it as one range of a prompt schedule: (start, end or None) in video
+# frames, and the prompt's text (for error messages)
+SCHEDULE_KEY = "oneforcing_frames"
+SCHEDULE_TEXT_KEY = "oneforcing_prompt"
+
+
+def encode_texts(text_encoder_name: str, prompts: list[str], dtype: str = "default") -> list[torch.Tensor]:
+    """UMT5 embeddings ``[1, 512, dim]`` (float32, zero beyond each prompt's tokens) of each prompt, encoded as the
+    pipeline does; the encoder is loaded once for all of them."""
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    tokenizer, patcher = load_text_encoder(text_encoder_name, dtype)
+    device = runtime.load(patcher)
+    encoder = OneForcingPipeline(
+        tokenizer=tokenizer, text_encoder=patcher.model.text_encoder, transformer=None, vae=None, scheduler=None
+    )
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            embeds = encoder.encode_prompt(prompt, max_sequence_length=MAX_SEQUENCE_LENGTH, device=device,
+                                           dtype=torch.float32)
+            out.append(embeds.to(runtime.intermediate_device()))
+    return out
 
 
 def encode_text(text_encoder_name: str, prompt: str, dtype: str = "default") -> list:
@@ -33,28 +59,55 @@ def encode_text(text_encoder_name: str, prompt: str, dtype: str = "default") -> 
     (UMT5, 512 tokens, zero beyond the prompt's tokens)."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    tokenizer, patcher = load_text_encoder(text_encoder_name, dtype)
-    device = runtime.load(patcher)
-    encoder = OneForcingPipeline(
-        tokenizer=tokenizer, text_encoder=patcher.model.text_encoder, transformer=None, vae=None, scheduler=None
-    )
-    with torch.no_grad():
-        embeds = encoder.encode_prompt(prompt, max_sequence_length=MAX_SEQUENCE_LENGTH, device=device,
-                                       dtype=torch.float32)
-    return [[embeds.to(runtime.intermediate_device()), {}]]
+    return [[encode_texts(text_encoder_name, [prompt], dtype)[0], {}]]
 
 
-def conditioning_embeds(conditioning, text_dim: int) -> torch.Tensor:
-    """The prompt embeddings [B, L, text_dim] of a CONDITIONING (this package's, or ComfyUI's ``CLIPTextEncode``
-    with a ``wan`` CLIP)."""
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise TypeError("conditioning must be a non-empty ComfyUI CONDITIONING list of [tensor, dict] pairs")
-    if len(conditioning) != 1:
-        raise ValueError(
-            f"conditioning holds {len(conditioning)} entries; the rollout takes one prompt (no combine/area/timestep "
-            "ranges)"
-        )
-    entry = conditioning[0]
+_SCHEDULE_LINE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:(.*)$", re.DOTALL)
+
+
+def parse_schedule_text(text: str) -> PromptSchedule:
+    """A prompt schedule written one range per line, as the CLI's repeated ``--prompt``: ``FRAME: text`` (from that
+    video frame to the next line's) or ``START-END: text`` (END exclusive); frames are 0-based video frames.
+
+    Blank lines and lines starting with ``#`` are skipped; a single line without a frame is the prompt of the whole
+    video. Lines must come in frame order. Gaps, overlaps and empty prompts are refused by :class:`PromptSchedule`;
+    whether the switches fit the video's length is checked by the rollout, which knows it.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"the prompt schedule must be text, got {type(text).__name__}")
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise ValueError("the prompt schedule is empty: write one 'FRAME: prompt' per line, starting with '0: ...'")
+    if len(lines) == 1 and not _SCHEDULE_LINE.match(lines[0][1]):
+        return PromptSchedule([(0, lines[0][1])])
+    previous = None
+    for number, line in lines:
+        match = _SCHEDULE_LINE.match(line)
+        if match is None:
+            raise ValueError(f"prompt schedule line {number} ({line[:40]!r}): each line needs its first video frame, "
+                             "as 'FRAME: prompt' (e.g. '0: a cat', '40: a dog')")
+        start = int(match.group(1))
+        if previous is not None and start <= previous[1]:
+            raise ValueError(f"prompt schedule line {number} starts at frame {start}, not after line {previous[0]} "
+                             f"(frame {previous[1]}): list the prompts in frame order, each at a later frame")
+        previous = (number, start)
+    try:
+        return PromptSchedule.parse([line for _, line in lines])
+    except ValueError as err:
+        raise ValueError(f"prompt schedule: {err}") from None
+
+
+def schedule_conditioning(text_encoder_name: str, schedule: str, dtype: str = "default") -> list:
+    """A CONDITIONING carrying a prompt schedule: one ``[embeds [1, 512, dim], {SCHEDULE_KEY: (start, end)}]`` entry
+    per range (``end`` None: to the next range or the video's end), in frame order."""
+    parsed = parse_schedule_text(schedule)
+    texts = list(dict.fromkeys(parsed.prompts))  # each distinct prompt encoded once
+    embeds = dict(zip(texts, encode_texts(text_encoder_name, texts, dtype)))
+    return [[embeds[r.prompt], {SCHEDULE_KEY: (r.start, r.end), SCHEDULE_TEXT_KEY: r.prompt}] for r in parsed.ranges]
+
+
+def _entry_embeds(entry, text_dim: int) -> torch.Tensor:
     embeds = entry[0] if isinstance(entry, (list, tuple)) and entry else None
     if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
         raise ValueError("conditioning entries must be [tensor [B, L, dim], dict] pairs")
@@ -64,6 +117,39 @@ def conditioning_embeds(conditioning, text_dim: int) -> torch.Tensor:
             "(Wan2.1 models take UMT5-XXL embeddings: use a 'wan' CLIP or this package's text encoder)"
         )
     return embeds
+
+
+def conditioning_prompts(conditioning, text_dim: int) -> torch.Tensor | PromptSchedule:
+    """The prompt of a CONDITIONING: one prompt's embeddings [B, L, text_dim] (this package's text encoder, or
+    ComfyUI's ``CLIPTextEncode`` with a ``wan`` CLIP), or a :class:`PromptSchedule` of embeddings (from the
+    prompt-schedule node: every entry carries its frame range)."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise TypeError("conditioning must be a non-empty ComfyUI CONDITIONING list of [tensor, dict] pairs")
+    frames = [entry[1].get(SCHEDULE_KEY) if isinstance(entry, (list, tuple)) and len(entry) > 1
+              and isinstance(entry[1], dict) else None for entry in conditioning]
+    if all(f is None for f in frames):
+        if len(conditioning) != 1:
+            raise ValueError(
+                f"conditioning holds {len(conditioning)} entries; the rollout takes one prompt, or a prompt schedule "
+                "from One-Forcing Prompt Schedule (no combine/area/timestep ranges)"
+            )
+        return _entry_embeds(conditioning[0], text_dim)
+    if any(f is None for f in frames):
+        raise ValueError("conditioning mixes prompt-schedule entries with plain ones: connect One-Forcing Prompt "
+                         "Schedule directly (combining it with other conditioning is not supported)")
+    ranges = [PromptRange(int(start), None if end is None else int(end), _entry_embeds(entry, text_dim))
+              for entry, (start, end) in zip(conditioning, frames)]
+    return PromptSchedule(ranges)
+
+
+def conditioning_embeds(conditioning, text_dim: int) -> torch.Tensor:
+    """The prompt embeddings [B, L, text_dim] of a one-prompt CONDITIONING (see :func:`conditioning_prompts`)."""
+    prompts = conditioning_prompts(conditioning, text_dim)
+    if isinstance(prompts, PromptSchedule):
+        if len(prompts) > 1:
+            raise ValueError("this conditioning is a prompt schedule; one prompt is needed here")
+        return prompts.prompts[0]
+    return prompts
 
 
 def fit_text_length(embeds: torch.Tensor, length: int) -> torch.Tensor:
@@ -100,6 +186,10 @@ def generate_latents(
     frames_per_block: int = 0,
     timesteps: str = "one step",
     initial_latent=None,
+    context_latent=None,
+    window_frames: int = 0,
+    sink_frames: int = 3,
+    keep_sink_on_switch: bool = False,
     *,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -108,13 +198,19 @@ def generate_latents(
 
     Args:
         model: from the loader node.
-        conditioning: one prompt's embeddings (see :func:`conditioning_embeds`).
+        conditioning: one prompt, or a prompt schedule (see :func:`conditioning_prompts`).
         seed: the initial and re-noising noise (CPU generator: the same video on every device).
-        width, height: pixels, multiples of 16; length: video frames, 1 + 4k.
+        width, height: pixels, multiples of 16; length: video frames, 1 + 4k, a context's frames included.
         frames_per_block: latent frames per block; 0 = the loader's setting.
         timesteps: a :data:`TIMESTEP_PRESETS` name.
         initial_latent: a LATENT whose shape sets batch, frames and size instead of width/height/length (as from
             ComfyUI's ``EmptyHunyuanLatentVideo``; its values are not used: the noise comes from ``seed``).
+        context_latent: a LATENT [B, 16, f, H/8, W/8] (raw VAE space, e.g. an encoded start image or clip) committed
+            as clean context before generating (image-to-video, video extension); it sets width and height, and the
+            output begins with it.
+        window_frames: 0 = a full KV cache; else a rolling cache of ``sink_frames`` first latent frames plus the
+            ``window_frames`` latest, at constant memory (videos longer than the model was trained for).
+        keep_sink_on_switch: at a prompt switch keep the sink frames' keys/values from the old prompt.
         on_progress(done_blocks, total_blocks), should_stop(): hooks for callers outside ComfyUI.
     """
     transformer = model.transformer
@@ -122,17 +218,39 @@ def generate_latents(
         raise ValueError(f"timesteps must be one of {', '.join(TIMESTEP_PRESETS)}, got {timesteps!r}")
     if frames_per_block < 0:
         raise ValueError(f"frames_per_block must be 0 (the model's setting) or positive, got {frames_per_block}")
+    if window_frames < 0 or sink_frames < 0:
+        raise ValueError(f"window_frames and sink_frames must be >= 0, got {window_frames} and {sink_frames}")
     multiple = VAE_SPATIAL * transformer.config.patch_size[1]
     batch = 1
     if initial_latent is not None:
         shape = latent_samples(initial_latent, "initial_latent").shape
         batch = shape[0]
         width, height, length = shape[4] * VAE_SPATIAL, shape[3] * VAE_SPATIAL, (shape[2] - 1) * VAE_TEMPORAL + 1
+    context = None
+    if context_latent is not None:
+        context = latent_samples(context_latent, "context_latent")
+        size = (context.shape[4] * VAE_SPATIAL, context.shape[3] * VAE_SPATIAL)
+        if initial_latent is not None and size != (width, height):
+            raise ValueError(f"context_latent is {size[0]}x{size[1]} pixels but initial_latent is {width}x{height}")
+        width, height = size
+        if width % multiple or height % multiple:
+            raise ValueError(f"context_latent is {width}x{height} pixels; the model makes videos whose width and "
+                             f"height are multiples of {multiple}: encode the start image at such a size")
+        if context.shape[0] not in (1, batch):
+            raise ValueError(f"context_latent holds {context.shape[0]} videos, the latent batch is {batch}")
     num_frames = check_video_size(width, height, length, multiple)
-    embeds = conditioning_embeds(conditioning, transformer.config.text_dim)
-    if embeds.shape[0] not in (1, batch):
-        raise ValueError(f"conditioning batch {embeds.shape[0]} does not match the latent batch {batch}")
+    prompts = conditioning_prompts(conditioning, transformer.config.text_dim)
+    first = prompts.prompts[0] if isinstance(prompts, PromptSchedule) else prompts
+    if first.shape[0] not in (1, batch):
+        raise ValueError(f"conditioning batch {first.shape[0]} does not match the latent batch {batch}")
     frames_per_block = frames_per_block or model.frames_per_block
+    if isinstance(prompts, PromptSchedule):
+        if any(p.shape[0] != first.shape[0] for p in prompts.prompts):
+            raise ValueError("the prompts of the schedule have different batch sizes")
+        # the pipeline checks this too; here the errors can name the prompts' text
+        texts = [entry[1].get(SCHEDULE_TEXT_KEY) or f"prompt {i + 1}" for i, entry in enumerate(conditioning)]
+        PromptSchedule([PromptRange(r.start, r.end, str(text)) for r, text in zip(prompts.ranges, texts)]) \
+            .latent_switches(length, frames_per_block, 0 if context is None else context.shape[2], VAE_TEMPORAL)
     denoising, first_block = TIMESTEP_PRESETS[timesteps]
 
     runtime.check_interrupted(should_stop)
@@ -140,35 +258,54 @@ def generate_latents(
     # ComfyUI runs nodes under torch.inference_mode(); the KV cache tracks its prompt through the tensor version
     # counter, which inference tensors lack: the rollout runs as plain no-grad code on plain tensors
     with torch.inference_mode(False), torch.no_grad():
-        return _rollout(model, embeds, seed, batch, num_frames, height, width, frames_per_block, denoising,
-                        first_block, device, on_progress, should_stop)
+        prompts = _fit_prompts(prompts, model.text_length)
+        if context is not None:
+            context = to_normalised(context.clone(), model.latents_mean, model.latents_std)
+        pipe = OneForcingPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
+                                  scheduler=model.scheduler)
+        pipe.set_progress_bar_config(disable=True)  # ComfyUI shows its own progress bar
+        stream = pipe.stream(
+            **({"prompt_schedule": prompts} if isinstance(prompts, PromptSchedule) else {"prompt_embeds": prompts}),
+            num_frames=length, height=height, width=width, frames_per_block=frames_per_block,
+            denoising_timesteps=denoising, first_block_timesteps=first_block,
+            num_videos_per_prompt=batch // first.shape[0], generator=torch.Generator("cpu").manual_seed(int(seed)),
+            output_type="latent", context_latents=context,
+            window_frames=window_frames or None, sink_frames=sink_frames if window_frames else None,
+            keep_sink_on_switch=keep_sink_on_switch,
+        )
+        return _collect(model, stream, batch, num_frames, height, width, frames_per_block,
+                        0 if context is None else context.shape[2], device, on_progress, should_stop)
 
 
-def _rollout(model, embeds, seed, batch, num_frames, height, width, frames_per_block, denoising, first_block, device,
+def _fit_prompts(prompts, text_length: int):
+    """Embeddings (or a schedule's) as plain float32 tensors of the model's prompt length."""
+    if isinstance(prompts, PromptSchedule):
+        return PromptSchedule([PromptRange(r.start, r.end, fit_text_length(r.prompt.clone(), text_length))
+                               for r in prompts.ranges])
+    return fit_text_length(prompts.clone(), text_length)
+
+
+def _collect(model, stream, batch, num_frames, height, width, frames_per_block, context_frames, device,
              on_progress, should_stop) -> dict:
-    transformer = model.transformer
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    shape = (batch, transformer.config.in_channels, num_frames, height // VAE_SPATIAL, width // VAE_SPATIAL)
-    noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-    prompt_embeds = fit_text_length(embeds, model.text_length).to(device).expand(batch, -1, -1).clone()
+    """Run the pipeline's block stream into a raw-space LATENT, with progress, previews and cancel per block."""
+    shape = (batch, model.transformer.config.in_channels, num_frames, height // VAE_SPATIAL, width // VAE_SPATIAL)
     out = torch.zeros(shape, dtype=torch.float32, device=runtime.intermediate_device())
-    sizes = block_sizes(num_frames, frames_per_block)
-    progress = runtime.Progress(len(sizes), on_progress)
+    blocks = len(block_sizes(num_frames - context_frames, frames_per_block)) if num_frames > context_frames else 0
+    progress = runtime.Progress(blocks, on_progress)
     preview = runtime.latent_previewer(device)
-    rollout = causal_rollout(
-        transformer, model.scheduler, noise, prompt_embeds, frames_per_block=frames_per_block,
-        denoising_timesteps=denoising, first_block_timesteps=first_block, generator=generator,
-    )
-    start = 0
+    start, done = 0, 0
     try:
-        for index in range(len(sizes)):
-            runtime.check_interrupted(should_stop)  # cancel between blocks; the finally frees the cache
-            block = next(rollout)
-            out[:, :, start : start + sizes[index]] = block.latents.float().to(out.device)
-            start += sizes[index]
-            progress.update(index + 1, preview(block.latents) if preview is not None else None)
+        runtime.check_interrupted(should_stop)
+        for latents in stream:  # the context's latents first (if any), then one item per generated block
+            out[:, :, start : start + latents.shape[2]] = latents.float().to(out.device)
+            start += latents.shape[2]
+            if start > context_frames:
+                done += 1
+                progress.update(done, preview(latents) if preview is not None else None)
+            if start < num_frames:
+                runtime.check_interrupted(should_stop)  # cancel between blocks; closing the stream frees the cache
     finally:
-        rollout.close()  # drops the generator's KV cache
-        del rollout, noise
+        stream.close()
+        del stream
         runtime.free_cache()
     return {"samples": to_raw(out, model.latents_mean, model.latents_std)}

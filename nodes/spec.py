@@ -112,6 +112,10 @@ def validate_spec(spec: NodeSpec) -> None:
         param = params.get(item.id)
         if param is not None and item.optional and param.default is inspect.Parameter.empty:
             problems.append(f"optional input {item.id!r} needs a default in {spec.function.__name__}")
+        elif param is not None and item.optional and item.is_widget and param.default != item.default:
+            # an API prompt may leave an optional widget out: the function's default must be the declared one
+            problems.append(f"optional input {item.id!r}: default {item.default!r} but {spec.function.__name__} "
+                            f"defaults to {param.default!r}")
     if problems:
         raise ValueError(f"{spec.node_id}: " + "; ".join(problems))
 

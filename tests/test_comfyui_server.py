@@ -2,11 +2,15 @@
 
 ``COMFYUI_PYTHON`` is the interpreter with ComfyUI's requirements (default: this one). The test builds a base
 directory (``--base-directory``) with this repository symlinked into ``custom_nodes/`` and tiny models in
-``models/``, starts ``main.py --cpu``, checks ``/object_info``, POSTs every API workflow, waits for ``/history`` and
-checks the saved videos. ComfyUI's ``CLIPLoader`` always builds the full UMT5-XXL (5.7 B parameters), which no tiny
-file can stand in for: unless ``COMFYUI_UMT5`` names a real ``umt5_xxl`` file in ``COMFYUI_ROOT/models/text_encoders``
-the native workflow's CLIPLoader + CLIPTextEncode pair is replaced by this package's text encoder (fed a tiny
-4096-wide UMT5), and that is printed. Set ``COMFYUI_SERVER_REPORT`` to a file to get the timings as JSON.
+``models/``, starts ``main.py --cpu``, checks ``/object_info``, POSTs every API workflow in ``workflows/api/``,
+waits for ``/history`` and checks the saved videos (frame count and size as the rollout node asks). The bundled demo
+is a tiny stand-in pipeline unless ``COMFYUI_BUNDLED_DEMO=1`` lets the workflows use the real one in
+``models/oneforcing-demo`` (then the image-to-video video must also start with its start image); that workflow's
+``example.png`` is a frame of the demo model's synthetic world. ComfyUI's ``CLIPLoader`` always builds the full
+UMT5-XXL (5.7 B parameters), which no tiny file can stand in for: unless ``COMFYUI_UMT5`` names a real ``umt5_xxl``
+file in ``COMFYUI_ROOT/models/text_encoders`` the native workflow's CLIPLoader + CLIPTextEncode pair is replaced by
+this package's text encoder (fed a tiny 4096-wide UMT5), and that is printed. The timings are printed (``-s``) and,
+with ``COMFYUI_SERVER_REPORT`` set to a file, written there as JSON.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from oneforcing.pipelines.loading import export_reference_checkpoint
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout to run")
 REPO = Path(__file__).resolve().parent.parent
-CORE = json.loads((Path(__file__).parent / "fixtures" / "comfyui_core_object_info.json").read_text())
+CORE = {k: v for path in sorted((Path(__file__).parent / "fixtures").glob("comfyui_core_object_info*.json"))
+        for k, v in json.loads(path.read_text()).items()}
+API_FILES = sorted((REPO / "workflows" / "api").glob("*.json"))
+REAL_DEMO = os.environ.get("COMFYUI_BUNDLED_DEMO") == "1"
 
 # ComfyUI's own Wan2.1 VAE class with its fixed config, randomly initialised (VAELoader accepts no smaller one)
 WAN_VAE_SCRIPT = """
@@ -58,6 +65,21 @@ save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, sys
 """
 
 
+def _start_image():
+    """The first frame of a demo-world scene (what the demo model was trained on): uint8 RGB [128, 128, 3]."""
+    from oneforcing.training.world import render_clip
+
+    video, _, _ = render_clip(0, "train", num_frames=1, height=128, width=128)  # [3, 1, H, W] in -1..1
+    return ((video[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+def _write_start_image(path: Path) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), _start_image()[:, :, ::-1])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -69,7 +91,11 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(base / "server.log", "w")
-        env = {**os.environ, "ONEFORCING_DEMO_DIR": str(base / "oneforcing-demo")}
+        env = dict(os.environ)
+        if REAL_DEMO:
+            env.pop("ONEFORCING_DEMO_DIR", None)  # the repository's models/oneforcing-demo
+        else:
+            env["ONEFORCING_DEMO_DIR"] = str(base / "oneforcing-demo")
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
              str(base), "--database-url", "sqlite:///:memory:"],
@@ -143,11 +169,14 @@ def server(tmp_path_factory):
         comfy_umt5_file(models / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", d_model=4096)
     subprocess.run([python, "-c", WAN_VAE_SCRIPT, str(models / "vae" / "wan_2.1_vae.safetensors")],
                    cwd=COMFYUI_ROOT, check=True, capture_output=True)
+    _write_start_image(base / "input" / "example.png")
     instance = Server(base, python)
     instance.base = base
-    instance.report = {"startup_s": round(instance.startup_s, 1), "workflows": {}}
+    instance.report = {"startup_s": round(instance.startup_s, 1), "bundled_demo": "real" if REAL_DEMO else "tiny",
+                       "workflows": {}}
     yield instance
     instance.stop()
+    print("\nComfyUI server report:", json.dumps(instance.report, indent=1))
     if os.environ.get("COMFYUI_SERVER_REPORT"):
         Path(os.environ["COMFYUI_SERVER_REPORT"]).write_text(json.dumps(instance.report, indent=1))
     shutil.rmtree(base / "output", ignore_errors=True)
@@ -172,6 +201,7 @@ def test_object_info_lists_the_nodes_as_declared(server):
                     else:
                         assert live_options[option] == value, (spec.node_id, name, option)
     assert "tiny_oneforcing.pt" in info["OneForcingModelLoader"]["input"]["required"]["model_name"][1]["options"]
+    assert "example.png" in info["LoadImage"]["input"]["required"]["image"][0]
     server.report["nodes_listed"] = [s.node_id for s in NODE_SPECS if s.node_id in info]
     # the recorded core-node fixture the CI workflow checks rely on still matches this ComfyUI
     for name, recorded in CORE.items():
@@ -182,6 +212,8 @@ def test_object_info_lists_the_nodes_as_declared(server):
             for key, entry in entries.items():
                 if not isinstance(entry[0], dict):
                     assert info[name]["input"][section][key] == entry, (name, key)
+                else:  # a file combo: its options match
+                    assert info[name]["input"][section][key][1:] == entry[1:], (name, key)
 
 
 def _saved_video(server, entry: dict, node_id: str) -> Path:
@@ -192,34 +224,62 @@ def _saved_video(server, entry: dict, node_id: str) -> Path:
     return path
 
 
-def _frames(path: Path) -> tuple[int, int, int]:
+def _frames(path: Path, keep: tuple[int, ...] = ()) -> tuple[int, int, int] | tuple[int, int, int, list]:
+    """(frame count, height, width) of a video; with ``keep``, also those frames (RGB uint8)."""
     import cv2
 
     capture = cv2.VideoCapture(str(path))
-    count, size = 0, None
+    count, size, kept = 0, None, []
     while True:
         ok, frame = capture.read()
         if not ok:
             break
+        if count in keep:
+            kept.append(frame[:, :, ::-1])
         count, size = count + 1, frame.shape[:2]
     capture.release()
-    return count, *size
+    return (count, *size, kept) if keep else (count, *size)
 
 
 def _node(prompt: dict, class_type: str) -> tuple[str, dict]:
     return next((k, n) for k, n in prompt.items() if n["class_type"] == class_type)
 
 
-def test_bundled_demo_workflow_runs_as_shipped(server):
-    prompt = json.loads((REPO / "workflows/api/oneforcing_t2v.json").read_text())
+def _expected_video(prompt: dict) -> tuple[int, int, int]:
+    """(frames, height, width) the rollout node of ``prompt`` makes: its context sets the size when connected."""
+    _, rollout = _node(prompt, "OneForcingRollout")
+    inputs = rollout["inputs"]
+    width, height = inputs["width"], inputs["height"]
+    if "context_latent" in inputs:
+        encoder = prompt[inputs["context_latent"][0]]["inputs"]
+        width, height = encoder["width"], encoder["height"]
+    return inputs["length"], height, width
+
+
+NATIVE = "oneforcing_t2v_native_wan.json"  # needs real UMT5/VAE sizes: run small in test_native_wan_workflow_runs
+
+
+@pytest.mark.parametrize("path", [p for p in API_FILES if p.name != NATIVE], ids=lambda p: p.name)
+def test_api_workflow_runs_as_shipped(server, path):
+    prompt = json.loads(path.read_text())
     entry, seconds = server.run(prompt)
     save_id, _ = _node(prompt, "SaveVideo")
-    assert _frames(_saved_video(server, entry, save_id)) == (81, 128, 128)
-    server.report["workflows"]["oneforcing_t2v (as shipped: 128x128, 81 frames)"] = round(seconds, 1)
+    frames = _frames(_saved_video(server, entry, save_id), keep=(0, 80))
+    assert frames[:3] == _expected_video(prompt)
+    if path.stem == "oneforcing_i2v" and REAL_DEMO:  # the tiny stand-in VAE cannot reconstruct an image
+        import numpy as np
+
+        start = _start_image().astype(float)
+        first, last = (np.abs(f.astype(float) - start).mean() for f in frames[3])
+        server.report["i2v mean |frame - start image| (0..255): first, last"] = [round(first, 1), round(last, 1)]
+        assert first < 12 and first < last / 2, (first, last)
+    server.report["workflows"][f"{path.stem} (as shipped: {frames[2]}x{frames[1]}, {frames[0]} frames)"] = \
+        round(seconds, 1)
 
 
 def test_native_wan_workflow_runs(server):
-    prompt = json.loads((REPO / "workflows/api/oneforcing_t2v_native_wan.json").read_text())
+    assert REPO / "workflows" / "api" / NATIVE in API_FILES  # with the parametrized test: every API workflow runs
+    prompt = json.loads((REPO / "workflows" / "api" / NATIVE).read_text())
     rollout_id, rollout = _node(prompt, "OneForcingRollout")
     rollout["inputs"].update(width=64, height=48, length=9)  # the full-size Wan VAE on 2 CPU cores: keep it small
     label = "oneforcing_t2v_native_wan (64x48, 9 frames"

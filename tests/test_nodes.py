@@ -108,15 +108,17 @@ def roots(model_tree, monkeypatch):
 # -- declarations --------------------------------------------------------------------------------------------------
 def test_every_declaration_is_valid_and_distinct_from_comfyui_native_nodes():
     ids = [spec.node_id for spec in NODE_SPECS]
-    assert ids == ["OneForcingModelLoader", "OneForcingTextEncode", "OneForcingRollout", "OneForcingDecode"]
+    assert ids == ["OneForcingModelLoader", "OneForcingTextEncode", "OneForcingPromptSchedule", "OneForcingRollout",
+                   "OneForcingEncode", "OneForcingDecode"]
     for spec in NODE_SPECS:
         validate_spec(spec)
     names = {spec.display_name for spec in NODE_SPECS}
-    assert len(names) == 4 and not names & {"LoadARVideoModel", "EmptyARVideoLatent", "Load AR Video Model"}
+    assert len(names) == 6 and not names & {"LoadARVideoModel", "EmptyARVideoLatent", "Load AR Video Model"}
     info = object_info(definitions.ROLLOUT)
+    # new inputs are optional and come last: workflows saved before them still load and validate
     assert info["input_order"] == {
         "required": ["model", "conditioning", "seed", "width", "height", "length", "frames_per_block", "timesteps"],
-        "optional": ["initial_latent"],
+        "optional": ["initial_latent", "context_latent", "window_frames", "sink_frames", "keep_sink_on_switch"],
     }
     assert info["output"] == ["LATENT"]
     assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
@@ -146,6 +148,9 @@ def _spec(**overrides):
     ({"inputs": (InputSpec("x", "INT", "", default=1, min=0, max=4), InputSpec("name", "STRING", "t", default=""))},
      "needs a tooltip"),
     ({"outputs": (OutputSpec("WHATEVER", "w"),)}, "unknown type"),
+    ({"inputs": (InputSpec("x", "INT", "t", default=1, min=0, max=4),
+                 InputSpec("name", "COMBO", "t", default="b", options=("a", "b"), optional=True)),
+      "function": lambda x, name="a": (x,)}, "default 'b' but"),
 ])
 def test_validate_spec_reports_problems(overrides, problem):
     if problem is None:
@@ -319,3 +324,156 @@ def test_conditioning_is_fitted_to_the_length_the_model_was_trained_with():
     torch.testing.assert_close(fit_text_length(long, 16), short, rtol=1e-5, atol=1e-6)
     padded = fit_text_length(short[:, :5], 16)
     assert padded.shape == short.shape and padded[:, 5:].abs().max() == 0
+
+
+# -- prompt schedule -----------------------------------------------------------------------------------------------
+SCHEDULE = "0: a red circle moves left\n\n# the switch lands on the next block start\n13: a cat on the beach\n"
+
+
+def test_prompt_schedule_node_encodes_each_range_and_marks_its_frames(roots):
+    from oneforcing.nodes.sampling import SCHEDULE_KEY
+
+    (cond,) = definitions.prompt_schedule(DEMO, SCHEDULE, "default")
+    assert [entry[1][SCHEDULE_KEY] for entry in cond] == [(0, 13), (13, None)]
+    for entry, text in zip(cond, ("a red circle moves left", "a cat on the beach")):
+        (single,) = definitions.text_encode(DEMO, text, "default")
+        torch.testing.assert_close(entry[0], single[0][0])
+    (whole,) = definitions.prompt_schedule(DEMO, "a corgi surfing", "default")  # one line, no frame: whole video
+    assert len(whole) == 1 and whole[0][1][SCHEDULE_KEY] == (0, None)
+    (ranged,) = definitions.prompt_schedule(DEMO, "0-8: a cat\n8-33: a corgi", "default")
+    assert [e[1][SCHEDULE_KEY] for e in ranged] == [(0, 8), (8, 33)]
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ("", "the prompt schedule is empty"),
+    ("10: a cat", "gap: frames 0..9 have no prompt"),
+    ("0-20: a cat\n30: a corgi", "gap: frames 20..29 have no prompt"),
+    ("0-40: a cat\n30: a corgi", "prompt ranges overlap"),
+    ("40: a corgi\n0: a cat", "line 2 starts at frame 0, not after line 1 .frame 40.: list the prompts in frame order"),
+    ("0: a cat\n0: a corgi", "line 2 starts at frame 0, not after line 1"),
+    ("0: a cat\na corgi", "line 2 .'a corgi'.: each line needs its first video frame"),
+    ("0: a cat\n40:   ", "the prompt starting at frame 40 is empty"),
+])
+def test_bad_prompt_schedules_give_clear_errors(schedule, message):
+    from oneforcing.nodes.sampling import parse_schedule_text
+
+    with pytest.raises(ValueError, match=message):
+        parse_schedule_text(schedule)
+
+
+def test_rollout_with_a_prompt_schedule_equals_the_pipeline(roots):
+    model, = definitions.model_loader(DEMO, "default", "model default", "auto")  # chunk-wise: 3 latent frames
+    cond, = definitions.prompt_schedule(DEMO, SCHEDULE, "default")
+    latent, = definitions.rollout(model, cond, 5, 16, 16, 33, 0, "one step")
+    first, second = cond[0][0][0], cond[1][0][0]
+    expected = roots["demo"](prompt_schedule={0: first[None], 13: second[None]}, num_frames=33, height=16, width=16,
+                             generator=torch.Generator().manual_seed(5), output_type="latent").frames
+    normalised = to_normalised(latent["samples"], model.latents_mean, model.latents_std)
+    torch.testing.assert_close(normalised, expected, atol=1e-5, rtol=1e-5)
+    # frame 13 rounds up to the block at latent frame 6 (video frame 21): blocks before it are the first prompt's
+    single, = definitions.rollout(model, [[cond[0][0], {}]], 5, 16, 16, 33, 0, "one step")
+    torch.testing.assert_close(latent["samples"][:, :, :6], single["samples"][:, :, :6])
+    assert not torch.allclose(latent["samples"][:, :, 6:], single["samples"][:, :, 6:])
+
+
+@pytest.mark.parametrize("schedule, length, message", [
+    ("0: a cat\n40: a corgi", 33, r"prompt switch at frame 40 .'a corgi'. is past the end of the video .frames 0..32."),
+    ("0: a cat\n30: a corgi", 33, "frame 30 .'a corgi'. rounds up to the block starting at video frame 33, past"),
+    ("0: a cat\n13: a corgi\n17: a wave", 33, "both land on the block starting at video frame 21"),
+])
+def test_rollout_rejects_schedules_that_do_not_fit_the_video(roots, schedule, length, message):
+    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    cond, = definitions.prompt_schedule(DEMO, schedule, "default")
+    with pytest.raises(ValueError, match=message):
+        definitions.rollout(model, cond, 0, 16, 16, length, 0, "one step")
+
+
+def test_rollout_refuses_a_schedule_mixed_with_plain_conditioning(roots):
+    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    cond, = definitions.prompt_schedule(DEMO, SCHEDULE, "default")
+    with pytest.raises(ValueError, match="mixes prompt-schedule entries with plain ones"):
+        definitions.rollout(model, cond + [[torch.zeros(1, 512, 32), {}]], 0, 16, 16, 33, 0, "one step")
+
+
+# -- start image / context and the rolling cache -------------------------------------------------------------------
+def _start_image(height: int = 24, width: int = 20) -> torch.Tensor:
+    """A ComfyUI IMAGE [1, H, W, 3] in 0..1 (not the video's size: the encoder resizes it)."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.rand(1, height, width, 3, generator=generator)
+
+
+def test_image_to_video_equals_the_pipeline_and_starts_with_the_image(roots):
+    pipe = roots["demo"]
+    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    cond, = definitions.text_encode(DEMO, "a red circle moves left", "default")
+    image = _start_image()
+    context, = definitions.encode(image, DEMO, 16, 16)
+    assert context["samples"].shape == (1, 16, 1, 2, 2)
+    latent, = definitions.rollout(model, cond, 2, 832, 480, 17, 0, "one step", None, context)  # size from context
+    samples = latent["samples"]
+    assert samples.shape == (1, 16, 5, 2, 2)
+    torch.testing.assert_close(samples[:, :, :1], context["samples"], atol=1e-5, rtol=1e-5)
+    expected = pipe(prompt_embeds=cond[0][0], image=image[0].permute(2, 0, 1), num_frames=17, height=16, width=16,
+                    generator=torch.Generator().manual_seed(2), output_type="latent").frames
+    normalised = to_normalised(samples, model.latents_mean, model.latents_std)
+    torch.testing.assert_close(normalised, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_video_extension_continues_a_clip_with_a_rolling_cache(roots):
+    pipe = roots["demo"]
+    model, = definitions.model_loader(DEMO, "default", "1 (frame-wise)", "auto")
+    cond, = definitions.text_encode(DEMO, "a corgi surfing", "default")
+    clip = torch.rand(5, 16, 16, 3, generator=torch.Generator().manual_seed(4))  # 5 frames = 2 latent frames
+    context, = definitions.encode(clip, DEMO, 16, 16)
+    assert context["samples"].shape == (1, 16, 2, 2, 2)
+    latent, = definitions.rollout(model, cond, 9, 16, 16, 33, 0, "one step", None, context, 3, 2, False)
+    expected = pipe(prompt_embeds=cond[0][0], context_latents=to_normalised(context["samples"], model.latents_mean,
+                                                                             model.latents_std),
+                    num_frames=33, height=16, width=16, frames_per_block=1, window_frames=3, sink_frames=2,
+                    generator=torch.Generator().manual_seed(9), output_type="latent").frames
+    normalised = to_normalised(latent["samples"], model.latents_mean, model.latents_std)
+    torch.testing.assert_close(normalised, expected, atol=1e-5, rtol=1e-5)
+    full, = definitions.rollout(model, cond, 9, 16, 16, 33, 0, "one step", None, context)
+    # sink 2 + window 3 (the block being made included): frame 5 is the first made after frame 2 was evicted
+    torch.testing.assert_close(full["samples"][:, :, :5], latent["samples"][:, :, :5], atol=1e-5, rtol=1e-5)
+    assert (full["samples"][:, :, 5:] - latent["samples"][:, :, 5:]).abs().amax() > 1e-3
+
+
+def test_rolling_cache_with_a_schedule_and_kept_sink_reports_every_block(roots):
+    """Window + sink + a prompt switch that keeps the sink: the settings reach the pipeline (which the equality tests
+    above check) and every generated block reports progress."""
+    model, = definitions.model_loader(DEMO, "default", "1 (frame-wise)", "auto")
+    cond, = definitions.prompt_schedule(DEMO, "0: a cat\n20: a corgi surfing", "default")
+    done = []
+    latent = generate_latents(model, cond, 1, 16, 16, 41, 0, "one step", window_frames=4, sink_frames=1,
+                              keep_sink_on_switch=True, on_progress=lambda d, t: done.append((d, t)))
+    assert latent["samples"].shape == (1, 16, 11, 2, 2) and torch.isfinite(latent["samples"]).all()
+    assert done == [(d, 11) for d in range(1, 12)]
+    recomputed = generate_latents(model, cond, 1, 16, 16, 41, 0, "one step", window_frames=4, sink_frames=1)
+    torch.testing.assert_close(recomputed["samples"][:, :, :6], latent["samples"][:, :, :6])  # before the switch
+    assert not torch.allclose(recomputed["samples"][:, :, 6:], latent["samples"][:, :, 6:])  # the sink differs
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(context_latent={"samples": torch.zeros(1, 4, 1, 2, 2)}), "context_latent has 4 channels"),
+    (dict(context_latent={"samples": torch.zeros(1, 16, 5, 2, 2)}), "leaves nothing to generate after the context"),
+    (dict(context_latent={"samples": torch.zeros(1, 16, 1, 3, 2)}), "context_latent is 16x24 pixels; the model "
+     "makes videos whose width and height are multiples of 16"),
+    (dict(window_frames=2), r"window_frames=2 must hold a whole block \(3 latent frames\)"),
+    (dict(window_frames=-1), "window_frames and sink_frames must be >= 0"),
+])
+def test_rollout_rejects_bad_context_and_cache_settings(roots, kwargs, message):
+    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    cond = [[torch.zeros(1, 512, 32), {}]]
+    with pytest.raises(ValueError, match=message):
+        definitions.rollout(model, cond, 0, 16, 16, 17, 0, "one step", **kwargs)
+
+
+@pytest.mark.parametrize("images, width, message", [
+    (torch.rand(3, 16, 16, 3), 16, "images holds 3 frames; the Wan VAE encodes 1 \\+ 4k frames .*use 1 or 5 frames"),
+    (torch.rand(16, 16, 3), 16, "images must be a ComfyUI IMAGE"),
+    (torch.rand(1, 16, 16, 3), 12, "width must be a positive multiple of 8, got 12"),
+])
+def test_encoder_rejects_bad_images(roots, images, width, message):
+    with pytest.raises(ValueError, match=message):
+        definitions.encode(images, DEMO, width, 16)

@@ -1,7 +1,7 @@
 """The shipped workflows (``workflows/*.json`` UI format, ``workflows/api/*.json`` API format), checked without ComfyUI.
 
 Node definitions come from this package's declarations and, for ComfyUI's core nodes, from
-``fixtures/comfyui_core_object_info.json`` (recorded from a real server; test_comfyui_server.py re-checks it).
+``fixtures/comfyui_core_object_info*.json`` (recorded from a real server; test_comfyui_server.py re-checks them).
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from oneforcing.nodes.folders import MODEL_KINDS, check_model_name
 REPO = Path(__file__).resolve().parent.parent
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
 API_FILES = sorted((REPO / "workflows" / "api").glob("*.json"))
-CORE = json.loads((Path(__file__).parent / "fixtures" / "comfyui_core_object_info.json").read_text())
+CORE_FILES = sorted((Path(__file__).parent / "fixtures").glob("comfyui_core_object_info*.json"))
+CORE = {k: v for path in CORE_FILES for k, v in json.loads(path.read_text()).items()}
 OURS = {spec.node_id: spec for spec in NODE_SPECS}
 MODEL_COMBOS = {("OneForcingModelLoader", "model_name"): "diffusion_models",
                 ("OneForcingTextEncode", "text_encoder_name"): "text_encoders",
+                ("OneForcingPromptSchedule", "text_encoder_name"): "text_encoders",
+                ("OneForcingEncode", "vae_name"): "vae",
                 ("OneForcingDecode", "vae_name"): "vae"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 OUTPUT_NODES = {name for name, info in CORE.items() if isinstance(info, dict) and info.get("output_node")}
@@ -51,9 +54,21 @@ def is_widget(entry) -> bool:
     return isinstance(kind, (list, dict)) or kind in WIDGET_TYPES
 
 
+def extra_ui_values(entry) -> int:
+    """UI-only widget values after this widget: the seed's control_after_generate, an image combo's upload button."""
+    options = entry[1] if len(entry) > 1 else {}
+    return int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
+
+
 def value_problem(node_type: str, name: str, entry, value) -> str | None:
     """Why ``value`` is not acceptable for the widget ``entry``, or None."""
     kind, options = entry[0], (entry[1] if len(entry) > 1 else {})
+    if isinstance(kind, dict) and "input_folder" in kind:  # a file in ComfyUI's input/: any well-formed name there
+        try:
+            check_model_name("vae", value)
+        except ValueError as err:
+            return str(err).replace("vae model", "input file")
+        return None
     folder = kind.get("model_folder") if isinstance(kind, dict) else MODEL_COMBOS.get((node_type, name))
     if folder is not None:  # a model file name: any well-formed name inside the folder
         try:
@@ -116,6 +131,8 @@ def check_ui(workflow: dict) -> list[str]:
                 if len(entry) > 1 and entry[1].get("control_after_generate"):
                     expected.append((name + ":control", ["COMBO", {"options": ["fixed", "increment", "decrement",
                                                                                 "randomize"]}]))
+                if len(entry) > 1 and entry[1].get("image_upload"):
+                    expected.append((name + ":upload", ["COMBO", {"options": ["image"]}]))
         values = node["widgets_values"]
         if len(values) != len(expected):
             problems.append(f"{label}: {len(values)} widget values for widgets {[n for n, _ in expected]}")
@@ -173,12 +190,13 @@ def check_api(prompt: dict) -> list[str]:
 
 def test_workflows_come_in_both_formats():
     assert {p.name for p in UI_FILES} == {p.name for p in API_FILES}
-    assert {"oneforcing_t2v.json", "oneforcing_t2v_native_wan.json"} <= {p.name for p in UI_FILES}
+    assert {"oneforcing_t2v.json", "oneforcing_t2v_native_wan.json", "oneforcing_long_video.json",
+            "oneforcing_i2v.json"} <= {p.name for p in UI_FILES}
     native = json.loads((REPO / "workflows/api/oneforcing_t2v_native_wan.json").read_text())
     assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "VAEDecode", "SaveVideo"} <= {
         n["class_type"] for n in native.values()}
-    ours = json.loads((REPO / "workflows/api/oneforcing_t2v.json").read_text())
-    assert set(OURS) <= {n["class_type"] for n in ours.values()}
+    used = {n["class_type"] for path in API_FILES for n in json.loads(path.read_text()).values()}
+    assert set(OURS) <= used  # every node of the package appears in some shipped workflow
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
@@ -202,7 +220,7 @@ def test_api_workflow_is_valid_and_matches_the_ui_file(path):
         for name, entry, _ in inputs_of(node_info(node["type"])):
             if is_widget(entry):
                 values.append((name, next(seeds)))
-                if len(entry) > 1 and entry[1].get("control_after_generate"):
+                for _ in range(extra_ui_values(entry)):
                     next(seeds)
         assert dict(values) == {n: api_inputs[n] for n in widgets}, node["type"]
         for socket in node["inputs"]:
@@ -227,11 +245,18 @@ def test_the_checks_catch_broken_workflows():
     ui["nodes"][0]["widgets_values"].pop()
     problems = "\n".join(check_ui(ui))
     assert "widget values for widgets" in problems and "does not exist on its nodes" in problems
+    i2v = json.loads((REPO / "workflows/api/oneforcing_i2v.json").read_text())
+    next(n for n in i2v.values() if n["class_type"] == "LoadImage")["inputs"]["image"] = "../secret.png"
+    assert "input file '../secret.png': '..' is not allowed" in "\n".join(check_api(i2v))
+    i2v_ui = json.loads((REPO / "workflows/oneforcing_i2v.json").read_text())
+    next(n for n in i2v_ui["nodes"] if n["type"] == "LoadImage")["widgets_values"] = ["example.png"]  # no upload value
+    assert "1 widget values for widgets ['image', 'image:upload']" in "\n".join(check_ui(i2v_ui))
 
 
-def run_prompt(prompt: dict, overrides: dict | None = None) -> dict:
+def run_prompt(prompt: dict, overrides: dict | None = None, core_outputs: dict | None = None) -> dict:
     """Execute an API prompt through this package's node functions (ComfyUI's own nodes are not available here:
-    their inputs are returned instead of run). Returns {node id: outputs tuple}."""
+    their outputs are taken from ``core_outputs`` {class_type: outputs tuple}, else their inputs are returned
+    instead). Returns {node id: outputs tuple}."""
     results, pending = {}, dict(prompt)
     while pending:
         ready = [k for k, n in pending.items()
@@ -244,6 +269,8 @@ def run_prompt(prompt: dict, overrides: dict | None = None) -> dict:
             kwargs.update((overrides or {}).get(node["class_type"], {}))
             if node["class_type"] in OURS:
                 results[key] = OURS[node["class_type"]].function(**kwargs)
+            elif node["class_type"] in (core_outputs or {}):
+                results[key] = core_outputs[node["class_type"]]
             else:
                 results[key] = ("not run", kwargs)
     return results
@@ -263,3 +290,50 @@ def test_api_workflow_runs_through_the_nodes_with_tiny_models(roots):
     assert torch.isfinite(images).all() and 0 <= images.min() and images.max() <= 1
     # the frames reach the video node unchanged
     assert by_type["CreateVideo"][1]["images"] is images
+
+
+def _by_type(prompt: dict, class_type: str) -> dict:
+    return next(n for n in prompt.values() if n["class_type"] == class_type)["inputs"]
+
+
+def test_long_video_workflow_runs_past_the_trained_length_with_a_schedule(roots):
+    prompt = json.loads((REPO / "workflows/api/oneforcing_long_video.json").read_text())
+    rollout = _by_type(prompt, "OneForcingRollout")
+    # the demo model is trained on 81 frames = 21 latent frames: the window + sink hold that many, the video is longer
+    assert (rollout["width"], rollout["height"], rollout["length"]) == (128, 128, 161)
+    assert rollout["window_frames"] + rollout["sink_frames"] == 21 and rollout["length"] > 81
+    from oneforcing.nodes.sampling import parse_schedule_text
+
+    schedule = parse_schedule_text(_by_type(prompt, "OneForcingPromptSchedule")["schedule"])
+    assert [r.start for r in schedule.ranges] == [0, 80]
+    results = run_prompt(prompt, {"OneForcingRollout": {"width": 16, "height": 16}})  # shipped length, tiny frames
+    by_type = {prompt[k]["class_type"]: v for k, v in results.items()}
+    assert by_type["OneForcingRollout"][0]["samples"].shape == (1, 16, 41, 2, 2)
+    images = by_type["OneForcingDecode"][0]
+    assert images.shape == (161, 16, 16, 3) and torch.isfinite(images).all()
+    assert by_type["CreateVideo"][1]["images"] is images
+
+
+def test_long_video_workflow_with_a_bad_schedule_fails_clearly(roots):
+    prompt = json.loads((REPO / "workflows/api/oneforcing_long_video.json").read_text())
+    _by_type(prompt, "OneForcingPromptSchedule")["schedule"] = "0: a cat\n200: a corgi"
+    with pytest.raises(ValueError, match=r"prompt switch at frame 200 .'a corgi'. is past the end of the video"):
+        run_prompt(prompt, {"OneForcingRollout": {"width": 16, "height": 16}})
+
+
+def test_image_to_video_workflow_runs_and_starts_from_the_image(roots):
+    prompt = json.loads((REPO / "workflows/api/oneforcing_i2v.json").read_text())
+    assert _by_type(prompt, "LoadImage")["image"] == "example.png"  # ComfyUI ships input/example.png
+    encode = _by_type(prompt, "OneForcingEncode")
+    rollout = _by_type(prompt, "OneForcingRollout")
+    assert (encode["width"], encode["height"]) == (rollout["width"], rollout["height"]) == (128, 128)
+    image = torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(0))  # what LoadImage hands on
+    results = run_prompt(prompt, {"OneForcingEncode": {"width": 16, "height": 16},
+                                  "OneForcingRollout": {"length": 9}},
+                         core_outputs={"LoadImage": (image, torch.zeros(1, 40, 56))})
+    by_type = {prompt[k]["class_type"]: v for k, v in results.items()}
+    context = by_type["OneForcingEncode"][0]["samples"]
+    latent = by_type["OneForcingRollout"][0]["samples"]
+    assert context.shape == (1, 16, 1, 2, 2) and latent.shape == (1, 16, 3, 2, 2)
+    torch.testing.assert_close(latent[:, :, :1], context, atol=1e-5, rtol=1e-5)  # the video starts with the image
+    assert by_type["OneForcingDecode"][0].shape == (9, 16, 16, 3)
