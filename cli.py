@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--transformer", type=Path, default=None,
                      help="a causal transformer checkpoint replacing the folder's (one_forcing.pt, self_forcing_dmd.pt, "
                           "ComfyUI/original .safetensors, or a diffusers transformer folder)")
+    gen.add_argument("--tiny-vae", type=Path, default=None,
+                     help="decode with a tiny TAEHV VAE for fast previews: taew2_1.pth or taew2_1.safetensors from "
+                          "madebyollin/taehv (default: the full Wan VAE)")
     gen.add_argument("--num-frames", type=_frame_count, default=None,
                      help="video frames, 1 + 4k, a start image or clip included (default: the model's); 'endless' "
                           "streams until interrupted")
@@ -96,7 +99,21 @@ def _load_pipeline(args):
         else:
             extra["transformer"] = CausalWanTransformer3DModel.from_single_file(path, dtype=dtype)
     pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
+    if args.tiny_vae is not None:
+        pipe.set_preview_decoder(_load_tiny_vae(args.tiny_vae, dtype))
     return pipe.to(args.device)
+
+
+def _load_tiny_vae(path: Path, dtype: torch.dtype):
+    from .pipelines.loading import CheckpointError
+    from .pipelines.tiny_vae import TinyWanVAE
+
+    if not path.is_file():
+        raise SystemExit(f"error: --tiny-vae {path} is not a file")
+    try:
+        return TinyWanVAE.from_single_file(path, dtype=dtype)
+    except CheckpointError as error:
+        raise SystemExit(f"error: --tiny-vae {error}") from None
 
 
 

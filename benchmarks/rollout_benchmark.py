@@ -5,6 +5,7 @@ frames/s, time to the first decoded frame, peak GPU memory, and the transformer'
 GEMM and attention ceilings measured in the same run; plus diffusers' ``WanTransformer3DModel`` on the same chunk.
 
     python benchmarks/rollout_benchmark.py --json results.json
+    python benchmarks/rollout_benchmark.py --tiny-vae --json vae.json   # only: Wan VAE vs tiny TAEHV decode
 """
 
 from __future__ import annotations
@@ -143,6 +144,64 @@ def time_vae_variants(vae, latent_frames, h, w) -> dict:
     return out
 
 
+def wall_time(fn, device, warmup=1, repeat=3) -> float:
+    """Median seconds of ``fn()``: CUDA events on a GPU, the wall clock elsewhere."""
+    if torch.device(device).type == "cuda":
+        return cuda_time(fn, warmup, repeat)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def time_tiny_vae(latent_frames, h, w, device="cuda", dtype=torch.bfloat16, repeat=3) -> dict:
+    """Decode the same latents with the Wan2.1 VAE and a full-size tiny TAEHV VAE (both random weights): the Wan VAE
+    streamed in 3-frame blocks (what the pipeline does), the tiny one whole and streamed in 1- and 3-frame blocks."""
+    from diffusers import AutoencoderKLWan
+
+    from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
+    from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = AutoencoderKLWan().to(dtype).eval()
+        tiny = TinyWanVAE().to(dtype).eval()
+    latents = torch.randn(1, 16, latent_frames, h, w, device=device, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
+
+    def stream(decoder, size):
+        def run():
+            decoder.reset()
+            with torch.no_grad():
+                for s in range(0, latent_frames, size):
+                    decoder.decode_block(latents[:, :, s:s + size])
+        return run
+
+    runs = {
+        "wan_vae_stream3_s": stream(WanStreamingDecoder(vae), 3),
+        "tiny_vae_whole_s": lambda: tiny.decode(latents),
+        "tiny_vae_stream1_s": stream(TinyWanStreamingDecoder(tiny), 1),
+        "tiny_vae_stream3_s": stream(TinyWanStreamingDecoder(tiny), 3),
+    }
+    out = {"device": str(device), "dtype": str(dtype), "latents": list(latents.shape),
+           "frames": 1 + 4 * (latent_frames - 1)}
+    for mode in (False, True) if cuda else (False,):
+        torch.backends.cudnn.benchmark = mode
+        suffix = "/cudnn_benchmark" if mode else ""
+        for name, fn in runs.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            out[name + suffix] = round(wall_time(fn, device, 1, repeat), 4)
+            if cuda:
+                out[name[:-len("_s")] + "_peak_gb" + suffix] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    torch.backends.cudnn.benchmark = False
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
@@ -154,7 +213,18 @@ def main():
                         help="also time a variant with fused elementwise kernels (on by default on CUDA since then)")
     parser.add_argument("--unfused", action="store_true", help="also time separate clean-context passes")
     parser.add_argument("--vae-variants", action="store_true", help="time streaming VAE decode settings")
+    parser.add_argument("--tiny-vae", action="store_true",
+                        help="only time decoders: the Wan VAE vs a full-size tiny TAEHV VAE on the same latents")
+    parser.add_argument("--device", default="cuda", help="with --tiny-vae: where to decode (cpu works, slowly)")
     args = parser.parse_args()
+    if args.tiny_vae:
+        dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+        result = time_tiny_vae((args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, args.device, dtype)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        print(json.dumps(result, indent=1))
+        return
 
     from torch.nn.attention import SDPBackend
 

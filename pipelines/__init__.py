@@ -8,6 +8,7 @@ from .kv_cache import KVCache
 from .prompt_schedule import PromptRange, PromptSchedule
 from .rollout import RolloutBlock, block_sizes, causal_rollout, commit_context, recache
 from .scheduling_one_forcing import OneForcingScheduler
+from .tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from .transformer_causal_wan import CausalWanOutput, CausalWanTransformer3DModel
 from .pipeline_one_forcing import OneForcingPipeline, OneForcingPipelineOutput
 
@@ -21,6 +22,8 @@ __all__ = [
     "PromptRange",
     "PromptSchedule",
     "RolloutBlock",
+    "TinyWanStreamingDecoder",
+    "TinyWanVAE",
     "block_sizes",
     "causal_rollout",
     "commit_context",

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .prompt_schedule import PromptSchedule
 from .rollout import RolloutBlock, block_sizes, causal_rollout
 from .scheduling_one_forcing import OneForcingScheduler
+from .tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from .transformer_causal_wan import CausalWanTransformer3DModel
 from .vae_streaming import WanStreamingDecoder, encode_video
 
@@ -94,6 +95,39 @@ class OneForcingPipeline(DiffusionPipeline):
     @property
     def interrupt(self) -> bool:
         return self._interrupt
+
+    # -- decoding -----------------------------------------------------------------------------------------------------
+    _preview_decoder: TinyWanVAE | None = None
+
+    @property
+    def preview_decoder(self) -> TinyWanVAE | None:
+        """The tiny VAE that decodes the video instead of the Wan VAE, or None (the default: the Wan VAE)."""
+        return self._preview_decoder
+
+    def set_preview_decoder(self, tiny_vae: TinyWanVAE | None) -> None:
+        """Decode with a tiny TAEHV-architecture VAE (much faster, lower quality: previews) instead of the Wan VAE;
+        ``None`` goes back to the Wan VAE. Frame counts and sizes are the same either way. Image and video context is
+        still encoded by the Wan VAE. At each run the tiny VAE is moved to the pipeline's execution device (its dtype
+        is kept); it is not saved by ``save_pretrained``.
+
+        Example: ``pipe.set_preview_decoder(TinyWanVAE.from_single_file("taew2_1.pth", dtype=torch.bfloat16))``.
+        """
+        if tiny_vae is not None:
+            if not isinstance(tiny_vae, TinyWanVAE):
+                raise TypeError(f"the preview decoder must be a TinyWanVAE or None, got {type(tiny_vae).__name__}")
+            channels = self.transformer.config.out_channels
+            if tiny_vae.latent_channels != channels:
+                raise ValueError(f"the tiny VAE decodes {tiny_vae.latent_channels}-channel latents, the transformer "
+                                 f"makes {channels}")
+        self._preview_decoder = tiny_vae
+
+    def _streaming_decoder(self, device: torch.device) -> WanStreamingDecoder | TinyWanStreamingDecoder:
+        tiny = self._preview_decoder
+        if tiny is None:
+            return WanStreamingDecoder(self.vae)
+        if tiny.device != torch.device(device):
+            tiny.to(device)
+        return TinyWanStreamingDecoder(tiny)
 
     @property
     def default_video_size(self) -> dict[str, int]:
@@ -371,7 +405,8 @@ class OneForcingPipeline(DiffusionPipeline):
             if context is not None:
                 all_latents[:, :, :context_frames] = context
         self.latents = all_latents
-        decoder = WanStreamingDecoder(self.vae) if output_type != "latent" else None
+        decoder = self._streaming_decoder(device) if output_type != "latent" else None
+        decode_dtype = self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
 
         def on_block_denoised(block: RolloutBlock):
             frames = slice(block.start_frame, block.start_frame + block.latents.shape[2])
@@ -406,12 +441,12 @@ class OneForcingPipeline(DiffusionPipeline):
         bar = self.progress_bar(total=num_blocks) if num_blocks else tqdm(**self._endless_bar_config())
         try:
             if context is not None:
-                yield context, None if decoder is None else decoder.decode_block(context.to(self.vae.dtype))
+                yield context, None if decoder is None else decoder.decode_block(context.to(decode_dtype))
             with bar:
                 for block in rollout:
                     decoded = None
                     if decoder is not None:
-                        decoded = decoder.decode_block(block.latents.to(self.vae.dtype))
+                        decoded = decoder.decode_block(block.latents.to(decode_dtype))
                     yield block.latents, decoded
                     bar.update()
                     if self.interrupt:
