@@ -406,7 +406,9 @@ class OneForcingPipeline(DiffusionPipeline):
                 all_latents[:, :, :context_frames] = context
         self.latents = all_latents
         decoder = self._streaming_decoder(device) if output_type != "latent" else None
-        decode_dtype = self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
+        decode_dtype = None
+        if decoder is not None:
+            decode_dtype = self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
 
         def on_block_denoised(block: RolloutBlock):
             frames = slice(block.start_frame, block.start_frame + block.latents.shape[2])
