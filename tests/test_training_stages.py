@@ -198,6 +198,43 @@ def test_encode_world_clips_into_a_latent_folder(tmp_path):
     assert torch.allclose(item["latents"], encode_video(vae, video[None])[0], atol=1e-5)
 
 
+def test_encode_a_folder_of_captioned_videos(tmp_path):
+    """encode.source=videos: each mp4 with its .txt caption, cover-scaled and centre-cropped, first num_frames frames."""
+    import numpy as np
+
+    from oneforcing.pipelines.video_io import export_to_mp4
+
+    tokenizer, vae = make_tiny_tokenizer(), make_tiny_vae()
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    make_tiny_text_encoder(len(tokenizer)).save_pretrained(str(tmp_path / "text_encoder"))
+    vae.save_pretrained(str(tmp_path / "vae"))
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(0)
+    for name, caption, frames in (("a", "a red square", 7), ("b", "a blue circle", 5)):
+        clip = rng.random((frames, 24, 40, 3))  # wider than tall: cropped at the sides
+        export_to_mp4(clip, videos / f"{name}.mp4")
+        (videos / f"{name}.txt").write_text(caption + "\n")
+    config = tmp_path / "c.json"
+    encode = {"source": "videos", "videos_dir": str(videos), "vae": str(tmp_path / "vae"),
+              "tokenizer": str(tmp_path / "tokenizer"), "text_encoder": str(tmp_path / "text_encoder"),
+              "num_samples": 0, "num_frames": 5, "height": 32, "width": 32, "max_sequence_length": 16,
+              "batch_size": 2}
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "cpu": True, "encode": encode}))
+    main(["encode", "--config", str(config)])
+    data = LatentFolder(tmp_path / "run" / "latents")
+    assert len(data) == 2 and data.shapes["latents"] == (16, 2, 4, 4)
+    assert sorted(data[i]["caption"] for i in range(2)) == ["a blue circle", "a red square"]
+    (videos / "b.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="has no caption file b.txt"):
+        main(["encode", "--config", str(config)])
+    encode.update(num_frames=9)
+    (videos / "b.txt").write_text("a blue circle")
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "run2"), "cpu": True, "encode": encode}))
+    with pytest.raises(ValueError, match="readable frames, encode.num_frames needs 9"):
+        main(["encode", "--config", str(config)])
+
+
 def test_distill_under_ddp_on_two_cpu_processes(recipe):
     """The same command under torch.distributed (2 processes, gloo): gradients are all-reduced through DDP with
     several forwards per backward, and the replicas end identical."""
