@@ -116,8 +116,6 @@ def _load_tiny_vae(path: Path, dtype: torch.dtype):
         raise SystemExit(f"error: --tiny-vae {error}") from None
 
 
-
-
 def _schedule(args):
     from .pipelines.prompt_schedule import PromptSchedule
 

@@ -161,7 +161,7 @@ class StageRun:
 
     def out_of_time(self, max_seconds: float) -> bool:
         """Whether this run has trained ``max_seconds`` (0 = no limit). A collective call when ``max_seconds > 0``:
-        every rank takes rank 0's clock, so all ranks stop after the same step."""
+        the ranks agree (any rank over the limit stops them all), so all ranks stop after the same step."""
         if max_seconds <= 0:
             return False
         over = torch.tensor([float(time.time() - self.started > max_seconds)], device=self.device)
