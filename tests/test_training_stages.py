@@ -173,19 +173,28 @@ def test_stage_errors_name_the_missing_input(tmp_path):
         main(["teacher", "--config", str(config), "teacher.learning_rate=1"])
 
 
+def _save_tiny_encoders(folder: Path):
+    """Tiny tokenizer, text encoder and VAE saved under ``folder``; returns the VAE."""
+    tokenizer, vae = make_tiny_tokenizer(), make_tiny_vae()
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    make_tiny_text_encoder(len(tokenizer)).save_pretrained(str(folder / "text_encoder"))
+    vae.save_pretrained(str(folder / "vae"))
+    return vae
+
+
+def _encoder_paths(folder: Path) -> dict:
+    return {name: str(folder / name) for name in ("vae", "tokenizer", "text_encoder")}
+
+
 def test_encode_world_clips_into_a_latent_folder(tmp_path):
     from oneforcing.pipelines.vae_streaming import encode_video
     from oneforcing.training import world
 
-    tokenizer, vae = make_tiny_tokenizer(), make_tiny_vae()
-    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    make_tiny_text_encoder(len(tokenizer)).save_pretrained(str(tmp_path / "text_encoder"))
-    vae.save_pretrained(str(tmp_path / "vae"))
+    vae = _save_tiny_encoders(tmp_path)
     config = tmp_path / "c.json"
     config.write_text(json.dumps({
         "output_dir": str(tmp_path / "run"), "cpu": True,
-        "encode": {"source": "world", "vae": str(tmp_path / "vae"), "tokenizer": str(tmp_path / "tokenizer"),
-                   "text_encoder": str(tmp_path / "text_encoder"), "num_samples": 3, "num_frames": 5,
+        "encode": {"source": "world", **_encoder_paths(tmp_path), "num_samples": 3, "num_frames": 5,
                    "height": 32, "width": 32, "max_sequence_length": 16, "batch_size": 2},
     }))
     main(["encode", "--config", str(config)])
@@ -204,10 +213,7 @@ def test_encode_a_folder_of_captioned_videos(tmp_path):
 
     from oneforcing.pipelines.video_io import export_to_mp4
 
-    tokenizer, vae = make_tiny_tokenizer(), make_tiny_vae()
-    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    make_tiny_text_encoder(len(tokenizer)).save_pretrained(str(tmp_path / "text_encoder"))
-    vae.save_pretrained(str(tmp_path / "vae"))
+    _save_tiny_encoders(tmp_path)
     videos = tmp_path / "videos"
     videos.mkdir()
     rng = np.random.default_rng(0)
@@ -216,10 +222,8 @@ def test_encode_a_folder_of_captioned_videos(tmp_path):
         export_to_mp4(clip, videos / f"{name}.mp4")
         (videos / f"{name}.txt").write_text(caption + "\n")
     config = tmp_path / "c.json"
-    encode = {"source": "videos", "videos_dir": str(videos), "vae": str(tmp_path / "vae"),
-              "tokenizer": str(tmp_path / "tokenizer"), "text_encoder": str(tmp_path / "text_encoder"),
-              "num_samples": 0, "num_frames": 5, "height": 32, "width": 32, "max_sequence_length": 16,
-              "batch_size": 2}
+    encode = {"source": "videos", "videos_dir": str(videos), **_encoder_paths(tmp_path), "num_samples": 0,
+              "num_frames": 5, "height": 32, "width": 32, "max_sequence_length": 16, "batch_size": 2}
     config.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "cpu": True, "encode": encode}))
     main(["encode", "--config", str(config)])
     data = LatentFolder(tmp_path / "run" / "latents")
