@@ -1,4 +1,5 @@
-"""Decoding a LATENT to an IMAGE batch with the streaming Wan VAE decoder (``pipelines/vae_streaming.py``)."""
+"""Decoding a LATENT to an IMAGE batch, streamed one latent frame at a time: with the Wan VAE
+(``pipelines/vae_streaming.py``) or, for fast previews, a tiny TAEHV-architecture VAE (``pipelines/tiny_vae.py``)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,19 @@ from typing import Callable
 
 import torch
 
+from ..pipelines.tiny_vae import TinyWanStreamingDecoder
 from ..pipelines.vae_streaming import WanStreamingDecoder, normalize_latents
 from . import runtime
-from .latents import latent_samples
-from .model_loading import load_vae, vae_from_comfy
+from .folders import NO_TINY_VAE
+from .latents import latent_samples, to_normalised
+from .model_loading import load_tiny_vae, load_vae, vae_from_comfy, wan_vae_latent_stats
 
 
 def decode_video(
     samples,
     vae_name: str,
     vae=None,
+    tiny_vae: str = NO_TINY_VAE,
     *,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -23,24 +27,39 @@ def decode_video(
     """LATENT ``{"samples": [B, 16, F, h, w]}`` (raw VAE space) -> IMAGE [B * T, 8h, 8w, 3] float32 in 0..1.
 
     T = 1 + 4 (F - 1) frames per video; the videos of a batch follow each other. The VAE is ``vae`` (ComfyUI's VAE
-    object, e.g. from ``VAELoader``) when connected, else ``vae_name`` from the ``vae`` folder. Decoding goes one latent
-    frame at a time through the causal decoder cache, so GPU memory stays flat in the video length; each decoded piece
-    moves to the CPU at once.
+    object, e.g. from ``VAELoader``) when connected, else ``vae_name`` from the ``vae`` folder. With ``tiny_vae`` (a
+    file in ``vae_approx``, not :data:`NO_TINY_VAE`) that tiny VAE decodes instead, and the Wan VAE only lends the
+    latent statistics (its config; no weights are loaded). Decoding goes one latent frame at a time through the
+    decoder's causal cache, so GPU memory stays flat in the video length; each decoded piece moves to the CPU at once.
     """
     raw = latent_samples(samples, "samples")
+    if tiny_vae != NO_TINY_VAE:
+        # the LATENT is raw Wan VAE space; the tiny VAE takes the normalised latents the diffusion model works in
+        mean, std = wan_vae_latent_stats(vae_name, vae)
+        patcher = load_tiny_vae(tiny_vae)
+        device = runtime.load(patcher)
+        return _stream(raw, TinyWanStreamingDecoder(patcher.model.tiny_vae),
+                       lambda block: to_normalised(block.to(device), mean, std), on_progress, should_stop)
     patcher = vae_from_comfy(vae) if vae is not None else load_vae(vae_name)
     device = runtime.load(patcher)
     model = patcher.model.vae
+    return _stream(raw, WanStreamingDecoder(model),
+                   lambda block: normalize_latents(block.to(device, torch.float32), model), on_progress, should_stop)
+
+
+def _stream(raw: torch.Tensor, decoder, normalise: Callable[[torch.Tensor], torch.Tensor], on_progress,
+            should_stop) -> torch.Tensor:
+    """Feed ``raw`` [B, 16, F, h, w] to ``decoder.decode_block`` one latent frame at a time (each normalised by
+    ``normalise``) -> IMAGE [B * T, 8h, 8w, 3] in 0..1, with progress and cancel per latent frame. The caller keeps
+    no reference to ``decoder``: its cache is freed here, before the device cache is emptied."""
     num_frames = raw.shape[2]
-    decoder = WanStreamingDecoder(model)
     progress = runtime.Progress(num_frames, on_progress)
     pieces = []
     try:
         with torch.no_grad():
             for index in range(num_frames):
                 runtime.check_interrupted(should_stop)
-                latents = normalize_latents(raw[:, :, index : index + 1].to(device, torch.float32), model)
-                video = decoder.decode_block(latents)  # [B, 3, t, H, W] in [-1, 1]
+                video = decoder.decode_block(normalise(raw[:, :, index : index + 1]))  # [B, 3, t, H, W] in [-1, 1]
                 pieces.append(((video.float() + 1.0) / 2.0).clamp_(0.0, 1.0).to(runtime.intermediate_device()))
                 progress.update(index + 1)
     finally:

@@ -3,7 +3,7 @@
 Model loader -> ONEFORCING_MODEL; text encoder -> CONDITIONING (one prompt); prompt schedule -> CONDITIONING (one
 prompt per frame range); encoder (IMAGE + Wan VAE) -> LATENT (a start image or clip); rollout (model + CONDITIONING,
 optionally a context LATENT) -> LATENT (raw Wan VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT
-+ Wan VAE) -> IMAGE.
++ Wan VAE, or a tiny preview VAE from ``vae_approx``) -> IMAGE.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from functools import partial
 from ..pipelines.attention import ATTENTION_BACKENDS
 from .decoding import decode_video
 from .encoding import encode_images
-from .folders import BUNDLED_DEMO, list_models, resolve_model
+from .folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, resolve_model
 from .model_loading import DTYPE_CHOICES, load_transformer
 from .sampling import TIMESTEP_PRESETS, encode_text, generate_latents, schedule_conditioning
 from .spec import InputSpec, NodeSpec, OutputSpec
@@ -64,8 +64,13 @@ def encode(images, vae_name: str, width: int, height: int, vae=None) -> tuple:
     return (encode_images(images, vae_name, width, height, vae),)
 
 
-def decode(samples, vae_name: str, vae=None) -> tuple:
-    return (decode_video(samples, vae_name, vae),)
+def decode(samples, vae_name: str, vae=None, tiny_vae: str = NO_TINY_VAE) -> tuple:
+    return (decode_video(samples, vae_name, vae, tiny_vae),)
+
+
+def _decode_fingerprint(vae_name=None, tiny_vae=NO_TINY_VAE, **_):
+    wan = _file_fingerprint("vae", vae_name)
+    return wan if tiny_vae == NO_TINY_VAE else (wan, _file_fingerprint("vae_approx", tiny_vae))
 
 
 # -- declarations ----------------------------------------------------------------------------------------------------
@@ -208,17 +213,24 @@ DECODE = NodeSpec(
     display_name="One-Forcing Decode (streaming Wan VAE)",
     category=f"{CATEGORY}/latent",
     description="Decodes video latents to frames with the Wan2.1 VAE, one latent frame at a time through the causal "
-                "decoder cache (flat memory in the video length). Uses the connected VAE if any, else vae_name.",
+                "decoder cache (flat memory in the video length). Uses the connected VAE if any, else vae_name. For "
+                "fast previews pick a tiny VAE (TAEHV taew2_1 in models/vae_approx): it decodes instead, with the "
+                "same frame count and size, and the Wan VAE only supplies its latent statistics.",
     inputs=(
         InputSpec("samples", "LATENT", "Wan2.1 video latents (from the rollout or any Wan sampler)."),
         InputSpec("vae_name", "COMBO", "A Wan2.1 VAE in models/vae, or the bundled demo's; ignored when a VAE is "
                   "connected.", default=BUNDLED_DEMO, options=partial(list_models, "vae")),
         InputSpec("vae", "VAE", "Optional: ComfyUI's Wan2.1 VAE (from VAELoader) instead of vae_name.",
                   optional=True),
+        InputSpec("tiny_vae", "COMBO", "Optional fast preview decoder: a TAEHV file for Wan2.1 (taew2_1) in "
+                  "models/vae_approx. 'none' decodes with the Wan VAE. Otherwise the tiny VAE decodes and the Wan "
+                  "VAE's latent statistics (vae_name's config.json; Wan2.1's for single files and a connected VAE) "
+                  "convert the LATENT to the space it expects; no Wan VAE weights are loaded.",
+                  optional=True, default=NO_TINY_VAE, options=partial(list_models, "vae_approx")),
     ),
     outputs=(OutputSpec("IMAGE", "images", "Frames [T, H, W, 3] in 0..1 (batch videos one after another)."),),
     function=decode,
-    fingerprint=lambda vae_name=None, **_: _file_fingerprint("vae", vae_name),
+    fingerprint=_decode_fingerprint,
 )
 
 NODE_SPECS: tuple[NodeSpec, ...] = (MODEL_LOADER, TEXT_ENCODE, PROMPT_SCHEDULE, ROLLOUT, ENCODE, DECODE)

@@ -1,14 +1,15 @@
 """Model files and folders the nodes offer, and the safe way from a chosen name to a path.
 
 Inside ComfyUI the roots are ComfyUI's own model folders (``folder_paths``: ``diffusion_models`` = models/unet +
-models/diffusion_models, ``text_encoders`` = models/text_encoders + models/clip, ``vae``). Outside ComfyUI (tests,
-scripts) they are the matching subfolders of ``$ONEFORCING_MODELS_DIR`` (a folder laid out like ComfyUI's
-``models/``), or whatever :func:`set_model_roots` set.
+models/diffusion_models, ``text_encoders`` = models/text_encoders + models/clip, ``vae``, and ``vae_approx`` where
+ComfyUI keeps its TAESD / TAEHV preview decoders). Outside ComfyUI (tests, scripts) they are the matching subfolders
+of ``$ONEFORCING_MODELS_DIR`` (a folder laid out like ComfyUI's ``models/``), or whatever :func:`set_model_roots` set.
 
 A choice is a weights file (``.safetensors``, ``.pt`` ...), a diffusers/transformers component folder (it holds a
 ``config.json``; offered as ``name/``) or a diffusers pipeline folder (``model_index.json``; the matching component
 subfolder is used), given relative to its root. The bundled demo model is always offered first, as
-:data:`BUNDLED_DEMO`, and resolves to :func:`bundled_demo_dir`.
+:data:`BUNDLED_DEMO`, and resolves to :func:`bundled_demo_dir`. ``vae_approx`` holds single files only (no folders, no
+bundled demo); its choices start with :data:`NO_TINY_VAE`, which names no file.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from pathlib import Path, PurePosixPath
 from ..pipelines.loading import WEIGHT_SUFFIXES
 
 BUNDLED_DEMO = "oneforcing-demo (bundled)"
+NO_TINY_VAE = "none"
 MODEL_KINDS = {
-    # kind -> (ComfyUI folder names, pipeline component subfolder)
+    # kind -> (ComfyUI folder names, pipeline component subfolder; None: single files only)
     "diffusion_models": (("diffusion_models", "unet"), "transformer"),
     "text_encoders": (("text_encoders", "clip"), "text_encoder"),
     "vae": (("vae",), "vae"),
+    "vae_approx": (("vae_approx",), None),
 }
 _MAX_DEPTH = 3
 _override_roots: dict[str, list[Path]] | None = None
@@ -48,7 +51,7 @@ def set_model_roots(roots: dict[str, list[str | os.PathLike]] | None) -> None:
 
 
 def model_roots(kind: str) -> list[Path]:
-    """The folders searched for models of ``kind`` ("diffusion_models", "text_encoders" or "vae")."""
+    """The folders searched for models of ``kind`` ("diffusion_models", "text_encoders", "vae" or "vae_approx")."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
     if _override_roots is not None:
@@ -66,16 +69,22 @@ def _is_component_folder(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "model_index.json").is_file()
 
 
+def _files_only(kind: str) -> bool:
+    return MODEL_KINDS[kind][1] is None
+
+
 def list_models(kind: str) -> list[str]:
-    """Choices for ``kind``: the bundled demo, then every weights file and model folder under the roots."""
+    """Choices for ``kind``: the bundled demo, then every weights file and model folder under the roots (for
+    ``vae_approx``: :data:`NO_TINY_VAE`, then the weights files)."""
     found: set[str] = set()
+    files_only = _files_only(kind)
     for root in model_roots(kind):
         if not root.is_dir():
             continue
         for folder, dirs, files in os.walk(root, followlinks=True):
             here = Path(folder)
             rel = here.relative_to(root)
-            if rel.parts and _is_component_folder(here):
+            if rel.parts and _is_component_folder(here) and not files_only:
                 found.add(rel.as_posix() + "/")
                 dirs[:] = []  # a model folder is one choice, not its files
                 continue
@@ -85,7 +94,7 @@ def list_models(kind: str) -> list[str]:
             for name in files:
                 if name.lower().endswith(WEIGHT_SUFFIXES) and not name.startswith("."):
                     found.add((rel / name).as_posix())
-    return [BUNDLED_DEMO] + sorted(found, key=str.lower)
+    return [NO_TINY_VAE if files_only else BUNDLED_DEMO] + sorted(found, key=str.lower)
 
 
 def check_model_name(kind: str, name) -> str:
@@ -106,12 +115,14 @@ def check_model_name(kind: str, name) -> str:
 
 
 def resolve_model(kind: str, name: str) -> Path:
-    """The path of choice ``name`` of ``kind``: a file, a component folder or a pipeline folder.
+    """The path of choice ``name`` of ``kind``: a file, a component folder or a pipeline folder (``vae_approx``: a
+    file).
 
     Raises ``ValueError`` for malformed names (absolute, ``..``) and ``FileNotFoundError`` naming the folders searched.
     """
     check_model_name(kind, name)
-    if name == BUNDLED_DEMO:
+    files_only = _files_only(kind)
+    if name == BUNDLED_DEMO and not files_only:
         demo = bundled_demo_dir()
         if not (demo / "model_index.json").is_file():
             raise FileNotFoundError(
@@ -125,6 +136,8 @@ def resolve_model(kind: str, name: str) -> Path:
         if not candidate.exists():
             continue
         # lexically inside root (no '..', not absolute); symlinked model collections are allowed, as in ComfyUI
+        if candidate.is_dir() and files_only:
+            raise FileNotFoundError(f"{kind} model {name!r}: {candidate} is a folder; choose a weights file")
         if candidate.is_dir() and not _is_component_folder(candidate):
             raise FileNotFoundError(f"{kind} model {name!r}: {candidate} is a folder without config.json or model_index.json")
         return candidate

@@ -1,4 +1,5 @@
-"""Loading the three models from a chosen file or folder (see ``folders.py``), through ``pipelines/loading.py``.
+"""Loading the models from a chosen file or folder (see ``folders.py``), through ``pipelines/loading.py``: the
+transformer, the text encoder, the Wan VAE and the tiny preview VAE (``pipelines/tiny_vae.py``).
 
 Every loaded model is wrapped for ComfyUI's model management (``runtime.manage``): ComfyUI moves it to the GPU
 when a node needs it and offloads it when another model needs the room.
@@ -20,9 +21,10 @@ from ..pipelines.loading import (
     load_wan_vae_single_file,
 )
 from ..pipelines.scheduling_one_forcing import OneForcingScheduler
+from ..pipelines.tiny_vae import TinyWanVAE
 from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
 from . import runtime
-from .folders import component_path, pipeline_folder, resolve_model
+from .folders import BUNDLED_DEMO, component_path, pipeline_folder, resolve_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("default", *DTYPES)
@@ -248,3 +250,46 @@ def vae_from_comfy(comfy_vae):
     check_state_dict_matches(vae, state, source)
     vae.load_state_dict(state, strict=True, assign=True)
     return runtime.manage(runtime.ModelHolder(vae=vae.eval().requires_grad_(False)), "vae")
+
+
+# -- tiny preview VAE ----------------------------------------------------------------------------------------------
+def load_tiny_vae(tiny_vae_name: str):
+    """A managed :class:`TinyWanVAE` (float32) from the ``vae_approx`` folder: ``taew2_1.safetensors`` / ``.pth`` or a
+    file in the same layout. A file that is not one gives a ``CheckpointError`` naming it."""
+    path = resolve_model("vae_approx", tiny_vae_name)
+    try:
+        tiny = TinyWanVAE.from_single_file(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(path, f"cannot load the tiny VAE: {err}") from err
+    return runtime.manage(runtime.ModelHolder(tiny_vae=tiny.requires_grad_(False)), "vae")
+
+
+def wan_vae_latent_stats(vae_name: str, vae=None) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the Wan VAE space a LATENT is in, read without loading any VAE weights.
+
+    A tiny VAE decodes the *normalised* latents ``(z - mean) / std`` of the Wan VAE it was trained against, so raw
+    LATENTs are normalised with that VAE's statistics: those in ``vae_name``'s ``config.json`` (a diffusers ``vae/``
+    folder, a pipeline folder, the bundled demo), else Wan2.1's (diffusers' ``AutoencoderKLWan`` defaults), which is
+    what single files (ComfyUI's ``wan_2.1_vae.safetensors``), a connected ComfyUI VAE (ComfyUI's Wan2.1 latent format
+    holds the same constants) and a bundled demo that is not installed give.
+    """
+    if vae is not None:
+        channels = getattr(vae, "latent_channels", 16)
+        if channels != 16:
+            raise ValueError(f"the connected VAE has {channels} latent channels; the tiny VAE decodes Wan2.1 latents "
+                             "(16): connect the Wan2.1 VAE or none")
+        return wan21_latent_stats()
+    try:
+        path = resolve_model("vae", vae_name)
+    except FileNotFoundError:
+        if vae_name == BUNDLED_DEMO:  # nothing is read from it but its statistics
+            return wan21_latent_stats()
+        raise
+    config_file = component_path("vae", path) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if config.get("latents_mean") and config.get("latents_std"):
+            return list(config["latents_mean"]), list(config["latents_std"])
+    return wan21_latent_stats()

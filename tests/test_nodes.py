@@ -7,8 +7,10 @@ Tiny real models are saved into a folder laid out like ComfyUI's ``models/`` (an
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,9 +22,11 @@ import oneforcing
 from oneforcing.nodes import NODE_SPECS, BUNDLED_DEMO, list_models, object_info, set_model_roots, validate_spec
 from oneforcing.nodes import definitions, folders
 from oneforcing.nodes.latents import to_normalised, to_raw
+from oneforcing.nodes.model_loading import load_tiny_vae, wan21_latent_stats
 from oneforcing.nodes.sampling import generate_latents
 from oneforcing.nodes.spec import InputSpec, NodeSpec, OutputSpec
-from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
+from oneforcing.pipelines.vae_streaming import WanStreamingDecoder, normalize_latents
 from oneforcing.pipelines.loading import CheckpointError, export_reference_checkpoint, to_original_names
 
 DEMO = BUNDLED_DEMO
@@ -299,6 +303,184 @@ def test_decoder_from_vae_folder_matches_a_full_decode(roots):
         definitions.decode({"samples": torch.zeros(1, 4, 3, 4, 4)}, "tiny_vae.safetensors")
     with pytest.raises(TypeError, match="ComfyUI's VAE object"):
         definitions.decode({"samples": raw}, "tiny_vae.safetensors", vae=object())
+
+
+# -- tiny preview VAE (vae_approx) ---------------------------------------------------------------------------------
+def make_tiny_taehv(seed: int = 0) -> TinyWanVAE:
+    """A small TAEHV-architecture VAE; its state dict is in the public taew2_1 key layout (other widths)."""
+    torch.manual_seed(seed)
+    model = TinyWanVAE(decoder_widths=(8, 8, 4, 4), encoder_width=4).eval()
+    with torch.no_grad():  # the default init decodes to near-constant frames: widen it, centre the output on grey
+        for param in model.parameters():
+            param.mul_(1.5)
+        model.decoder[22].bias.fill_(0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def taehv_tree(tmp_path_factory):
+    """``root/vae_approx`` with a tiny TAEHV (safetensors, and a decoder-only .pth) and two files that are not one;
+    ``root/vae/custom_stats/`` a diffusers Wan VAE folder whose config has its own latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    root = tmp_path_factory.mktemp("taehv")
+    approx = root / "vae_approx"
+    (approx / "sub").mkdir(parents=True)
+    taehv = make_tiny_taehv()
+    state = {k: v.contiguous() for k, v in taehv.state_dict().items()}
+    save_file(state, str(approx / "taew2_1.safetensors"))
+    torch.save({k: v for k, v in state.items() if k.startswith("decoder.")}, approx / "sub" / "taew2_1_decoder.pth")
+    save_file({k: v.contiguous() for k, v in make_tiny_vae(5).state_dict().items()},
+              str(approx / "wan_2.1_vae.safetensors"))  # a Wan VAE put in the wrong folder
+    (approx / "damaged.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    mean, std = wan21_latent_stats()
+    custom_mean, custom_std = [m + 0.3 for m in mean], [s * 1.7 for s in std]
+    torch.manual_seed(6)
+    AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=custom_mean,
+                     latents_std=custom_std).save_pretrained(root / "vae" / "custom_stats")
+    return {"taehv_root": root, "vae_approx": approx, "taehv": taehv, "custom_stats": (custom_mean, custom_std)}
+
+
+@pytest.fixture
+def tiny_roots(roots, taehv_tree):
+    models = roots["models"]
+    set_model_roots({
+        "diffusion_models": [models / "diffusion_models", models / "unet"],
+        "text_encoders": [models / "text_encoders", models / "clip"],
+        "vae": [models / "vae", taehv_tree["taehv_root"] / "vae"],
+        "vae_approx": [taehv_tree["vae_approx"]],
+    })
+    yield {**roots, **taehv_tree}  # the roots fixture resets the folders afterwards
+
+
+def _tiny_reference(taehv: TinyWanVAE, raw: torch.Tensor, mean, std) -> torch.Tensor:
+    """IMAGE [T, H, W, 3] of ``TinyWanStreamingDecoder`` fed the normalised latents one latent frame at a time."""
+    latents = to_normalised(raw, mean, std)
+    decoder = TinyWanStreamingDecoder(taehv)
+    video = torch.cat([decoder.decode_block(latents[:, :, i : i + 1]) for i in range(raw.shape[2])], dim=2)
+    return ((video + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
+
+
+def test_decode_offers_the_tiny_vaes_of_vae_approx(tiny_roots, monkeypatch):
+    validate_spec(definitions.DECODE)
+    info = object_info(definitions.DECODE)
+    # optional and last: workflows saved before it still load (their widget values keep their positions)
+    assert info["input_order"] == {"required": ["samples", "vae_name"], "optional": ["vae", "tiny_vae"]}
+    kind, options = info["input"]["optional"]["tiny_vae"]
+    assert kind == "COMBO" and options["default"] == "none"
+    files = ["damaged.safetensors", "sub/taew2_1_decoder.pth", "taew2_1.safetensors", "wan_2.1_vae.safetensors"]
+    assert options["options"] == ["none", *files]  # files only: no folder, no bundled demo
+    # outside ComfyUI without set roots: $ONEFORCING_MODELS_DIR/vae_approx, else nothing but "none"
+    set_model_roots(None)
+    monkeypatch.delenv("ONEFORCING_MODELS_DIR", raising=False)
+    assert list_models("vae_approx") == ["none"]
+    monkeypatch.setenv("ONEFORCING_MODELS_DIR", str(tiny_roots["taehv_root"]))
+    assert list_models("vae_approx") == ["none", *files]
+    raw = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    images, = definitions.decode({"samples": raw}, "custom_stats/", None, "taew2_1.safetensors")
+    torch.testing.assert_close(images, _tiny_reference(tiny_roots["taehv"], raw, *tiny_roots["custom_stats"]),
+                               atol=1e-6, rtol=0)
+
+
+def test_tiny_vae_decodes_the_normalised_latents_with_the_wan_frame_count(tiny_roots):
+    raw = 2 * torch.randn(1, 16, 3, 2, 4, generator=torch.Generator().manual_seed(0))
+    images, = definitions.decode({"samples": raw}, "tiny_vae.safetensors", None, "taew2_1.safetensors")
+    wan, = definitions.decode({"samples": raw}, "tiny_vae.safetensors")
+    assert images.shape == wan.shape == (9, 16, 32, 3) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
+    assert (images - wan).abs().max() > 0.1  # a different decoder really ran
+    # a single Wan VAE file records no statistics: Wan2.1's (diffusers' defaults) normalise the LATENT
+    taehv, (mean, std) = tiny_roots["taehv"], wan21_latent_stats()
+    torch.testing.assert_close(images, _tiny_reference(taehv, raw, mean, std), atol=1e-6, rtol=0)
+    full = ((taehv.decode(to_normalised(raw, mean, std)) + 1) / 2)[0].permute(1, 2, 3, 0)
+    torch.testing.assert_close(images, full, atol=1e-4, rtol=0)  # streaming = one full decode
+    # a decoder-only .pth in a subfolder gives the same frames; the model is managed like the other loaders'
+    from_pth, = definitions.decode({"samples": raw}, "tiny_vae.safetensors", None, "sub/taew2_1_decoder.pth")
+    torch.testing.assert_close(from_pth, images, atol=1e-6, rtol=0)
+    patcher = load_tiny_vae("taew2_1.safetensors")
+    assert type(patcher.model).__name__ == "ModelHolder" and patcher.model.tiny_vae.dtype == torch.float32
+
+
+def test_tiny_vae_takes_the_latent_statistics_of_the_chosen_wan_vae(tiny_roots, monkeypatch):
+    raw = 2 * torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(2))
+    taehv = tiny_roots["taehv"]
+    custom, = definitions.decode({"samples": raw}, "custom_stats/", None, "taew2_1.safetensors")  # its config.json
+    torch.testing.assert_close(custom, _tiny_reference(taehv, raw, *tiny_roots["custom_stats"]), atol=1e-6, rtol=0)
+    default = _tiny_reference(taehv, raw, *wan21_latent_stats())
+    assert (custom - default).abs().max() > 0.05
+    demo, = definitions.decode({"samples": raw}, DEMO, None, "taew2_1.safetensors")  # the demo's vae/config.json
+    demo_vae = tiny_roots["demo"].vae.config
+    torch.testing.assert_close(demo, _tiny_reference(taehv, raw, demo_vae.latents_mean, demo_vae.latents_std),
+                               atol=1e-6, rtol=0)
+    # only the tiny VAE at hand (the bundled demo not installed): Wan2.1's statistics, no error
+    monkeypatch.setenv("ONEFORCING_DEMO_DIR", str(tiny_roots["taehv_root"] / "nowhere"))
+    alone, = definitions.decode({"samples": raw}, DEMO, None, "taew2_1.safetensors")
+    torch.testing.assert_close(alone, default, atol=1e-6, rtol=0)
+    with pytest.raises(FileNotFoundError, match="bundled demo model is not installed"):
+        definitions.decode({"samples": raw}, DEMO)  # the Wan VAE path still needs it
+    with pytest.raises(ValueError, match="connected VAE has 48 latent channels"):
+        definitions.decode({"samples": raw}, DEMO, SimpleNamespace(latent_channels=48), "taew2_1.safetensors")
+
+
+def test_no_tiny_vae_leaves_the_wan_vae_decode_bit_identical(tiny_roots):
+    raw = torch.randn(1, 16, 3, 2, 4, generator=torch.Generator().manual_seed(3))
+    images, = definitions.decode({"samples": raw}, "tiny_vae.safetensors")
+    assert torch.equal(definitions.decode({"samples": raw}, "tiny_vae.safetensors", None, "none")[0], images)
+    # the decode as it was before tiny VAEs existed: the Wan VAE streamed one latent frame at a time
+    vae, pieces = tiny_roots["vae"], []
+    decoder = WanStreamingDecoder(vae)
+    with torch.no_grad():
+        for index in range(raw.shape[2]):
+            video = decoder.decode_block(normalize_latents(raw[:, :, index : index + 1].float(), vae))
+            pieces.append(((video.float() + 1.0) / 2.0).clamp_(0.0, 1.0))
+    video = torch.cat(pieces, dim=2)
+    assert torch.equal(images, video.permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[3:], 3))
+
+
+@pytest.mark.parametrize("name, error, message", [
+    ("missing.safetensors", FileNotFoundError, r"vae_approx model 'missing.safetensors': not found in .*vae_approx"),
+    ("../../x", ValueError, r"vae_approx model '\.\./\.\./x': '\.\.' is not allowed"),
+    ("sub/../../secret.pth", ValueError, r"'\.\.' is not allowed"),
+    ("/etc/passwd", ValueError, "absolute path"),
+    ("", ValueError, "non-empty"),
+    ("sub", FileNotFoundError, "is a folder; choose a weights file"),
+    (DEMO, FileNotFoundError, "not found in"),
+    ("wan_2.1_vae.safetensors", CheckpointError, r"vae_approx.wan_2\.1_vae\.safetensors: not a TAEHV"),
+    ("damaged.safetensors", CheckpointError, r"vae_approx.damaged\.safetensors: not a readable safetensors file"),
+])
+def test_bad_tiny_vae_choices_give_clear_errors(tiny_roots, name, error, message):
+    with pytest.raises(error, match=message):
+        definitions.decode({"samples": torch.zeros(1, 16, 1, 2, 2)}, "tiny_vae.safetensors", None, name)
+
+
+def test_decode_fingerprint_follows_the_tiny_vae_file(tiny_roots):
+    fingerprint = definitions.DECODE.fingerprint
+    wan = definitions._file_fingerprint("vae", "tiny_vae.safetensors")
+    assert fingerprint(vae_name="tiny_vae.safetensors") == fingerprint(vae_name="tiny_vae.safetensors",
+                                                                       tiny_vae="none") == wan
+    path = tiny_roots["vae_approx"] / "taew2_1.safetensors"
+    before = fingerprint(vae_name="tiny_vae.safetensors", tiny_vae="taew2_1.safetensors")
+    assert before == (wan, ("taew2_1.safetensors", os.stat(path).st_mtime_ns))
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    assert fingerprint(vae_name="tiny_vae.safetensors", tiny_vae="taew2_1.safetensors") != before
+
+
+def test_shipped_workflow_decodes_with_a_tiny_vae(tiny_roots):
+    import json
+
+    from test_workflows import REPO, run_prompt
+
+    prompt = json.loads((REPO / "workflows/api/oneforcing_t2v.json").read_text())
+    decode = next(n for n in prompt.values() if n["class_type"] == "OneForcingDecode")
+    assert decode["inputs"]["tiny_vae"] == "none"  # the shipped graphs keep the Wan VAE
+    results = run_prompt(prompt, {"OneForcingRollout": {"width": 32, "height": 16, "length": 9},
+                                  "OneForcingDecode": {"tiny_vae": "taew2_1.safetensors"}})
+    by_type = {prompt[k]["class_type"]: v for k, v in results.items()}
+    latent, images = by_type["OneForcingRollout"][0], by_type["OneForcingDecode"][0]
+    assert images.shape == (9, 16, 32, 3)
+    demo_vae = tiny_roots["demo"].vae.config
+    expected = _tiny_reference(tiny_roots["taehv"], latent["samples"], demo_vae.latents_mean, demo_vae.latents_std)
+    torch.testing.assert_close(images, expected, atol=1e-6, rtol=0)
 
 
 def test_rollout_runs_under_inference_mode_like_comfyui(roots):

@@ -27,7 +27,8 @@ MODEL_COMBOS = {("OneForcingModelLoader", "model_name"): "diffusion_models",
                 ("OneForcingTextEncode", "text_encoder_name"): "text_encoders",
                 ("OneForcingPromptSchedule", "text_encoder_name"): "text_encoders",
                 ("OneForcingEncode", "vae_name"): "vae",
-                ("OneForcingDecode", "vae_name"): "vae"}
+                ("OneForcingDecode", "vae_name"): "vae",
+                ("OneForcingDecode", "tiny_vae"): "vae_approx"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 OUTPUT_NODES = {name for name, info in CORE.items() if isinstance(info, dict) and info.get("output_node")}
 
