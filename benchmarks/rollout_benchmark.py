@@ -5,6 +5,7 @@ frames/s, time to the first decoded frame, peak GPU memory, and the transformer'
 GEMM and attention ceilings measured in the same run; plus diffusers' ``WanTransformer3DModel`` on the same chunk.
 
     python benchmarks/rollout_benchmark.py --json results.json
+    python benchmarks/rollout_benchmark.py --decoder tiny --json tiny.json   # end to end with a tiny TAEHV decoder
     python benchmarks/rollout_benchmark.py --tiny-vae --json vae.json   # only: Wan VAE vs tiny TAEHV decode
 """
 
@@ -107,15 +108,15 @@ def build_vae():
         return AutoencoderKLWan().to(torch.bfloat16).eval()  # Wan2.1 VAE config (random weights)
 
 
-def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, h, w, vae=None, on_frames=None,
-                fuse=True):
+def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, h, w, make_decoder=None,
+                on_frames=None, fuse=True):
+    """One rollout; with ``make_decoder`` (() -> a streaming decoder) each block is decoded as soon as it exists."""
     from oneforcing import causal_rollout
-    from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
     gen = torch.Generator("cuda").manual_seed(0)
     noise = torch.randn(1, 16, latent_frames, h, w, device="cuda", generator=gen)
     text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-    decoder = WanStreamingDecoder(vae) if vae is not None else None
+    decoder = make_decoder() if make_decoder is not None else None
     with torch.no_grad():
         for block in causal_rollout(model, scheduler, noise, text, frames_per_block=frames_per_block,
                                     first_block_timesteps=first_steps, generator=gen, fuse_context_pass=fuse):
@@ -216,6 +217,8 @@ def main():
     parser.add_argument("--tiny-vae", action="store_true",
                         help="only time decoders: the Wan VAE vs a full-size tiny TAEHV VAE on the same latents")
     parser.add_argument("--device", default="cuda", help="with --tiny-vae: where to decode (cpu works, slowly)")
+    parser.add_argument("--decoder", choices=("wan", "tiny"), default="wan",
+                        help="end-to-end runs decode with the Wan VAE or a full-size tiny TAEHV VAE (random weights)")
     args = parser.parse_args()
     if args.tiny_vae:
         dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
@@ -274,11 +277,22 @@ def main():
         variants.insert(0, (args.backends.split(",")[0], False, False))
     if args.compile_kernels:
         variants.append((args.backends.split(",")[-1], True, True))
-    vae = build_vae()
-    with torch.no_grad():  # first-call cuDNN set-up must not count as time to the first frame
-        from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+    from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
+    from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
-        WanStreamingDecoder(vae).decode_block(torch.zeros(1, 16, 2, h, w, device="cuda", dtype=torch.bfloat16))
+    vae = build_vae() if args.decoder == "wan" or args.vae_variants else None  # resident weights count in peak memory
+    if args.decoder == "tiny":
+        torch.manual_seed(0)
+        tiny = TinyWanVAE(with_encoder=False).to("cuda", torch.bfloat16).eval()
+
+        def make_decoder():
+            return TinyWanStreamingDecoder(tiny)
+    else:
+        def make_decoder():
+            return WanStreamingDecoder(vae)
+    results["decoder"] = args.decoder
+    with torch.no_grad():  # first-call cuDNN set-up must not count as time to the first frame
+        make_decoder().decode_block(torch.zeros(1, 16, 2, h, w, device="cuda", dtype=torch.bfloat16))
     if args.vae_variants:
         results["vae"] = time_vae_variants(vae, latent_frames, h, w)
         print("vae", json.dumps(results["vae"]), flush=True)
@@ -307,7 +321,8 @@ def main():
 
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run_rollout(model, scheduler, fpb, first, latent_frames, h, w, vae=vae, on_frames=note, fuse=fuse)
+            run_rollout(model, scheduler, fpb, first, latent_frames, h, w, make_decoder=make_decoder, on_frames=note,
+                        fuse=fuse)
             torch.cuda.synchronize()
             total = time.perf_counter() - t0
             results[name] = {
