@@ -8,10 +8,10 @@ from typing import Callable
 import torch
 
 from ..pipelines.tiny_vae import TinyWanStreamingDecoder
-from ..pipelines.vae_streaming import WanStreamingDecoder, normalize_latents
+from ..pipelines.vae_streaming import WanStreamingDecoder
 from . import runtime
 from .folders import NO_TINY_VAE
-from .latents import latent_samples, to_normalised
+from .latents import latent_samples, normaliser
 from .model_loading import load_tiny_vae, load_vae, vae_from_comfy, wan_vae_latent_stats
 
 
@@ -38,13 +38,13 @@ def decode_video(
         mean, std = wan_vae_latent_stats(vae_name, vae)
         patcher = load_tiny_vae(tiny_vae)
         device = runtime.load(patcher)
-        return _stream(raw, TinyWanStreamingDecoder(patcher.model.tiny_vae),
-                       lambda block: to_normalised(block.to(device), mean, std), on_progress, should_stop)
+        return _stream(raw, TinyWanStreamingDecoder(patcher.model.tiny_vae), normaliser(mean, std, raw, device),
+                       on_progress, should_stop)
     patcher = vae_from_comfy(vae) if vae is not None else load_vae(vae_name)
     device = runtime.load(patcher)
     model = patcher.model.vae
-    return _stream(raw, WanStreamingDecoder(model),
-                   lambda block: normalize_latents(block.to(device, torch.float32), model), on_progress, should_stop)
+    normalise = normaliser(model.config.latents_mean, model.config.latents_std, raw, device)
+    return _stream(raw, WanStreamingDecoder(model), normalise, on_progress, should_stop)
 
 
 def _stream(raw: torch.Tensor, decoder, normalise: Callable[[torch.Tensor], torch.Tensor], on_progress,

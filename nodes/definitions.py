@@ -97,6 +97,18 @@ MODEL_LOADER = NodeSpec(
     fingerprint=lambda model_name=None, **_: _file_fingerprint("diffusion_models", model_name),
 )
 
+# shared by the two nodes that run the UMT5 text encoder
+TEXT_ENCODER_INPUT = InputSpec("text_encoder_name", "COMBO",
+                               "A UMT5 file or folder in models/text_encoders, or the bundled demo.",
+                               default=BUNDLED_DEMO, options=partial(list_models, "text_encoders"))
+ENCODER_DTYPE_INPUT = InputSpec("dtype", "COMBO", "Encoder dtype; default = bfloat16 on a GPU, float32 on the CPU.",
+                                default="default", options=DTYPE_CHOICES)
+
+
+def _text_encoder_fingerprint(text_encoder_name=None, **_):
+    return _file_fingerprint("text_encoders", text_encoder_name)
+
+
 TEXT_ENCODE = NodeSpec(
     node_id="OneForcingTextEncode",
     display_name="One-Forcing Text Encode (UMT5)",
@@ -105,15 +117,13 @@ TEXT_ENCODE = NodeSpec(
                 "file, a transformers folder, or the bundled demo). ComfyUI's CLIPLoader (type wan) + "
                 "CLIPTextEncode give the same kind of CONDITIONING and keep the encoder loaded between prompts.",
     inputs=(
-        InputSpec("text_encoder_name", "COMBO", "A UMT5 file or folder in models/text_encoders, or the bundled demo.",
-                  default=BUNDLED_DEMO, options=partial(list_models, "text_encoders")),
+        TEXT_ENCODER_INPUT,
         InputSpec("prompt", "STRING", "What the video shows.", default="", multiline=True),
-        InputSpec("dtype", "COMBO", "Encoder dtype; default = bfloat16 on a GPU, float32 on the CPU.",
-                  default="default", options=DTYPE_CHOICES),
+        ENCODER_DTYPE_INPUT,
     ),
     outputs=(OutputSpec("CONDITIONING", "conditioning", "UMT5 embeddings [1, 512, dim], zero after the prompt."),),
     function=text_encode,
-    fingerprint=lambda text_encoder_name=None, **_: _file_fingerprint("text_encoders", text_encoder_name),
+    fingerprint=_text_encoder_fingerprint,
 )
 
 PROMPT_SCHEDULE = NodeSpec(
@@ -126,18 +136,16 @@ PROMPT_SCHEDULE = NodeSpec(
                 "block starting at or after its frame, and the KV cache is recomputed under the new prompt. Feed it "
                 "to One-Forcing Autoregressive Rollout.",
     inputs=(
-        InputSpec("text_encoder_name", "COMBO", "A UMT5 file or folder in models/text_encoders, or the bundled demo.",
-                  default=BUNDLED_DEMO, options=partial(list_models, "text_encoders")),
+        TEXT_ENCODER_INPUT,
         InputSpec("schedule", "STRING", "One 'FRAME: prompt' per line, in frame order, starting at 0 (e.g. "
                   "'0: a cat walks' then '80: a cat sits'). Blank lines and lines starting with # are skipped.",
                   default="0: ", multiline=True),
-        InputSpec("dtype", "COMBO", "Encoder dtype; default = bfloat16 on a GPU, float32 on the CPU.",
-                  default="default", options=DTYPE_CHOICES),
+        ENCODER_DTYPE_INPUT,
     ),
     outputs=(OutputSpec("CONDITIONING", "conditioning", "One UMT5 embedding [1, 512, dim] per range, each marked "
                         "with its frames; only the One-Forcing rollout reads the schedule."),),
     function=prompt_schedule,
-    fingerprint=lambda text_encoder_name=None, **_: _file_fingerprint("text_encoders", text_encoder_name),
+    fingerprint=_text_encoder_fingerprint,
 )
 
 ENCODE = NodeSpec(

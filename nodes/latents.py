@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -22,6 +22,14 @@ def to_raw(latents: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 def to_normalised(samples: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Raw VAE-space [B, C, F, H, W] -> normalised ``(z - mean) / std`` (float32)."""
     return (samples.float() - _stats(mean, samples, "latents_mean")) / _stats(std, samples, "latents_std")
+
+
+def normaliser(mean: Sequence[float], std: Sequence[float], like: torch.Tensor, device) -> Callable:
+    """A map of raw blocks of ``like`` (slices [B, C, f, H, W]) to normalised float32 latents on ``device``, the
+    statistics moved there once rather than with every block (each move would be a sync point)."""
+    mean_t = _stats(mean, like, "latents_mean").to(device)
+    std_t = _stats(std, like, "latents_std").to(device)
+    return lambda block: (block.to(device).float() - mean_t) / std_t
 
 
 def latent_samples(latent, name: str = "latent") -> torch.Tensor:

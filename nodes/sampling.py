@@ -137,8 +137,9 @@ def conditioning_prompts(conditioning, text_dim: int) -> torch.Tensor | PromptSc
     if any(f is None for f in frames):
         raise ValueError("conditioning mixes prompt-schedule entries with plain ones: connect One-Forcing Prompt "
                          "Schedule directly (combining it with other conditioning is not supported)")
-    ranges = [PromptRange(int(start), None if end is None else int(end), _entry_embeds(entry, text_dim))
-              for entry, (start, end) in zip(conditioning, frames)]
+    ranges = [PromptRange(int(start), None if end is None else int(end), _entry_embeds(entry, text_dim),
+                          str(entry[1].get(SCHEDULE_TEXT_KEY) or f"prompt {i + 1}"))  # errors name the text
+              for i, (entry, (start, end)) in enumerate(zip(conditioning, frames))]
     return PromptSchedule(ranges)
 
 
@@ -244,13 +245,8 @@ def generate_latents(
     if first.shape[0] not in (1, batch):
         raise ValueError(f"conditioning batch {first.shape[0]} does not match the latent batch {batch}")
     frames_per_block = frames_per_block or model.frames_per_block
-    if isinstance(prompts, PromptSchedule):
-        if any(p.shape[0] != first.shape[0] for p in prompts.prompts):
-            raise ValueError("the prompts of the schedule have different batch sizes")
-        # the pipeline checks this too; here the errors can name the prompts' text
-        texts = [entry[1].get(SCHEDULE_TEXT_KEY) or f"prompt {i + 1}" for i, entry in enumerate(conditioning)]
-        PromptSchedule([PromptRange(r.start, r.end, str(text)) for r, text in zip(prompts.ranges, texts)]) \
-            .latent_switches(length, frames_per_block, 0 if context is None else context.shape[2], VAE_TEMPORAL)
+    if isinstance(prompts, PromptSchedule) and any(p.shape[0] != first.shape[0] for p in prompts.prompts):
+        raise ValueError("the prompts of the schedule have different batch sizes")
     denoising, first_block = TIMESTEP_PRESETS[timesteps]
 
     runtime.check_interrupted(should_stop)
@@ -280,7 +276,7 @@ def generate_latents(
 def _fit_prompts(prompts, text_length: int):
     """Embeddings (or a schedule's) as plain float32 tensors of the model's prompt length."""
     if isinstance(prompts, PromptSchedule):
-        return PromptSchedule([PromptRange(r.start, r.end, fit_text_length(r.prompt.clone(), text_length))
+        return PromptSchedule([PromptRange(r.start, r.end, fit_text_length(r.prompt.clone(), text_length), r.label)
                                for r in prompts.ranges])
     return fit_text_length(prompts.clone(), text_length)
 

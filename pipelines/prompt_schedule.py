@@ -28,11 +28,15 @@ Prompt = str | torch.Tensor  # text, or its embeddings [B, L, text_dim]
 
 @dataclass(frozen=True)
 class PromptRange:
-    """``prompt`` drives video frames ``start .. end - 1`` (``end`` None: until the next range or the video's end)."""
+    """``prompt`` drives video frames ``start .. end - 1`` (``end`` None: until the next range or the video's end).
+
+    ``label``: how error messages name the prompt (e.g. its text, when ``prompt`` holds embeddings).
+    """
 
     start: int
     end: int | None
     prompt: Prompt
+    label: str | None = None
 
 
 def latent_frame_of_video(frame: int, temporal: int = 4) -> int:
@@ -45,10 +49,11 @@ def video_frame_of_latent(latent_frame: int, temporal: int = 4) -> int:
     return 0 if latent_frame <= 0 else temporal * (latent_frame - 1) + 1
 
 
-def _describe(prompt: Prompt) -> str:
-    if isinstance(prompt, torch.Tensor):
-        return f"<embeddings {tuple(prompt.shape)}>"
-    return repr(prompt if len(prompt) <= 40 else prompt[:37] + "...")
+def _describe(prompt_range: PromptRange) -> str:
+    text = prompt_range.label if prompt_range.label is not None else prompt_range.prompt
+    if isinstance(text, torch.Tensor):
+        return f"<embeddings {tuple(text.shape)}>"
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 class PromptSchedule:
@@ -76,29 +81,30 @@ class PromptSchedule:
             end = current.end
             if following is not None:
                 if following.start == current.start:
-                    raise ValueError(f"prompts {_describe(current.prompt)} and {_describe(following.prompt)} overlap: "
+                    raise ValueError(f"prompts {_describe(current)} and {_describe(following)} overlap: "
                                      f"both start at frame {current.start}")
                 if end is None:
                     end = following.start
                 elif end > following.start:
                     raise ValueError(
-                        f"prompt ranges overlap: {_describe(current.prompt)} runs to frame {end - 1} but "
-                        f"{_describe(following.prompt)} starts at frame {following.start}"
+                        f"prompt ranges overlap: {_describe(current)} runs to frame {end - 1} but "
+                        f"{_describe(following)} starts at frame {following.start}"
                     )
                 elif end < following.start:
                     raise ValueError(
                         f"the prompt schedule has a gap: frames {end}..{following.start - 1} have no prompt "
-                        f"({_describe(current.prompt)} ends at {end}, {_describe(following.prompt)} starts at "
+                        f"({_describe(current)} ends at {end}, {_describe(following)} starts at "
                         f"{following.start})"
                     )
-            resolved.append(PromptRange(current.start, end, current.prompt))
+            resolved.append(PromptRange(current.start, end, current.prompt, current.label))
         self.ranges: tuple[PromptRange, ...] = tuple(resolved)
 
     # -- building ------------------------------------------------------------------------------------------------------
     @staticmethod
     def _coerce_range(item) -> PromptRange:
+        label = None
         if isinstance(item, PromptRange):
-            start, end, prompt = item.start, item.end, item.prompt
+            start, end, prompt, label = item.start, item.end, item.prompt, item.label
         elif isinstance(item, Mapping):
             unknown = set(item) - {"start", "end", "prompt"}
             if unknown or "start" not in item or "prompt" not in item:
@@ -121,7 +127,7 @@ class PromptSchedule:
                 raise ValueError(f"prompt embeddings at frame {start} must be [B, L, D], got {tuple(prompt.shape)}")
         else:
             raise ValueError(f"the prompt at frame {start} must be text or embeddings, got {type(prompt).__name__}")
-        return PromptRange(start, end, prompt)
+        return PromptRange(start, end, prompt, label)
 
     @classmethod
     def from_switches(cls, switches: Mapping[int, Prompt]) -> "PromptSchedule":
@@ -200,7 +206,7 @@ class PromptSchedule:
             return
         for r in self.ranges:
             if r.start >= num_frames:
-                raise ValueError(f"prompt switch at frame {r.start} ({_describe(r.prompt)}) is past the end of the "
+                raise ValueError(f"prompt switch at frame {r.start} ({_describe(r)}) is past the end of the "
                                  f"video (frames 0..{num_frames - 1})")
         if last.end is not None and last.end != num_frames:
             what = "have no prompt" if last.end < num_frames else "are past the end of the video"
@@ -238,7 +244,7 @@ class PromptSchedule:
             latent = context + -(-(latent - context) // frames_per_block) * frames_per_block
             if latent_total is not None and latent >= latent_total:
                 raise ValueError(
-                    f"prompt switch at frame {r.start} ({_describe(r.prompt)}) rounds up to the block starting at "
+                    f"prompt switch at frame {r.start} ({_describe(r)}) rounds up to the block starting at "
                     f"video frame {video_frame_of_latent(latent, temporal)}, past the end of the video "
                     f"({num_frames} frames, blocks of {frames_per_block} latent frames)"
                 )
@@ -258,7 +264,7 @@ class PromptSchedule:
 
     def __repr__(self) -> str:
         parts = ", ".join(
-            f"{r.start}..{'' if r.end is None else r.end - 1}: {_describe(r.prompt)}" for r in self.ranges
+            f"{r.start}..{'' if r.end is None else r.end - 1}: {_describe(r)}" for r in self.ranges
         )
         return f"PromptSchedule({parts})"
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loading import CheckpointError, check_state_dict_matches, read_checkpoint_tensors
+from .vae_streaming import BlockStreamDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -317,11 +318,12 @@ def infer_tiny_vae_config(state_dict: Mapping[str, torch.Tensor], path="<state d
                 with_encoder=with_encoder)
 
 
-class TinyWanStreamingDecoder:
+class TinyWanStreamingDecoder(BlockStreamDecoder):
     """Decodes one video block by block with a :class:`TinyWanVAE`; the same interface as ``WanStreamingDecoder``.
 
     ``decode_block`` of consecutive blocks, concatenated in time, equals ``vae.decode`` of all their latents, for any
-    split: each memory block's last input is kept here between blocks (the model itself holds no state).
+    split: each memory block's last input is kept here between blocks (the model itself holds no state). Blocks are
+    normalised latents [B, 16, f, h, w]; the video comes in the tiny VAE's dtype.
     """
 
     def __init__(self, vae: TinyWanVAE):
@@ -330,44 +332,16 @@ class TinyWanStreamingDecoder:
         self.vae = vae
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the stream: the next ``decode_block`` starts a new video."""
-        self._memory: list = [None] * len(self.vae.decoder)
-        self._stream_shape: tuple[int, int, int] | None = None
-        self.latent_frames_decoded = 0
-        self.frames_decoded = 0
+    def _new_state(self) -> list:  # one memory slot per decoder layer
+        return [None] * len(self.vae.decoder)
 
-    @property
-    def first_block(self) -> bool:
-        """True until a block has been decoded since construction or ``reset``."""
-        return self.latent_frames_decoded == 0
+    def _check(self, latents: torch.Tensor) -> None:
+        self.vae._check_latents(latents)
 
     @torch.no_grad()
-    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode the next block of the stream.
-
-        Args:
-            latents: normalised latents [B, 16, f, h, w], f >= 1; batch size and h, w fixed for the whole stream.
-
-        Returns:
-            video [B, 3, T, 8 h, 8 w] in [-1, 1], in the tiny VAE's dtype, with T = 1 + 4 (f - 1) for the stream's
-            first block and 4 f afterwards.
-        """
-        self.vae._check_latents(latents)
-        shape = (latents.shape[0], latents.shape[3], latents.shape[4])
-        if self._stream_shape is not None and shape != self._stream_shape:
-            raise ValueError(
-                f"latents [B, C, f, h, w] = {tuple(latents.shape)} do not continue this stream "
-                f"(batch {self._stream_shape[0]}, h x w = {self._stream_shape[1]} x {self._stream_shape[2]}); "
-                "call reset() to start a new video"
-            )
-        video = self.vae.decode_frames(latents, self._memory)
-        if self.first_block:
-            video = video[:, :, self.vae.frames_to_trim:]
-        self._stream_shape = shape
-        self.latent_frames_decoded += latents.shape[2]
-        self.frames_decoded += video.shape[2]
-        return video
+    def _decode_next(self, latents: torch.Tensor, memory: list, first: bool) -> torch.Tensor:
+        video = self.vae.decode_frames(latents, memory)
+        return video[:, :, self.vae.frames_to_trim:] if first else video
 
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
         """A whole video [B, 16, F, h, w] -> [B, 3, 1 + 4 (F - 1), 8 h, 8 w]; the stream, if any, is left as it was."""

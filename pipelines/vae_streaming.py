@@ -61,7 +61,61 @@ def _prepare_vae(vae: AutoencoderKLWan) -> tuple[torch.device | None, torch.dtyp
     return (None if device.type == "meta" else device), vae.dtype
 
 
-class WanStreamingDecoder:
+class BlockStreamDecoder:
+    """The bookkeeping every block-by-block decoder shares: one video's stream state, its shape and frame counts.
+
+    Subclasses give ``_new_state()`` (the causal memory carried between blocks), ``_check(latents)`` and
+    ``_decode_next(latents, state, first)`` (decode one block, updating ``state``; ``first``: the stream's first block).
+    """
+
+    def reset(self) -> None:
+        """Forget the stream: the next ``decode_block`` starts a new video."""
+        self._state: list = self._new_state()
+        self._stream_shape: tuple[int, int, int] | None = None
+        self.latent_frames_decoded = 0
+        self.frames_decoded = 0
+
+    @property
+    def first_block(self) -> bool:
+        """True until a block has been decoded since construction or ``reset``."""
+        return self.latent_frames_decoded == 0
+
+    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode the next block of the stream.
+
+        Args:
+            latents: normalised latents [B, C, f, h, w], f >= 1. Batch size and h, w must stay the same for the
+                whole stream.
+
+        Returns:
+            video [B, 3, T, s*h, s*w] in [-1, 1] (s = 8 for Wan2.1), in the decoder's dtype, with T = 1 + 4 (f - 1)
+            for the stream's first block and 4 f afterwards.
+        """
+        self._check(latents)
+        shape = (latents.shape[0], latents.shape[3], latents.shape[4])
+        if self._stream_shape is not None and shape != self._stream_shape:
+            raise ValueError(
+                f"latents [B, C, f, h, w] = {tuple(latents.shape)} do not continue this stream "
+                f"(batch {self._stream_shape[0]}, h x w = {self._stream_shape[1]} x {self._stream_shape[2]}); "
+                "call reset() to start a new video"
+            )
+        video = self._decode_next(latents, self._state, first=self.first_block)
+        self._stream_shape = shape
+        self.latent_frames_decoded += latents.shape[2]
+        self.frames_decoded += video.shape[2]
+        return video
+
+    def _new_state(self) -> list:
+        raise NotImplementedError
+
+    def _check(self, latents: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _decode_next(self, latents: torch.Tensor, state: list, first: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class WanStreamingDecoder(BlockStreamDecoder):
     """Decodes one video block by block, keeping the VAE's causal-convolution cache between blocks.
 
     ``decode_block`` of consecutive blocks, concatenated in time, equals ``vae.decode`` of all their (denormalised)
@@ -82,52 +136,15 @@ class WanStreamingDecoder:
         self._stats: dict = {}
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the stream: the next ``decode_block`` starts a new video."""
-        self._feat_cache: list = self._new_cache()
-        self._stream_shape: tuple[int, int, int] | None = None
-        self.latent_frames_decoded = 0
-        self.frames_decoded = 0
-
-    @property
-    def first_block(self) -> bool:
-        """True until a block has been decoded since construction or ``reset``."""
-        return self.latent_frames_decoded == 0
-
-    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode the next block of the stream.
-
-        Args:
-            latents: normalised latents [B, z_dim, f, h, w], f >= 1. Batch size and h, w must stay the same for the
-                whole stream.
-
-        Returns:
-            video [B, 3, T, s*h, s*w] in [-1, 1] (s = ``vae.config.scale_factor_spatial``, 8 for Wan2.1), in the VAE's
-            dtype, with T = 1 + 4 (f - 1) for the stream's first block and 4 f afterwards.
-        """
-        self._check(latents)
-        shape = (latents.shape[0], latents.shape[3], latents.shape[4])
-        if self._stream_shape is not None and shape != self._stream_shape:
-            raise ValueError(
-                f"latents [B, C, f, h, w] = {tuple(latents.shape)} do not continue this stream "
-                f"(batch {self._stream_shape[0]}, h x w = {self._stream_shape[1]} x {self._stream_shape[2]}); "
-                "call reset() to start a new video"
-            )
-        video = self._decode(latents, self._feat_cache, first=self.first_block)
-        self._stream_shape = shape
-        self.latent_frames_decoded += latents.shape[2]
-        self.frames_decoded += video.shape[2]
-        return video
-
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a whole video [B, z_dim, F, h, w] (normalised) -> [B, 3, 1 + 4 (F - 1), s*h, s*w] in [-1, 1].
 
         Uses a fresh cache of its own: the stream of ``decode_block`` calls, if any, is left as it was.
         """
         self._check(latents)
-        return self._decode(latents, self._new_cache(), first=True)
+        return self._decode_next(latents, self._new_state(), first=True)
 
-    def _new_cache(self) -> list:
+    def _new_state(self) -> list:  # the causal-convolution cache
         return [None] * self.vae._cached_conv_counts["decoder"]
 
     def _check(self, latents: torch.Tensor) -> None:
@@ -144,7 +161,7 @@ class WanStreamingDecoder:
         return latents.to(mean.dtype) * std + mean
 
     @torch.no_grad()
-    def _decode(self, latents: torch.Tensor, feat_cache: list, first: bool) -> torch.Tensor:
+    def _decode_next(self, latents: torch.Tensor, feat_cache: list, first: bool) -> torch.Tensor:
         vae = self.vae
         device, dtype = _prepare_vae(vae)
         z = self._denormalize(latents).to(device=device or latents.device, dtype=dtype)

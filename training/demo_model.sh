@@ -13,19 +13,9 @@
 # unpacked pack (default: $RUN/pack). EXTRA: more config overrides for every stage.
 # Afterwards: python -m oneforcing.training.assemble_demo (see its --help) builds models/oneforcing-demo.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-RUN=${RUN_DIR:-/tmp/oneforcing_demo}
-CONFIG=training/configs/demo.json
-PY=${PYTHON:-python}
+source "$(dirname "$0")/demo_lib.sh"  # the repository root as working folder, RUN, CONFIG, PY
 PHASE=${PHASE:?set PHASE=vae, base, students or chunkwise}
 VAE_STAGES=${VAE_STAGES:-1200x64x5x32,800x128x9x12}
-export PYTHONUNBUFFERED=1
-if ! $PY -c "import oneforcing" 2>/dev/null; then
-  mkdir -p /tmp/oneforcing_path && ln -sfn "$ROOT" /tmp/oneforcing_path/oneforcing
-  export PYTHONPATH=/tmp/oneforcing_path${PYTHONPATH:+:$PYTHONPATH}
-fi
-source training/demo_lib.sh
 if [ "$PHASE" = vae ]; then  # tokenizer, text encoder, VAE (trained for VAE_SECONDS at most)
   run_stage parts $PY -m oneforcing.training.demo_components --out "$RUN/parts" --vae-stages "$VAE_STAGES" \
       --vae-max-seconds "${VAE_SECONDS:-420}" --eval-clips 4 --stat-clips 8 ${VAE_INIT:+--vae-init "$VAE_INIT"} ${VAE_ARGS:-}

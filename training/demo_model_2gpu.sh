@@ -13,19 +13,9 @@
 # Time limits (seconds of training per stage; a stopped stage saves its model as final): TEACHER_SECONDS,
 # ODE_INIT_SECONDS, DISTILL_SECONDS. EXTRA: more config overrides for every stage.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-RUN=${RUN_DIR:-/tmp/oneforcing_demo}
-CONFIG=training/configs/demo.json
-PY=${PYTHON:-python}
+source "$(dirname "$0")/demo_lib.sh"  # the repository root as working folder, RUN, CONFIG, PY
 PHASE=${PHASE:?set PHASE=base or students}
 NPROC=${NPROC:-2}
-export PYTHONUNBUFFERED=1
-if ! $PY -c "import oneforcing" 2>/dev/null; then
-  mkdir -p /tmp/oneforcing_path && ln -sfn "$ROOT" /tmp/oneforcing_path/oneforcing
-  export PYTHONPATH=/tmp/oneforcing_path${PYTHONPATH:+:$PYTHONPATH}
-fi
-source training/demo_lib.sh
 $PY -c "import torch; n = torch.cuda.device_count(); assert n >= 2, f'{n} GPUs'; print(n, 'x', torch.cuda.get_device_name())"
 PARTS=$(unpack "${PARTS:-models/oneforcing-demo}" vae)
 TEXT_DIM=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['d_model'])" "$PARTS/text_encoder/config.json")

@@ -303,7 +303,7 @@ def train_distill(config: TrainingConfig, resume: str = "auto") -> dict:
         run.save_checkpoint(step, prepared, {"generator": opt_g, "critic": opt_c},
                             {k: (e, generator) for k, e in emas.items()})
 
-    last = start
+    last, saved = start, False
     for iteration in range(start + 1, section.steps + 1):
         logs: dict[str, float] = {}
         if (iteration - 1) % section.critic_steps_per_generator_step == 0:
@@ -333,13 +333,14 @@ def train_distill(config: TrainingConfig, resume: str = "auto") -> dict:
                                                  section.max_grad_norm)
         run.log(iteration, logs)
         last = iteration
-        if section.save_every and iteration % section.save_every == 0 and iteration < section.steps:
+        saved = bool(section.save_every) and iteration % section.save_every == 0 and iteration < section.steps
+        if saved:
             save(iteration)
         if iteration < section.steps and run.out_of_time(section.max_seconds):
             run.print(f"[distill] stopping at iteration {iteration} of {section.steps}: "
                       f"max_seconds={section.max_seconds} spent")
             break
-    if last > start:
+    if last > start and not saved:  # a stop right after a periodic save has nothing new to save
         save(last)
     run.check_replicas(prepared)
     final_states = {k: e.state_dict() for k, e in emas.items()}

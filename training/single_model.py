@@ -34,7 +34,7 @@ def train_single_model(run: StageRun, model: torch.nn.Module, name: str, optim: 
     def save(step: int) -> None:
         run.save_checkpoint(step, {name: model}, {name: optimizer}, {k: (e, model) for k, e in emas.items()})
 
-    last = start
+    last, saved = start, False
     for step in range(start + 1, optim.steps + 1):
         generator = step_generator(config.seed, step, 0, run.rank, run.device)
         with run.autocast():
@@ -45,12 +45,13 @@ def train_single_model(run: StageRun, model: torch.nn.Module, name: str, optim: 
             ema.update(run.unwrap(model), step)
         run.log(step, {"loss": loss.item(), "grad_norm": grad_norm, **extra})
         last = step
-        if optim.save_every and step % optim.save_every == 0 and step < optim.steps:
+        saved = bool(optim.save_every) and step % optim.save_every == 0 and step < optim.steps
+        if saved:
             save(step)
         if step < optim.steps and run.out_of_time(optim.max_seconds):
             run.print(f"[{run.stage}] stopping at step {step} of {optim.steps}: max_seconds={optim.max_seconds} spent")
             break
-    if last > start:
+    if last > start and not saved:
         save(last)
     run.check_replicas({name: model})
     final_models = {name: model, **{k: model for k in emas}}
