@@ -1,7 +1,7 @@
 """Fused kernels for the hot elementwise work, each beside the plain PyTorch reference that defines it.
 
 ``qk_norm_rope`` (and ``qk_norm_rope_pair``, queries and keys at once), ``adaln_modulate`` and ``gated_residual`` are
-what the transformer calls. On CUDA tensors they run one of three backends:
+what the transformer calls; ``channel_rms_norm`` is the Wan VAE decoder's norm (+ SiLU) on its fast path. On CUDA tensors they run one of three backends:
 
 - ``triton``: the hand-written kernels of :mod:`.triton_kernels` (needs the ``triton`` package);
 - ``compile``: the references compiled by ``torch.compile``;
@@ -29,6 +29,7 @@ __all__ = [
     "BACKENDS",
     "active_kernels",
     "adaln_modulate",
+    "channel_rms_norm",
     "fused_kernels_enabled",
     "gated_residual",
     "qk_norm_rope",
@@ -68,6 +69,7 @@ _resolved: dict[str, str] = {}  # requested choice -> backend in use for CUDA te
 _warned: set[str] = set()
 _triton = None  # the .triton_kernels module once imported
 _compiled: dict[str, object] = {}
+_DYNAMIC = {"channel_rms_norm"}  # kernels called with many shapes: compiled once for all of them
 
 
 # -- selection --------------------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def _dispatch(name: str, x: torch.Tensor, *args):
         if backend in ("triton", "compile") and "compile" not in _problems:
             fn = _compiled.get(name)
             if fn is None:
-                fn = _compiled[name] = torch.compile(getattr(reference, name), dynamic=False)
+                fn = _compiled[name] = torch.compile(getattr(reference, name), dynamic=name in _DYNAMIC)
             try:
                 return fn(x, *args)
             except Exception as err:
@@ -221,3 +223,8 @@ def adaln_modulate(x, shift, scale, eps: float):
 def gated_residual(x, y, gate):
     """See :func:`.reference.gated_residual`."""
     return _dispatch("gated_residual", x, y, gate)
+
+
+def channel_rms_norm(x, gamma, bias, scale: float, silu: bool):
+    """See :func:`.reference.channel_rms_norm`; the Triton backend takes channels-last tensors (others fall back)."""
+    return _dispatch("channel_rms_norm", x, gamma, bias, scale, silu)

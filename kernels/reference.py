@@ -1,4 +1,4 @@
-"""Plain PyTorch definitions of the hot elementwise work in the causal Wan transformer.
+"""Plain PyTorch definitions of the hot elementwise work in the causal Wan transformer and the Wan VAE decoder.
 
 These functions *define* the math. The fused GPU kernels in this package must match them (within the rounding of
 the activation dtype), and the transformer falls back to them wherever a fused kernel is unavailable.
@@ -80,3 +80,23 @@ def qk_norm_rope_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`qk_norm_rope` of queries and keys (each with its own gain); fused versions do both in one launch."""
     return qk_norm_rope(q, weight_q, cos, sin, num_heads, eps), qk_norm_rope(k, weight_k, cos, sin, num_heads, eps)
+
+
+def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                     silu: bool) -> torch.Tensor:
+    """The Wan VAE's RMS norm over channels, ``x / max(||x||_2, 1e-12) * scale * gamma + bias`` (``scale`` is
+    sqrt(C) there), optionally followed by SiLU; computed in float32, rounded once.
+
+    Args:
+        x: [B, C, ...] activations (any memory layout; the output keeps it).
+        gamma: [C] gain. bias: [C] or None.
+    Returns:
+        [B, C, ...] in ``x.dtype``.
+    """
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    out = torch.nn.functional.normalize(x.float(), dim=1) * scale * gamma.float().reshape(view)
+    if bias is not None:
+        out = out + bias.float().reshape(view)
+    if silu:
+        out = torch.nn.functional.silu(out)
+    return out.to(x.dtype)

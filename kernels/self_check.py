@@ -18,7 +18,8 @@ TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 2e-2), torch.f
 
 def check_inputs(device, dtype, batch=2, frames=3, tokens_per_frame=7, heads=3, head_dim=16, seed=0) -> dict:
     """Small random inputs for every kernel: x, y [B, L, C]; shift, scale, gate [B, F, C] float32 strided views;
-    weight_q, weight_k [C]; cos, sin [L, D/2] float32."""
+    weight_q, weight_k [C]; cos, sin [L, D/2] float32; vae_x [B, C', F, L/F, 3] channels-last, vae_gamma, vae_bias
+    [C']."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     width = heads * head_dim
     length = frames * tokens_per_frame
@@ -29,8 +30,14 @@ def check_inputs(device, dtype, batch=2, frames=3, tokens_per_frame=7, heads=3, 
     weight_q = (torch.rand(width, generator=g) + 0.5).to(device, dtype)
     weight_k = (torch.rand(width, generator=g) + 0.5).to(device, dtype)
     angles = torch.rand(length, head_dim // 2, generator=g).to(device) * 6.3
+    # VAE activations [B, C, T, H, W] in channels-last memory order, C not a power of two
+    channels = heads * 5
+    vae_x = torch.randn(batch, frames, tokens_per_frame, 3, channels, generator=g).to(device, dtype)
+    vae_gamma = (torch.rand(channels, generator=g) + 0.5).to(device, dtype)
+    vae_bias = torch.randn(channels, generator=g).to(device, dtype)
     return dict(x=x, y=y, shift=shift, scale=scale, gate=gate, weight_q=weight_q, weight_k=weight_k,
-                cos=angles.cos(), sin=angles.sin(), heads=heads)
+                cos=angles.cos(), sin=angles.sin(), heads=heads, vae_x=vae_x.permute(0, 4, 1, 2, 3),
+                vae_gamma=vae_gamma, vae_bias=vae_bias)
 
 
 def outputs(impl, inputs: dict, eps: float = 1e-6) -> dict[str, torch.Tensor]:
@@ -43,6 +50,8 @@ def outputs(impl, inputs: dict, eps: float = 1e-6) -> dict[str, torch.Tensor]:
         "qk_norm_rope_pair.k": k,
         "adaln_modulate": impl.adaln_modulate(i["x"], i["shift"], i["scale"], eps),
         "gated_residual": impl.gated_residual(i["x"], i["y"], i["gate"]),
+        "channel_rms_norm": impl.channel_rms_norm(i["vae_x"], i["vae_gamma"], None, i["vae_x"].shape[1] ** 0.5, False),
+        "channel_rms_norm.bias_silu": impl.channel_rms_norm(i["vae_x"], i["vae_gamma"], i["vae_bias"], 2.0, True),
     }
 
 

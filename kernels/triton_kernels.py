@@ -1,4 +1,5 @@
-"""Hand-written Triton kernels for the transformer's hot elementwise work; the meaning is :mod:`.reference`'s.
+"""Hand-written Triton kernels for the transformer's (and the VAE decoder's) hot elementwise work; the meaning is
+:mod:`.reference`'s.
 
 Every kernel works one token row per program: the row (the model width C, padded to a power of two and masked) is
 loaded once, reduced in float32 where needed, and written once in the input dtype. Per-frame modulation vectors
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["adaln_modulate", "gated_residual", "qk_norm_rope", "qk_norm_rope_pair"]
+__all__ = ["adaln_modulate", "channel_rms_norm", "gated_residual", "qk_norm_rope", "qk_norm_rope_pair"]
 
 
 # -- kernels ----------------------------------------------------------------------------------------------------------
@@ -130,6 +131,29 @@ def _gated_residual_kernel(
 # -- launchers --------------------------------------------------------------------------------------------------------
 # Launches pass enable_fp_fusion=True explicitly: multiply-adds stay fused (Triton's current default) and Triton 3.9
 # does not warn about that default changing.
+@triton.jit
+def _channel_rms_norm_kernel(
+    x_ptr, out_ptr, gamma_ptr, bias_ptr, rows, channels, scale,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BLOCK_ROWS rows of C channels each (channels contiguous, rows packed) per program."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    ch = tl.arange(0, BLOCK_C)
+    ch_ok = ch < channels
+    ok = (row < rows)[:, None] & ch_ok[None, :]
+    offs = row[:, None] * channels + ch[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.reduce(x * x, 1, _add))
+    inv = scale / tl.maximum(norm, 1e-12)
+    gamma = tl.load(gamma_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    y = x * inv[:, None] * gamma[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))  # SiLU (tl.sigmoid is a jit function: see _row_sum)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def _num_warps(block: int) -> int:
     return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
 
@@ -273,5 +297,37 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
             x, y, gate, out, x.stride(0), x.stride(1), y.stride(0), y.stride(1), gate.stride(0), gate.stride(1),
             length, tokens_per_frame, width,
             BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=True,
+        )
+    return out
+
+
+def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                     silu: bool) -> torch.Tensor:
+    """[B, C, ...] -> same: RMS norm over channels (+ SiLU), see the reference. Takes channels-last tensors only
+    (channels innermost in memory, the rest packed: what the VAE's frame convolutions make); the output has the same
+    strides."""
+    if x.ndim < 2:
+        raise ValueError(f"x must be [B, C, ...], got {tuple(x.shape)}")
+    channels = x.shape[1]
+    if not x.movedim(1, -1).is_contiguous():
+        raise ValueError("channel_rms_norm takes channels-last tensors only")
+    for t, name in ((gamma, "gamma"), (bias, "bias")):
+        if t is not None and t.numel() != channels:
+            raise ValueError(f"{name} must have {channels} values, got shape {tuple(t.shape)}")
+    out = torch.empty_like(x)
+    if not out.movedim(1, -1).is_contiguous():  # empty_like keeps dense strides; this guards odd cases
+        raise ValueError("channel_rms_norm could not allocate a channels-last output")
+    if out.numel() == 0:
+        return out
+    rows = x.numel() // channels
+    block_c = triton.next_power_of_2(channels)
+    block_rows = max(1, min(64, 4096 // block_c))
+    gamma = gamma.reshape(-1).contiguous()
+    bias_arg = gamma if bias is None else bias.reshape(-1).contiguous()
+    with _on_device(x):
+        _channel_rms_norm_kernel[(triton.cdiv(rows, block_rows),)](
+            x, out, gamma, bias_arg, rows, channels, float(scale),
+            HAS_BIAS=bias is not None, SILU=bool(silu), BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+            num_warps=_num_warps(block_rows * block_c), enable_fp_fusion=True,
         )
     return out

@@ -11,9 +11,13 @@ Latents in this package are *normalised*: ``(z - latents_mean) / latents_std`` p
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+from .vae_fast import FastWanDecoding
 
 
 def _check_5d(tensor: torch.Tensor, name: str, channels: int, layout: str) -> None:
@@ -125,14 +129,19 @@ class WanStreamingDecoder(BlockStreamDecoder):
 
     Args:
         vae: the ``AutoencoderKLWan`` (Wan2.1; also the patchified Wan2.2 layout).
+        fast: run the decoder through :class:`.vae_fast.FastWanDecoding` (frame-wise 2-D convolutions, fused norms;
+            the same video within bf16 rounding). None (default): on CUDA only, where it was measured faster, and
+            never while hooks (accelerate's sequential CPU offload, say) sit on the decoder's modules.
     """
 
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae: AutoencoderKLWan, fast: bool | None = None):
         if not isinstance(vae, AutoencoderKLWan):
             raise TypeError(f"vae must be a diffusers AutoencoderKLWan, got {type(vae).__name__}")
         if vae.decoder is None:
             raise ValueError("vae has no decoder")
         self.vae = vae
+        self.fast = fast
+        self._fast_path: FastWanDecoding | None = None
         self._stats: dict = {}
         self.reset()
 
@@ -160,6 +169,16 @@ class WanStreamingDecoder(BlockStreamDecoder):
         mean, std = self._stats[key]
         return latents.to(mean.dtype) * std + mean
 
+    def _decoding(self, device: torch.device):
+        """The context the decoder runs in: the fast path or diffusers' own modules."""
+        if self.fast is False or (self.fast is None and device.type != "cuda"):
+            return contextlib.nullcontext()
+        if not FastWanDecoding.applicable(self.vae.decoder):
+            return contextlib.nullcontext()
+        if self._fast_path is None:
+            self._fast_path = FastWanDecoding(self.vae.decoder)
+        return self._fast_path
+
     @torch.no_grad()
     def _decode_next(self, latents: torch.Tensor, feat_cache: list, first: bool) -> torch.Tensor:
         vae = self.vae
@@ -167,11 +186,12 @@ class WanStreamingDecoder(BlockStreamDecoder):
         z = self._denormalize(latents).to(device=device or latents.device, dtype=dtype)
         x = vae.post_quant_conv(z)
         frames = []
-        for i in range(x.shape[2]):
-            # feat_idx restarts at 0 for every latent frame; first_chunk marks the video's frame 0 (used by Wan2.2).
-            frames.append(
-                vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=first and i == 0)
-            )
+        with self._decoding(z.device):
+            for i in range(x.shape[2]):
+                # feat_idx restarts at 0 for every latent frame; first_chunk marks the video's frame 0 (Wan2.2).
+                frames.append(
+                    vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=first and i == 0)
+                )
         video = torch.cat(frames, dim=2)
         if vae.config.patch_size is not None:
             video = unpatchify(video, patch_size=vae.config.patch_size)

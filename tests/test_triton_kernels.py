@@ -114,6 +114,21 @@ def test_strided_rows(interpreted):
                                reference.adaln_modulate(x, i["shift"], i["scale"], EPS), **FP32)
 
 
+@pytest.mark.parametrize("shape", [(2, 12, 3, 5, 7), (1, 96, 2, 3, 4), (2, 20, 6, 5)])
+@pytest.mark.parametrize("bias,silu", [(False, False), (True, True), (False, True)])
+def test_channel_rms_norm_matches_reference(interpreted, shape, bias, silu):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g).movedim(1, -1).contiguous().movedim(-1, 1)  # channels-last
+    c = shape[1]
+    gamma = torch.rand(c, generator=g) + 0.5
+    b = torch.randn(c, generator=g) if bias else None
+    got = interpreted.channel_rms_norm(x, gamma, b, c**0.5, silu)
+    torch.testing.assert_close(got, reference.channel_rms_norm(x, gamma, b, c**0.5, silu), **FP32)
+    assert got.stride() == x.stride()
+    with pytest.raises(ValueError, match="channels-last"):
+        interpreted.channel_rms_norm(x.contiguous(), gamma, b, 1.0, silu)
+
+
 def test_bad_shapes_are_named(interpreted):
     i = _inputs(1, 3, 5, 2, 16)
     with pytest.raises(ValueError, match="do not split into 2 frames"):

@@ -1,0 +1,207 @@
+"""GPU benchmark of streaming Wan2.1 VAE decoding (random weights: speed does not depend on the values).
+
+Decodes 81 frames at 480x832 block by block (3 latent frames per block, as the chunk-wise pipeline does) through
+diffusers' own modules and through each step of ``pipelines/vae_fast.py`` (frame-wise 2-D convolutions, fused
+norms, bf16 upsampling), with and without cuDNN autotuning and with ``torch.compile``; prints time, convolution
+TFLOP/s, peak memory and the error against a float32 decode. ``--layers`` also times the decoder's main convolution shapes alone.
+
+    python benchmarks/vae_benchmark.py --layers --profile --json vae.json
+    python benchmarks/vae_benchmark.py --variants diffusers+compile,fast+compile --cudnn-benchmark off
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+from rollout_benchmark import cuda_time  # this folder is on sys.path when a script of it runs
+
+# decoder paths: None = diffusers' own modules, else FastWanDecoding's arguments
+VARIANTS = {
+    "diffusers": None,
+    "taps": dict(conv="taps", fuse_norm=False, bf16_upsample=False),
+    "stacked": dict(conv="stacked", fuse_norm=False, bf16_upsample=False),
+    # the fused norm alone sees channels-first activations, which the Triton kernel does not take: the compiled
+    # reference runs instead (recompiling per shape), so this row measures little
+    "norm": dict(conv=None, fuse_norm=True, bf16_upsample=False),
+    "taps+norm": dict(conv="taps", fuse_norm=True, bf16_upsample=False),
+    "fast": dict(conv="taps", fuse_norm=True, bf16_upsample=True),
+    "fast-stacked": dict(conv="stacked", fuse_norm=True, bf16_upsample=True),
+}
+
+
+def conv_flops(vae, run) -> float:
+    """Multiply-add FLOPs (x2) of every convolution the decoder runs during ``run()``."""
+    total = [0.0]
+
+    def hook(module, inputs, output):
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= k
+        total[0] += 2.0 * output.numel() * kernel * module.in_channels // module.groups
+
+    handles = [m.register_forward_hook(hook) for m in vae.decoder.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def layer_shapes(h: int, w: int):
+    """(channels, frames out, height, width) of the decoder's 3x3x3 convolutions, per latent frame decoded."""
+    return [(384, 1, h, w), (384, 2, 2 * h, 2 * w), (192, 4, 4 * h, 4 * w), (96, 4, 8 * h, 8 * w)]
+
+
+def time_layers(h: int, w: int) -> dict:
+    """One causal 3x3x3 convolution (cache of 2 frames) of each main decoder shape, four ways."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from oneforcing.pipelines.vae_fast import _WeightCache, frame_conv
+
+    out = {}
+    for c, t, hh, ww in layer_shapes(h, w):
+        conv = WanCausalConv3d(c, c, 3, padding=1).to("cuda", torch.bfloat16)
+        x = torch.randn(1, c, t, hh, ww, device="cuda", dtype=torch.bfloat16)
+        cache = torch.randn(1, c, 2, hh, ww, device="cuda", dtype=torch.bfloat16)
+        flops = 2.0 * c * c * 27 * t * hh * ww
+        row = {}
+        x_cl, cache_cl = (v.contiguous(memory_format=torch.channels_last_3d) for v in (x, cache))
+        conv_cl = WanCausalConv3d(c, c, 3, padding=1).to("cuda", torch.bfloat16)
+        conv_cl.weight.data = conv_cl.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        runs = {
+            "conv3d": lambda: conv(x, cache),
+            "conv3d_channels_last": lambda: conv_cl(x_cl, cache_cl),
+        }
+        for mode in ("stacked", "taps"):
+            weights = _WeightCache().get(conv, mode, torch.bfloat16)
+            runs[mode] = (lambda m, wts: lambda: frame_conv(conv, x_cl, cache_cl, m, wts))(mode, weights)
+        with torch.no_grad():
+            for name, fn in runs.items():
+                row[name + "_ms"] = round(cuda_time(fn, 3, 10) * 1e3, 3)
+                row[name + "_tflops"] = round(flops / (row[name + "_ms"] / 1e3) / 1e12, 1)
+        out[f"c{c}_t{t}_{hh}x{ww}"] = row
+        print("layer", f"c{c}_t{t}_{hh}x{ww}", json.dumps(row), flush=True)
+    return out
+
+
+def profile_top(fn, rows=15) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = []
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    for e in events[:rows]:
+        table.append({"name": e.key[:90], "ms": round(e.device_time_total / 1e3, 2), "calls": e.count})
+    return table
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--block", type=int, default=3, help="latent frames per decoded block")
+    parser.add_argument("--layers", action="store_true", help="also time single convolutions of the main shapes")
+    parser.add_argument("--variants", default="diffusers,taps,stacked,norm,taps+norm,fast,fast-stacked",
+                        help=f"comma list of {', '.join(VARIANTS)}, each optionally +compile (torch.compile of "
+                             "the decoder)")
+    parser.add_argument("--cudnn-benchmark", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--profile", action="store_true", help="top CUDA kernels of one decode per variant")
+    args = parser.parse_args()
+
+    from diffusers import AutoencoderKLWan
+
+    from oneforcing.pipelines.vae_fast import FastWanDecoding
+    from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+
+    latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "frames": args.frames,
+               "size": f"{args.width}x{args.height}", "block": args.block}
+    if args.layers:
+        results["layers"] = time_layers(h, w)
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKLWan().to(torch.bfloat16).eval()
+    latents = torch.randn(1, 16, latent_frames, h, w, device="cuda", dtype=torch.bfloat16)
+
+    def stream(decoder):
+        def run():
+            decoder.reset()
+            videos = []
+            with torch.no_grad():
+                for s in range(0, latent_frames, args.block):
+                    videos.append(decoder.decode_block(latents[:, :, s:s + args.block]))
+            return videos
+        return run
+
+    flops = conv_flops(vae, stream(WanStreamingDecoder(vae, fast=False)))
+    results["conv_tflop"] = round(flops / 1e12, 1)
+    # float32 reference (TF32 off) for the error of every bf16 variant
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    vae32 = AutoencoderKLWan().to("cuda").eval()
+    vae32.load_state_dict(vae.state_dict())
+    with torch.no_grad():
+        reference = WanStreamingDecoder(vae32, fast=False).decode_all(latents.float())
+    del vae32
+    torch.cuda.empty_cache()
+    torch.backends.cudnn.allow_tf32 = True
+    print(json.dumps(results), flush=True)
+
+    def measure(name, decoder):
+        run = stream(decoder)
+        t0 = time.perf_counter()
+        video = torch.cat(run(), dim=2)  # first call: includes any compile / autotuning
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        err = (video.float() - reference).abs()
+        torch.cuda.reset_peak_memory_stats()
+        seconds = cuda_time(run, 1, 3)
+        row = {"s": round(seconds, 4), "first_call_s": round(first_s, 2), "conv_tflops": round(flops / seconds / 1e12, 1),
+               "frames_per_s": round(args.frames / seconds, 1),
+               "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               "max_err_vs_fp32": round(err.max().item(), 4), "mean_err_vs_fp32": round(err.mean().item(), 5)}
+        if args.profile:
+            row["top_kernels"] = profile_top(run)
+        results[name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.cudnn_benchmark]
+    for benchmark_mode in modes:
+        torch.backends.cudnn.benchmark = benchmark_mode
+        for variant in args.variants.split(","):
+            path = variant.removesuffix("+compile")
+            compiled = path != variant
+            if path not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)} (+compile)")
+            name = f"{variant}{'/cudnn_benchmark' if benchmark_mode else ''}"
+            fast = FastWanDecoding(vae.decoder, **VARIANTS[path]) if VARIANTS[path] is not None else None
+            eager = vae.decoder
+            if compiled:
+                torch._dynamo.reset()
+                vae.decoder = torch.compile(eager)  # after FastWanDecoding collected the eager modules
+            try:
+                with fast or contextlib.nullcontext():
+                    measure(name, WanStreamingDecoder(vae, fast=False))
+            except Exception as err:  # report and go on: whether compile copes is part of what is measured
+                results[name] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+                print(name, results[name], flush=True)
+            finally:
+                vae.decoder = eager
+    torch.backends.cudnn.benchmark = False
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
