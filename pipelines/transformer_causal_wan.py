@@ -295,8 +295,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         # self-attention
         attn = block.attn1
         h = kernels.adaln_modulate(x, shift1, scale1, eps)
-        q = kernels.qk_norm_rope(attn.to_q(h), attn.norm_q.weight, cos, sin, heads, eps)
-        k = kernels.qk_norm_rope(attn.to_k(h), attn.norm_k.weight, cos, sin, heads, eps)
+        q, k = kernels.qk_norm_rope_pair(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, cos, sin,
+                                         heads, eps)
         v = attn.to_v(h).view(batch, length, heads, -1)
         if kv_cache is not None:
             k, v = kv_cache.attend(index, k, v, commit_frames)
