@@ -109,8 +109,9 @@ def build_vae():
 
 
 def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, h, w, make_decoder=None,
-                on_frames=None, fuse=True):
-    """One rollout; with ``make_decoder`` (() -> a streaming decoder) each block is decoded as soon as it exists."""
+                on_frames=None, fuse=True, overlap=False):
+    """One rollout; with ``make_decoder`` (() -> a streaming decoder) each block is decoded as soon as it exists,
+    with ``overlap`` on a second CUDA stream, so that block i's decode runs beside block i+1's transformer passes."""
     from oneforcing import causal_rollout
 
     gen = torch.Generator("cuda").manual_seed(0)
@@ -120,29 +121,44 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
     with torch.no_grad():
         for block in causal_rollout(model, scheduler, noise, text, frames_per_block=frames_per_block,
                                     first_block_timesteps=first_steps, generator=gen, fuse_context_pass=fuse):
-            if decoder is not None:
-                video = decoder.decode_block(block.latents.to(torch.bfloat16))
-                if on_frames is not None:
-                    on_frames(video)
+            if decoder is None:
+                continue
+            latents = block.latents.to(torch.bfloat16)
+            if overlap:
+                side = side_stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    latents.record_stream(side)
+                    video = decoder.decode_block(latents)
+            else:
+                video = decoder.decode_block(latents)
+            if on_frames is not None:
+                on_frames(video)
+    if overlap and decoder is not None:
+        torch.cuda.current_stream().wait_stream(side_stream())
 
 
-def time_vae_variants(vae, latent_frames, h, w) -> dict:
-    """Streaming decode of a whole video in 3-frame blocks, with and without cuDNN autotuning."""
-    from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+_SIDE = []
 
-    latents = torch.randn(1, 16, latent_frames, h, w, device="cuda", dtype=torch.bfloat16)
 
-    def decode():
-        decoder = WanStreamingDecoder(vae)
-        for s in range(0, latent_frames, 3):
-            decoder.decode_block(latents[:, :, s:s + 3])
+def side_stream() -> torch.cuda.Stream:
+    if not _SIDE:
+        _SIDE.append(torch.cuda.Stream())
+    return _SIDE[0]
 
-    out = {}
-    for name, benchmark_mode in (("default", False), ("cudnn_benchmark", True)):
-        torch.backends.cudnn.benchmark = benchmark_mode
-        out[name] = round(cuda_time(decode, 1, 3), 4)
-    torch.backends.cudnn.benchmark = False
-    return out
+
+def gpu_busy(fn) -> dict:
+    """Kernel time vs wall time of one ``fn()`` (one stream): how much a CUDA graph could still save in launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    return {"kernel_s": round(kernels, 4), "wall_s": round(wall, 4), "busy_fraction": round(kernels / wall, 3)}
 
 
 def wall_time(fn, device, warmup=1, repeat=3) -> float:
@@ -183,7 +199,8 @@ def time_tiny_vae(latent_frames, h, w, device="cuda", dtype=torch.bfloat16, repe
         return run
 
     runs = {
-        "wan_vae_stream3_s": stream(WanStreamingDecoder(vae), 3),
+        "wan_vae_stream3_s": stream(WanStreamingDecoder(vae, fast=False), 3),  # diffusers' own decoder path
+        "wan_vae_fast_stream3_s": stream(WanStreamingDecoder(vae, fast=True), 3),
         "tiny_vae_whole_s": lambda: tiny.decode(latents),
         "tiny_vae_stream1_s": stream(TinyWanStreamingDecoder(tiny), 1),
         "tiny_vae_stream3_s": stream(TinyWanStreamingDecoder(tiny), 3),
@@ -213,10 +230,16 @@ def main():
     parser.add_argument("--compile-kernels", action="store_true",
                         help="also time a variant with fused elementwise kernels (on by default on CUDA since then)")
     parser.add_argument("--unfused", action="store_true", help="also time separate clean-context passes")
-    parser.add_argument("--vae-variants", action="store_true", help="time streaming VAE decode settings")
     parser.add_argument("--tiny-vae", action="store_true",
                         help="only time decoders: the Wan VAE vs a full-size tiny TAEHV VAE on the same latents")
     parser.add_argument("--device", default="cuda", help="with --tiny-vae: where to decode (cpu works, slowly)")
+    parser.add_argument("--vae-path", choices=("fast", "diffusers"), default="fast",
+                        help="the Wan VAE decoder through the package's fast path (the default on CUDA) or "
+                             "diffusers' own modules")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also time end to end with each block decoded on a second CUDA stream")
+    parser.add_argument("--busy", action="store_true",
+                        help="also profile one transformer rollout: GPU kernel time / wall time (launch gaps)")
     parser.add_argument("--decoder", choices=("wan", "tiny"), default="wan",
                         help="end-to-end runs decode with the Wan VAE or a full-size tiny TAEHV VAE (random weights)")
     args = parser.parse_args()
@@ -280,7 +303,7 @@ def main():
     from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
-    vae = build_vae() if args.decoder == "wan" or args.vae_variants else None  # resident weights count in peak memory
+    vae = build_vae() if args.decoder == "wan" else None  # resident weights count in peak memory
     if args.decoder == "tiny":
         torch.manual_seed(0)
         tiny = TinyWanVAE(with_encoder=False).to("cuda", torch.bfloat16).eval()
@@ -289,13 +312,10 @@ def main():
             return TinyWanStreamingDecoder(tiny)
     else:
         def make_decoder():
-            return WanStreamingDecoder(vae)
-    results["decoder"] = args.decoder
+            return WanStreamingDecoder(vae, fast=args.vae_path == "fast")
+    results["decoder"] = args.decoder if args.decoder == "tiny" else f"wan/{args.vae_path}"
     with torch.no_grad():  # first-call cuDNN set-up must not count as time to the first frame
         make_decoder().decode_block(torch.zeros(1, 16, 2, h, w, device="cuda", dtype=torch.bfloat16))
-    if args.vae_variants:
-        results["vae"] = time_vae_variants(vae, latent_frames, h, w)
-        print("vae", json.dumps(results["vae"]), flush=True)
     for backend, compiled, fuse in variants:
         model.set_attention_backend(backend)
         if compiled:
@@ -324,7 +344,9 @@ def main():
             run_rollout(model, scheduler, fpb, first, latent_frames, h, w, make_decoder=make_decoder, on_frames=note,
                         fuse=fuse)
             torch.cuda.synchronize()
-            total = time.perf_counter() - t0
+            first_frame_s = first_frame["t"] - t0
+            total = cuda_time(lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w,
+                                                  make_decoder=make_decoder, fuse=fuse), 0, 3)
             results[name] = {
                 "transformer_s": round(transformer_s, 4),
                 "roofline_s": round(roofline, 4),
@@ -332,9 +354,18 @@ def main():
                 "end_to_end_s": round(total, 4),
                 "vae_s_estimate": round(total - transformer_s, 4),
                 "frames_per_s": round(args.frames / total, 2),
-                "first_frame_s": round(first_frame["t"] - t0, 4),
+                "first_frame_s": round(first_frame_s, 4),
                 "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             }
+            if args.busy:
+                results[name]["transformer_gpu_busy"] = gpu_busy(
+                    lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse))
+            if args.overlap:
+                overlapped = cuda_time(lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w,
+                                                           make_decoder=make_decoder, fuse=fuse, overlap=True), 1, 3)
+                results[name]["overlap_end_to_end_s"] = round(overlapped, 4)
+                results[name]["overlap_frames_per_s"] = round(args.frames / overlapped, 2)
+                results[name]["overlap_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             print(name, json.dumps(results[name]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
