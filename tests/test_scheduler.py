@@ -61,3 +61,17 @@ def test_config_round_trip(tmp_path):
     again = OneForcingScheduler.from_pretrained(tmp_path)
     assert list(again.config.denoising_timesteps) == [1000, 500] and again.config.shift == 3.0
     assert torch.equal(again.block_timesteps(0), s.block_timesteps(0))
+
+
+def test_scalar_timesteps_stay_on_the_host_and_give_the_same_numbers():
+    """A Python-number timestep becomes a 0-d CPU tensor, which GPU arithmetic takes as a scalar: no host-to-device
+    copy (each one synchronised the host with the GPU once per denoising step). Same values as a per-sample tensor."""
+    s = OneForcingScheduler()
+    g = torch.Generator().manual_seed(0)
+    sample, flow, noise = (torch.randn(2, 4, 3, 5, 6, generator=g) for _ in range(3))
+    sigma = s._sigma_like(731.25, sample)
+    assert sigma.ndim == 0 and sigma.device.type == "cpu" and sigma.dtype == torch.float32
+    per_sample = torch.full((2,), 731.25)
+    assert torch.equal(s.x0_from_flow(sample, flow, 731.25), s.x0_from_flow(sample, flow, per_sample))
+    assert torch.equal(s.add_noise(sample, noise, 731.25), s.add_noise(sample, noise, per_sample))
+    assert torch.equal(s.add_noise(sample, noise, torch.tensor(731.25)), s.add_noise(sample, noise, 731.25))
