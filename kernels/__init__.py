@@ -1,7 +1,8 @@
 """Fused kernels for the hot elementwise work, each beside the plain PyTorch reference that defines it.
 
 ``qk_norm_rope`` (and ``qk_norm_rope_pair``, queries and keys at once), ``adaln_modulate`` and ``gated_residual`` are
-what the transformer calls; ``channel_rms_norm`` is the Wan VAE decoder's norm (+ SiLU) on its fast path. On CUDA tensors they run one of three backends:
+what the transformer calls; ``channel_rms_norm`` is the Wan VAE decoder's norm (+ SiLU) on its fast path. On CUDA
+tensors they run one of three backends:
 
 - ``triton``: the hand-written kernels of :mod:`.triton_kernels` (needs the ``triton`` package);
 - ``compile``: the references compiled by ``torch.compile``;

@@ -4,7 +4,8 @@
 Every kernel works one token row per program: the row (the model width C, padded to a power of two and masked) is
 loaded once, reduced in float32 where needed, and written once in the input dtype. Per-frame modulation vectors
 ([B, F, C], any strides with a unit last stride) are indexed by ``token // (L // F)``, so nothing is broadcast in
-memory.
+memory. The VAE's channel norm is the exception: its rows (one pixel's 96-384 channels) are short, so a program takes a
+tile of them.
 
 This module imports only torch and triton (no package-relative imports), so a test can load a second copy of the
 file under ``TRITON_INTERPRET=1`` and run the same kernels on CPU tensors.
@@ -128,9 +129,6 @@ def _gated_residual_kernel(
     tl.store(out_ptr + row * width + cols, (x + y * gate).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# -- launchers --------------------------------------------------------------------------------------------------------
-# Launches pass enable_fp_fusion=True explicitly: multiply-adds stay fused (Triton's current default) and Triton 3.9
-# does not warn about that default changing.
 @triton.jit
 def _channel_rms_norm_kernel(
     x_ptr, out_ptr, gamma_ptr, bias_ptr, rows, channels, scale,
@@ -154,6 +152,9 @@ def _channel_rms_norm_kernel(
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+# -- launchers --------------------------------------------------------------------------------------------------------
+# Launches pass enable_fp_fusion=True explicitly: multiply-adds stay fused (Triton's current default) and Triton 3.9
+# does not warn about that default changing.
 def _num_warps(block: int) -> int:
     return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
 

@@ -145,11 +145,13 @@ class OneForcingScheduler(SchedulerMixin, ConfigMixin):
     @staticmethod
     def _sigma_like(timestep, like: torch.Tensor):
         """sigma broadcast over [B, C, F, H, W]: a scalar, [B] or [B, F] timestep."""
-        if not isinstance(timestep, torch.Tensor) or (timestep.ndim == 0 and timestep.device.type == "cpu"):
+        if isinstance(timestep, (int, float)) or (
+            isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and timestep.device.type == "cpu"
+        ):
             # a 0-d CPU tensor joins GPU arithmetic as a scalar: no host-to-device copy, which would synchronise
             # the host with the GPU on every denoising step
             return torch.as_tensor(timestep, dtype=torch.float32) / 1000.0
-        t = timestep.to(dtype=torch.float32, device=like.device)
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=like.device)
         if t.ndim == 1:
             t = t[:, None, None, None, None]
         elif t.ndim == 2:

@@ -75,3 +75,5 @@ def test_scalar_timesteps_stay_on_the_host_and_give_the_same_numbers():
     assert torch.equal(s.x0_from_flow(sample, flow, 731.25), s.x0_from_flow(sample, flow, per_sample))
     assert torch.equal(s.add_noise(sample, noise, 731.25), s.add_noise(sample, noise, per_sample))
     assert torch.equal(s.add_noise(sample, noise, torch.tensor(731.25)), s.add_noise(sample, noise, 731.25))
+    # per-sample lists still broadcast over the batch
+    assert torch.equal(s.x0_from_flow(sample, flow, [731.25, 731.25]), s.x0_from_flow(sample, flow, per_sample))
