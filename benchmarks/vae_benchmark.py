@@ -3,7 +3,8 @@
 Decodes 81 frames at 480x832 block by block (3 latent frames per block, as the chunk-wise pipeline does) through
 diffusers' own modules and through each step of ``pipelines/vae_fast.py`` (frame-wise 2-D convolutions, fused
 norms, bf16 upsampling), with and without cuDNN autotuning and with ``torch.compile``; prints time, convolution
-TFLOP/s, peak memory and the error against a float32 decode. ``--layers`` also times the decoder's main convolution shapes alone.
+TFLOP/s, peak memory and the error against a float32 decode. ``--layers`` also times the decoder's main convolution
+shapes alone.
 
     python benchmarks/vae_benchmark.py --layers --profile --json vae.json
     python benchmarks/vae_benchmark.py --variants diffusers+compile,fast+compile --cudnn-benchmark off
@@ -166,8 +167,8 @@ def main():
         err = (video.float() - reference).abs()
         torch.cuda.reset_peak_memory_stats()
         seconds = cuda_time(run, 1, 3)
-        row = {"s": round(seconds, 4), "first_call_s": round(first_s, 2), "conv_tflops": round(flops / seconds / 1e12, 1),
-               "frames_per_s": round(args.frames / seconds, 1),
+        row = {"s": round(seconds, 4), "first_call_s": round(first_s, 2),
+               "conv_tflops": round(flops / seconds / 1e12, 1), "frames_per_s": round(args.frames / seconds, 1),
                "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                "max_err_vs_fp32": round(err.max().item(), 4), "mean_err_vs_fp32": round(err.mean().item(), 5)}
         if args.profile:

@@ -62,7 +62,7 @@ def test_frame_conv_rejects_an_unknown_mode():
         FastWanDecoding(torch.nn.Sequential(conv), conv="winograd")
 
 
-# -- the norm -----------------------------------------------------------------------------------------------------------
+# -- the norm ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("images", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_channel_rms_norm_reference_equals_wan_rms_norm(images, bias):
@@ -80,7 +80,7 @@ def test_channel_rms_norm_reference_equals_wan_rms_norm(images, bias):
                                    torch.nn.functional.silu(norm(x)), **TIGHT)
 
 
-# -- the whole decoder --------------------------------------------------------------------------------------------------
+# -- the whole decoder ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [dict(), dict(conv="stacked"), dict(conv=None), dict(fuse_norm=False),
                                      dict(bf16_upsample=False)])
 def test_fast_decode_equals_diffusers_decode(vae, latents, options):
