@@ -64,7 +64,10 @@ class _WeightCache:
     def get(self, conv: torch.nn.Module, mode: str, dtype: torch.dtype) -> list[torch.Tensor]:
         """``mode``: "taps" or "stacked" for a causal 3-D convolution, "2d" for a plain 2-D one."""
         w = conv.weight
-        key = (mode, w.data_ptr(), w._version, w.device, dtype)
+        # inference tensors (weights loaded under torch.inference_mode, as ComfyUI does) keep no version counter;
+        # a new parameter still shows as a new data pointer
+        version = None if w.is_inference() else w._version
+        key = (mode, w.data_ptr(), version, w.device, dtype)
         if key != self._key:
             w = w.detach().to(dtype)
             if mode == "2d":

@@ -130,11 +130,12 @@ class WanStreamingDecoder(BlockStreamDecoder):
     Args:
         vae: the ``AutoencoderKLWan`` (Wan2.1; also the patchified Wan2.2 layout).
         fast: run the decoder through :class:`.vae_fast.FastWanDecoding` (frame-wise 2-D convolutions, fused norms;
-            the same video within bf16 rounding). None (default): on CUDA only, where it was measured faster, and
-            never while hooks (accelerate's sequential CPU offload, say) sit on the decoder's modules.
+            the same video within rounding; on an H200 1.9x faster, on CPU up to 6x for small VAEs), whenever no
+            hooks (accelerate's sequential CPU offload, say) sit on the decoder's modules; False: diffusers' own
+            modules.
     """
 
-    def __init__(self, vae: AutoencoderKLWan, fast: bool | None = None):
+    def __init__(self, vae: AutoencoderKLWan, fast: bool = True):
         if not isinstance(vae, AutoencoderKLWan):
             raise TypeError(f"vae must be a diffusers AutoencoderKLWan, got {type(vae).__name__}")
         if vae.decoder is None:
@@ -169,11 +170,9 @@ class WanStreamingDecoder(BlockStreamDecoder):
         mean, std = self._stats[key]
         return latents.to(mean.dtype) * std + mean
 
-    def _decoding(self, device: torch.device):
+    def _decoding(self):
         """The context the decoder runs in: the fast path or diffusers' own modules."""
-        if self.fast is False or (self.fast is None and device.type != "cuda"):
-            return contextlib.nullcontext()
-        if not FastWanDecoding.applicable(self.vae.decoder):
+        if self.fast is False or not FastWanDecoding.applicable(self.vae.decoder):
             return contextlib.nullcontext()
         if self._fast_path is None:
             self._fast_path = FastWanDecoding(self.vae.decoder)
@@ -186,7 +185,7 @@ class WanStreamingDecoder(BlockStreamDecoder):
         z = self._denormalize(latents).to(device=device or latents.device, dtype=dtype)
         x = vae.post_quant_conv(z)
         frames = []
-        with self._decoding(z.device):
+        with self._decoding():
             for i in range(x.shape[2]):
                 # feat_idx restarts at 0 for every latent frame; first_chunk marks the video's frame 0 (Wan2.2).
                 frames.append(

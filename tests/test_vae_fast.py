@@ -127,11 +127,19 @@ def test_changed_weights_are_picked_up(latents):
     assert not torch.allclose(first, decoder.decode_all(latents))
 
 
-def test_streaming_decoder_chooses_the_fast_path_on_cuda_only(vae, latents):
-    # CPU default: diffusers' own modules, bit for bit what vae.decode gives
+def test_streaming_decoder_takes_the_fast_path_by_default(vae, latents, monkeypatch):
+    from oneforcing.pipelines import vae_fast
+
+    calls = []
+    real = vae_fast.frame_conv
+    monkeypatch.setattr(vae_fast, "frame_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
     auto = WanStreamingDecoder(vae).decode_all(latents)
-    assert torch.equal(auto, WanStreamingDecoder(vae, fast=False).decode_all(latents))
-    torch.testing.assert_close(WanStreamingDecoder(vae, fast=True).decode_all(latents), auto, **TIGHT)
+    assert calls
+    assert torch.equal(auto, WanStreamingDecoder(vae, fast=True).decode_all(latents))
+    calls.clear()
+    plain = WanStreamingDecoder(vae, fast=False).decode_all(latents)
+    assert not calls
+    torch.testing.assert_close(auto, plain, **TIGHT)
 
 
 @cuda
@@ -141,7 +149,7 @@ def test_gpu_fast_decode_is_as_close_to_float32_as_diffusers_bf16():
     want = WanStreamingDecoder(vae, fast=False).decode_all(latents)  # float32
     vae16 = _vae(seed=4, base_dim=32).cuda().to(torch.bfloat16)
     plain = WanStreamingDecoder(vae16, fast=False).decode_all(latents.bfloat16()).float()
-    fast = WanStreamingDecoder(vae16).decode_all(latents.bfloat16()).float()  # the CUDA default: fast
+    fast = WanStreamingDecoder(vae16).decode_all(latents.bfloat16()).float()  # the default: fast
     plain_err, fast_err = (plain - want).abs().mean(), (fast - want).abs().mean()
     assert fast_err < 1.25 * plain_err + 1e-4, (fast_err, plain_err)
     assert (fast - want).abs().max() < 0.1
@@ -200,4 +208,16 @@ def test_wan22_layout_on_the_fast_path():
     decoder = WanStreamingDecoder(vae, fast=True)
     got = torch.cat([decoder.decode_block(latents[:, :, :1]), decoder.decode_block(latents[:, :, 1:])], 2)
     assert got.shape == want.shape == (1, 3, 9, 32, 32)
+    torch.testing.assert_close(got, want, **TIGHT)
+
+
+def test_weights_made_under_inference_mode(latents):
+    """ComfyUI loads models under torch.inference_mode: their weights are inference tensors (no version counter)."""
+    with torch.inference_mode():
+        vae = _vae(seed=7)
+        lat = latents.clone()
+        want = WanStreamingDecoder(vae, fast=False).decode_all(lat)
+        decoder = WanStreamingDecoder(vae)
+        got = torch.cat([decoder.decode_block(lat[:, :, :2]), decoder.decode_block(lat[:, :, 2:])], 2)
+    assert vae.decoder.conv_in.weight.is_inference()
     torch.testing.assert_close(got, want, **TIGHT)
