@@ -1,4 +1,4 @@
-"""GPU benchmark of streaming Wan2.1 VAE decoding (random weights: speed does not depend on the values).
+"""Benchmark of streaming Wan2.1 VAE decoding, on a GPU (random weights: speed does not depend on the values) or CPU.
 
 Decodes 81 frames at 480x832 block by block (3 latent frames per block, as the chunk-wise pipeline does) through
 diffusers' own modules and through each step of ``pipelines/vae_fast.py`` (frame-wise 2-D convolutions, fused
@@ -8,6 +8,8 @@ shapes alone.
 
     python benchmarks/vae_benchmark.py --layers --profile --json vae.json
     python benchmarks/vae_benchmark.py --variants diffusers+compile,fast+compile --cudnn-benchmark off
+    python benchmarks/vae_benchmark.py --device cpu --vae models/oneforcing-demo/vae --height 128 --width 128 \
+        --variants diffusers,fast --cudnn-benchmark off   # the demo model's VAE on CPU
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import time
 
 import torch
-from rollout_benchmark import cuda_time  # this folder is on sys.path when a script of it runs
+from rollout_benchmark import cuda_time, wall_time  # this folder is on sys.path when a script of it runs
 
 # decoder paths: None = diffusers' own modules, else FastWanDecoding's arguments
 VARIANTS = {
@@ -91,17 +93,20 @@ def time_layers(h: int, w: int) -> dict:
     return out
 
 
-def profile_top(fn, rows=15) -> list:
+def profile_top(fn, cuda: bool, rows=15) -> list:
+    """The kernels (CUDA) or operators (CPU) that take most of one ``fn()``."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         fn()
-        torch.cuda.synchronize()
-    table = []
-    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-    for e in events[:rows]:
-        table.append({"name": e.key[:90], "ms": round(e.device_time_total / 1e3, 2), "calls": e.count})
-    return table
+        if cuda:
+            torch.cuda.synchronize()
+
+    def spent(e):
+        return e.device_time_total if cuda else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=spent, reverse=True)
+    return [{"name": e.key[:90], "ms": round(spent(e) / 1e3, 2), "calls": e.count} for e in events[:rows]]
 
 
 def main():
@@ -117,6 +122,10 @@ def main():
                              "the decoder)")
     parser.add_argument("--cudnn-benchmark", choices=("off", "on", "both"), default="both")
     parser.add_argument("--profile", action="store_true", help="top CUDA kernels of one decode per variant")
+    parser.add_argument("--device", default="cuda", help="cuda (bf16) or cpu (float32)")
+    parser.add_argument("--vae", default=None,
+                        help="a diffusers AutoencoderKLWan folder (e.g. models/oneforcing-demo/vae); default: the "
+                             "Wan2.1 VAE's architecture with random weights")
     args = parser.parse_args()
 
     from diffusers import AutoencoderKLWan
@@ -124,16 +133,32 @@ def main():
     from oneforcing.pipelines.vae_fast import FastWanDecoding
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.layers and not cuda:
+        raise SystemExit("--layers needs --device cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def build_vae(dtype):
+        torch.manual_seed(0)
+        if args.vae:
+            return AutoencoderKLWan.from_pretrained(args.vae).to(device, dtype).eval()
+        with device:
+            return AutoencoderKLWan().to(dtype).eval()
+
     latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "frames": args.frames,
-               "size": f"{args.width}x{args.height}", "block": args.block}
+    results = {"device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads",
+               "torch": torch.__version__, "vae": args.vae or "Wan2.1 architecture, random weights",
+               "dtype": str(dtype), "frames": args.frames, "size": f"{args.width}x{args.height}", "block": args.block}
     if args.layers:
         results["layers"] = time_layers(h, w)
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        vae = AutoencoderKLWan().to(torch.bfloat16).eval()
-    latents = torch.randn(1, 16, latent_frames, h, w, device="cuda", dtype=torch.bfloat16)
+    vae = build_vae(dtype)
+    latents = torch.randn(1, vae.config.z_dim, latent_frames, h, w, device=device, dtype=dtype)
 
     def stream(decoder):
         def run():
@@ -149,12 +174,13 @@ def main():
     results["conv_tflop"] = round(flops / 1e12, 1)
     # float32 reference (TF32 off) for the error of every bf16 variant
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    vae32 = AutoencoderKLWan().to("cuda").eval()
+    vae32 = build_vae(torch.float32)
     vae32.load_state_dict(vae.state_dict())
     with torch.no_grad():
         reference = WanStreamingDecoder(vae32, fast=False).decode_all(latents.float())
     del vae32
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     torch.backends.cudnn.allow_tf32 = True
     print(json.dumps(results), flush=True)
 
@@ -162,17 +188,18 @@ def main():
         run = stream(decoder)
         t0 = time.perf_counter()
         video = torch.cat(run(), dim=2)  # first call: includes any compile / autotuning
-        torch.cuda.synchronize()
+        sync()
         first_s = time.perf_counter() - t0
         err = (video.float() - reference).abs()
-        torch.cuda.reset_peak_memory_stats()
-        seconds = cuda_time(run, 1, 3)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds = wall_time(run, device, 1, 3)
         row = {"s": round(seconds, 4), "first_call_s": round(first_s, 2),
-               "conv_tflops": round(flops / seconds / 1e12, 1), "frames_per_s": round(args.frames / seconds, 1),
-               "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               "conv_tflops": round(flops / seconds / 1e12, 2), "frames_per_s": round(args.frames / seconds, 1),
+               "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                "max_err_vs_fp32": round(err.max().item(), 4), "mean_err_vs_fp32": round(err.mean().item(), 5)}
         if args.profile:
-            row["top_kernels"] = profile_top(run)
+            row["top_kernels"] = profile_top(run, cuda)
         results[name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
 
