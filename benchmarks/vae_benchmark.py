@@ -22,7 +22,7 @@ import time
 import torch
 from rollout_benchmark import cuda_time, wall_time  # this folder is on sys.path when a script of it runs
 
-# decoder paths: None = diffusers' own modules, else FastWanDecoding's arguments
+# decoder paths: None = diffusers' own modules, else WanFastPath's arguments
 VARIANTS = {
     "diffusers": None,
     "taps": dict(conv="taps", fuse_norm=False, bf16_upsample=False),
@@ -130,7 +130,7 @@ def main():
 
     from diffusers import AutoencoderKLWan
 
-    from oneforcing.pipelines.vae_fast import FastWanDecoding
+    from oneforcing.pipelines.vae_fast import WanFastPath
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
     device = torch.device(args.device)
@@ -212,11 +212,11 @@ def main():
             if path not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)} (+compile)")
             name = f"{variant}{'/cudnn_benchmark' if benchmark_mode else ''}"
-            fast = FastWanDecoding(vae.decoder, **VARIANTS[path]) if VARIANTS[path] is not None else None
+            fast = WanFastPath(vae.decoder, **VARIANTS[path]) if VARIANTS[path] is not None else None
             eager = vae.decoder
             if compiled:
                 torch._dynamo.reset()
-                vae.decoder = torch.compile(eager)  # after FastWanDecoding collected the eager modules
+                vae.decoder = torch.compile(eager)  # after WanFastPath collected the eager modules
             try:
                 with fast or contextlib.nullcontext():
                     measure(name, WanStreamingDecoder(vae, fast=False))

@@ -1,4 +1,4 @@
-"""A faster way to run diffusers' Wan VAE decoder, computing the same function (within bf16 rounding).
+"""A faster way to run diffusers' Wan VAE decoder and encoder, computing the same function (within rounding).
 
 Measured on an H200 (``benchmarks/vae_benchmark.py``, 81 frames at 480x832, bf16), most of diffusers' decode time is
 not convolution arithmetic: its 3-D convolutions run on NCDHW tensors that cuDNN transposes to NDHWC and back around
@@ -17,8 +17,10 @@ every call, and its RMS norm takes about six float32 passes over each activation
   keeps everything after it channels-last (the upsamplers' 2-D convolutions run with channels-last weights, so that
   their output is channels-last on every backend; the attention block's output is made channels-last).
 
-:class:`FastWanDecoding` installs these on a module tree for the duration of a ``with`` block, as instance attributes
-that shadow the modules' ``forward``, and removes them afterwards: the VAE object is left exactly as it was.
+:class:`WanFastPath` installs these on a module tree (a VAE's ``decoder`` or ``encoder``) for the duration of a
+``with`` block, as instance attributes that shadow the modules' ``forward``, and removes them afterwards: the VAE
+object is left exactly as it was. Convolutions it cannot take (the encoder's strided temporal downsampling) keep
+diffusers' own code.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanAttentionBlock,
     WanCausalConv3d,
     WanDecoder3d,
+    WanEncoder3d,
     WanResample,
     WanResidualBlock,
     WanRMS_norm,
@@ -143,7 +146,8 @@ def _norm_forward(norm: WanRMS_norm, silu: bool):
 
 
 def _norms_followed_by_silu(module: torch.nn.Module) -> list[tuple[torch.nn.Module, list[WanRMS_norm]]]:
-    """(the SiLU module, the norms it always follows) in diffusers' residual blocks and decoder head."""
+    """(the SiLU module, the norms it always follows) in diffusers' residual blocks and the decoder's and encoder's
+    output heads."""
     pairs = []
     for m in module.modules():
         silu = getattr(m, "nonlinearity", None)
@@ -151,7 +155,7 @@ def _norms_followed_by_silu(module: torch.nn.Module) -> list[tuple[torch.nn.Modu
             continue
         if isinstance(m, WanResidualBlock):
             pairs.append((silu, [m.norm1, m.norm2]))
-        elif isinstance(m, WanDecoder3d):
+        elif isinstance(m, (WanDecoder3d, WanEncoder3d)):
             pairs.append((silu, [m.norm_out]))
     # a SiLU module shared with any other module could be applied to something that no fused norm produced
     owners: dict[int, int] = {}
@@ -194,13 +198,13 @@ def _identity(x):
     return x
 
 
-class FastWanDecoding:
-    """``with FastWanDecoding(vae.decoder):`` — the decoder below runs the fast path of this module.
+class WanFastPath:
+    """``with WanFastPath(vae.decoder):`` — the decoder (or encoder) below runs the fast path of this module.
 
     Weight reshapes are cached in this object across ``with`` blocks (and rebuilt if a weight changes).
 
     Args:
-        module: the root of the module tree (a VAE's ``decoder``).
+        module: the root of the module tree (a VAE's ``decoder`` or ``encoder``).
         conv: ``"taps"`` (default), ``"stacked"`` or None (keep diffusers' 3-D convolutions).
         fuse_norm: fused RMS norm (+ the SiLU after it) kernels.
         bf16_upsample: nearest upsampling in the activation dtype.
@@ -256,13 +260,13 @@ class FastWanDecoding:
         hooks do this): the fast path would shadow that and must not be used."""
         return not any("forward" in m.__dict__ or hasattr(m, "_hf_hook") for m in module.modules())
 
-    def __enter__(self) -> "FastWanDecoding":
+    def __enter__(self) -> "WanFastPath":
         if self._active:
-            raise RuntimeError("FastWanDecoding is already active")
+            raise RuntimeError("WanFastPath is already active")
         taken = [type(m).__name__ for m in self._forwards if "forward" in m.__dict__]
         if taken:
-            raise RuntimeError(f"FastWanDecoding: {', '.join(sorted(set(taken)))} already have an instance forward "
-                               "(an offload hook?); check FastWanDecoding.applicable first")
+            raise RuntimeError(f"WanFastPath: {', '.join(sorted(set(taken)))} already have an instance forward "
+                               "(an offload hook?); check WanFastPath.applicable first")
         for m, forward in self._forwards.items():
             m.forward = forward  # an instance attribute shadows the class's forward
         self._active = True

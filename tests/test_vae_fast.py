@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 from oneforcing.kernels import reference
-from oneforcing.pipelines.vae_fast import FastWanDecoding, frame_conv
+from oneforcing.pipelines.vae_fast import WanFastPath, frame_conv
 from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
 TIGHT = dict(atol=2e-5, rtol=1e-5)
@@ -59,7 +59,7 @@ def test_frame_conv_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="mode must be one of"):
         frame_conv(conv, torch.randn(1, 2, 1, 3, 3), None, "winograd")
     with pytest.raises(ValueError, match="conv must be one of"):
-        FastWanDecoding(torch.nn.Sequential(conv), conv="winograd")
+        WanFastPath(torch.nn.Sequential(conv), conv="winograd")
 
 
 # -- the norm ---------------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def test_channel_rms_norm_reference_equals_wan_rms_norm(images, bias):
                                      dict(bf16_upsample=False)])
 def test_fast_decode_equals_diffusers_decode(vae, latents, options):
     want = WanStreamingDecoder(vae, fast=False).decode_all(latents)
-    fast = FastWanDecoding(vae.decoder, **options)
+    fast = WanFastPath(vae.decoder, **options)
     with fast:
         decoder = WanStreamingDecoder(vae, fast=False)
         pieces = [decoder.decode_block(latents[:, :, :1]), decoder.decode_block(latents[:, :, 1:3]),
@@ -95,7 +95,7 @@ def test_fast_decode_equals_diffusers_decode(vae, latents, options):
 
 def test_the_vae_is_left_as_it_was(vae, latents):
     state = {k: v.clone() for k, v in vae.state_dict().items()}
-    fast = FastWanDecoding(vae.decoder)
+    fast = WanFastPath(vae.decoder)
     silu = vae.decoder.up_blocks[0].resnets[0].nonlinearity
     x = torch.randn(3)
     with fast:
@@ -189,12 +189,12 @@ def test_modules_with_hooks_keep_them_and_decode_the_plain_way(latents):
 
     conv_in = vae.decoder.conv_in
     add_hook_to_module(conv_in, Count())
-    assert not FastWanDecoding.applicable(vae.decoder)
+    assert not WanFastPath.applicable(vae.decoder)
     got = WanStreamingDecoder(vae, fast=True).decode_all(latents)
     assert torch.equal(got, want) and calls  # decoded by diffusers' modules, through the hook
     assert "forward" in conv_in.__dict__  # the hook is still in place
     with pytest.raises(RuntimeError, match="already have an instance forward"):
-        with FastWanDecoding(vae.decoder):
+        with WanFastPath(vae.decoder):
             pass
     assert "forward" in conv_in.__dict__
 
@@ -221,3 +221,24 @@ def test_weights_made_under_inference_mode(latents):
         got = torch.cat([decoder.decode_block(lat[:, :, :2]), decoder.decode_block(lat[:, :, 2:])], 2)
     assert vae.decoder.conv_in.weight.is_inference()
     torch.testing.assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("wan22", [False, True])
+def test_fast_encode_equals_diffusers_encode(wan22):
+    from oneforcing.pipelines.vae_streaming import encode_video
+
+    if wan22:
+        vae = _vae(seed=8, base_dim=16, dim_mult=[1, 1, 1, 1], z_dim=48, is_residual=True, patch_size=2, in_channels=12,
+                   out_channels=12, scale_factor_spatial=16, latents_mean=[0.1] * 48, latents_std=[2.0] * 48)
+        video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    else:
+        vae = _vae(seed=8)
+        video = torch.rand(2, 3, 9, 24, 32, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    patched = []
+    fast = WanFastPath(vae.encoder)
+    with fast:
+        patched = {type(m).__name__ for m in vae.encoder.modules() if "forward" in m.__dict__}
+    assert {"WanCausalConv3d", "WanRMS_norm", "SiLU"} <= patched
+    want = encode_video(vae, video, fast=False)
+    torch.testing.assert_close(encode_video(vae, video), want, **TIGHT)
+    assert not [m for m in vae.modules() if "forward" in m.__dict__]
