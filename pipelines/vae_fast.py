@@ -20,7 +20,7 @@ every call, and its RMS norm takes about six float32 passes over each activation
 :class:`WanFastPath` installs these on a module tree (a VAE's ``decoder`` or ``encoder``) for the duration of a
 ``with`` block, as instance attributes that shadow the modules' ``forward``, and removes them afterwards: the VAE
 object is left exactly as it was. Convolutions it cannot take (the encoder's strided temporal downsampling) keep
-diffusers' own code.
+diffusers' own code and only hand on channels-last output.
 """
 
 from __future__ import annotations
@@ -188,8 +188,10 @@ def _channels_last_conv2d(conv: torch.nn.Conv2d):
 
 
 def _channels_last_output(block: torch.nn.Module):
-    def forward(x):
-        return type(block).forward(block, x).contiguous(memory_format=torch.channels_last_3d)
+    """``block``'s own forward, its 5-D output made channels-last."""
+
+    def forward(x, *args):
+        return type(block).forward(block, x, *args).contiguous(memory_format=torch.channels_last_3d)
 
     return forward
 
@@ -218,8 +220,10 @@ class WanFastPath:
         self._forwards: dict[torch.nn.Module, object] = {}
         if conv is not None:
             for m in module.modules():
-                if isinstance(m, WanCausalConv3d) and _eligible(m):
-                    self._forwards[m] = self._conv_forward(m)
+                if isinstance(m, WanCausalConv3d):
+                    # the others (the encoder's strided temporal downsampling) keep diffusers' 3-D convolution and
+                    # only hand on a channels-last output
+                    self._forwards[m] = self._conv_forward(m) if _eligible(m) else _channels_last_output(m)
         if fuse_norm:
             fused = set()
             for silu, norms in _norms_followed_by_silu(module):

@@ -155,10 +155,13 @@ def test_gpu_fast_decode_is_as_close_to_float32_as_diffusers_bf16():
     assert (fast - want).abs().max() < 0.1
 
 
-def test_every_norm_sees_channels_last_activations(vae, latents, monkeypatch):
+@pytest.mark.parametrize("part", ["decoder", "encoder", "encoder (Wan2.2)"])
+def test_every_norm_sees_channels_last_activations(vae, latents, monkeypatch, part):
     """The fused Triton norm takes channels-last tensors only: the fast path must keep activations in that layout
-    (also after diffusers' temporal upsampling, which stacks frames channels-first)."""
+    (also after diffusers' temporal upsampling, which stacks frames channels-first, and after the encoder's strided
+    temporal downsampling, which keeps diffusers' 3-D convolution)."""
     from oneforcing.pipelines import vae_fast
+    from oneforcing.pipelines.vae_streaming import encode_video
 
     layouts = []
     real = vae_fast.kernels.channel_rms_norm
@@ -168,9 +171,17 @@ def test_every_norm_sees_channels_last_activations(vae, latents, monkeypatch):
         return real(x, *args)
 
     monkeypatch.setattr(vae_fast.kernels, "channel_rms_norm", recording)
-    decoder = WanStreamingDecoder(vae, fast=True)
-    decoder.decode_block(latents[:, :, :1])
-    decoder.decode_block(latents[:, :, 1:])
+    if part == "decoder":
+        decoder = WanStreamingDecoder(vae, fast=True)
+        decoder.decode_block(latents[:, :, :1])
+        decoder.decode_block(latents[:, :, 1:])
+    elif part == "encoder":
+        encode_video(vae, torch.rand(1, 3, 9, 24, 32) * 2 - 1)
+    else:
+        wan22 = _vae(seed=8, base_dim=16, dim_mult=[1, 1, 1, 1], z_dim=48, is_residual=True, patch_size=2,
+                     in_channels=12, out_channels=12, scale_factor_spatial=16, latents_mean=[0.1] * 48,
+                     latents_std=[2.0] * 48)
+        encode_video(wan22, torch.rand(1, 3, 9, 32, 32) * 2 - 1)
     assert layouts and all(ok for _, ok in layouts), [shape for shape, ok in layouts if not ok]
 
 
