@@ -15,15 +15,11 @@ import json
 import time
 
 import torch
-from rollout_benchmark import build, run_rollout  # this folder is on sys.path when a script of it runs
+from rollout_benchmark import build, run_rollout, video_arguments  # this folder is on sys.path when a script of it runs
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    parser = video_arguments(argparse.ArgumentParser())
     parser.add_argument("--frames-per-block", type=int, default=1)
     parser.add_argument("--first-steps", type=int, default=1, help="denoising steps of the first block")
     parser.add_argument("--rows", type=int, default=25)

@@ -220,12 +220,17 @@ def time_tiny_vae(latent_frames, h, w, device="cuda", dtype=torch.bfloat16, repe
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
+def video_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every benchmark here shares: --json OUT, --frames, --height, --width (Wan2.1's 81 x 480 x 832)."""
+    parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
+    return parser
+
+
+def main():
+    parser = video_arguments(argparse.ArgumentParser())
     parser.add_argument("--backends", default="auto,cudnn,flash")
     parser.add_argument("--compile-kernels", action="store_true",
                         help="also time a variant with fused elementwise kernels (on by default on CUDA since then)")

@@ -20,7 +20,7 @@ import json
 import time
 
 import torch
-from rollout_benchmark import cuda_time, wall_time  # this folder is on sys.path when a script of it runs
+from rollout_benchmark import cuda_time, video_arguments, wall_time  # this folder is on sys.path when a script of it runs
 
 # decoder paths: None = diffusers' own modules, else WanFastPath's arguments
 VARIANTS = {
@@ -110,11 +110,7 @@ def profile_top(fn, cuda: bool, rows=15) -> list:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    parser = video_arguments(argparse.ArgumentParser())
     parser.add_argument("--block", type=int, default=3, help="latent frames per decoded block")
     parser.add_argument("--layers", action="store_true", help="also time single convolutions of the main shapes")
     parser.add_argument("--variants", default="diffusers,taps,stacked,norm,taps+norm,fast,fast-stacked",
