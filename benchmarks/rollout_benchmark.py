@@ -12,6 +12,7 @@ GEMM and attention ceilings measured in the same run; plus diffusers' ``WanTrans
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -138,13 +139,10 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
         torch.cuda.current_stream().wait_stream(side_stream())
 
 
-_SIDE = []
-
-
+@functools.cache
 def side_stream() -> torch.cuda.Stream:
-    if not _SIDE:
-        _SIDE.append(torch.cuda.Stream())
-    return _SIDE[0]
+    """The one stream that overlapped decodes run on."""
+    return torch.cuda.Stream()
 
 
 def gpu_busy(fn) -> dict:

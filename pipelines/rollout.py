@@ -283,6 +283,8 @@ def causal_rollout(
     num_blocks = None if total is None else len(block_sizes(total, frames_per_block))
     first_grad_block = 0 if gradient_blocks is None else num_blocks - gradient_blocks
     pending: RolloutBlock | None = None  # denoised, waiting for its clean-context pass
+    # the first block's timesteps and every later block's, warped and checked once, not per block
+    schedules = [scheduler.block_timesteps(i, denoising_timesteps, first_block_timesteps) for i in (0, 1)]
     offset = 0
     for index, size, is_last, next_size in _block_plan(total, frames_per_block):
         start = first_frame + offset
@@ -293,13 +295,14 @@ def causal_rollout(
             prompt_embeds = switches.pop(start).to(model_dtype)
             recache(transformer, kv_cache, prompt_embeds, keep_sink=keep_sink_on_switch,
                     context_timestep=context_timestep)
-        timesteps = scheduler.block_timesteps(index, denoising_timesteps, first_block_timesteps)
+        timesteps = schedules[min(index, 1)]
         if training:
             timesteps = timesteps[: min(exit_step, len(timesteps) - 1) + 1]
         x = block_noise(offset, size) if not per_call_noise else _checked_block_noise(block_noise, start, size, batch)
-        for step, t in enumerate(timesteps.tolist()):
+        values = timesteps.tolist()
+        for step, t in enumerate(values):
             t_frames = torch.full((batch, size), t, device=x.device, dtype=torch.float32)
-            records_grad = training and grad_enabled and step + 1 == len(timesteps) and index >= first_grad_block
+            records_grad = training and grad_enabled and step + 1 == len(values) and index >= first_grad_block
             if records_grad and pending is not None:  # the context pass stays out of a forward that records autograd
                 commit(pending)
                 pending = None
@@ -319,9 +322,9 @@ def causal_rollout(
                         kv_cache=_gradient_view(kv_cache, size) if records_grad else kv_cache,
                     ).sample
                 x0 = scheduler.x0_from_flow(x, flow.to(x.dtype), t)
-            if step + 1 < len(timesteps):
+            if step + 1 < len(values):
                 fresh = sample_noise(tuple(x0.shape), torch.float32, x0.device).to(x0.dtype)
-                x = scheduler.add_noise(x0, fresh, timesteps[step + 1].item())
+                x = scheduler.add_noise(x0, fresh, values[step + 1])
         block = RolloutBlock(index=index, start_frame=start, latents=x0, timesteps=timesteps)
         if on_block_denoised is not None:
             replaced = on_block_denoised(block)

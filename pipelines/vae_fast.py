@@ -245,7 +245,7 @@ class WanFastPath:
                 if isinstance(m, WanAttentionBlock):
                     self._forwards[m] = _channels_last_output(m)
                 if isinstance(m, WanResample):
-                    for layer in m.resample.modules() if isinstance(m.resample, torch.nn.Module) else ():
+                    for layer in m.resample.modules():
                         if type(layer) is torch.nn.Conv2d and layer.padding_mode == "zeros":
                             self._forwards[layer] = _channels_last_conv2d(layer)
         self._active = False

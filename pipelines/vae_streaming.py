@@ -172,7 +172,7 @@ class WanStreamingDecoder(BlockStreamDecoder):
 
     def _decoding(self):
         """The context the decoder runs in: the fast path or diffusers' own modules."""
-        if self.fast is False or not WanFastPath.applicable(self.vae.decoder):
+        if not self.fast or not WanFastPath.applicable(self.vae.decoder):
             return contextlib.nullcontext()
         if self._fast_path is None:
             self._fast_path = WanFastPath(self.vae.decoder)

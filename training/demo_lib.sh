@@ -58,3 +58,11 @@ unpack() {  # folder holding <phase>.tar.part-* pieces (from an earlier call) or
     echo "$src"
   fi
 }
+parts_settings() {  # folder of tokenizer/, text_encoder/, vae/ (or its packed pieces) -> PARTS, and COMMON: the
+  # config overrides every stage takes (those parts, the text width, where the encoded latents go)
+  PARTS=$(unpack "$1" vae)
+  local text_dim
+  text_dim=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['d_model'])" "$PARTS/text_encoder/config.json")
+  COMMON=(encode.vae="$PARTS/vae" encode.tokenizer="$PARTS/tokenizer" encode.text_encoder="$PARTS/text_encoder"
+          model.architecture.text_dim="$text_dim" data.latents="$RUN/latents")
+}

@@ -24,10 +24,7 @@ if [ "$PHASE" = vae ]; then  # tokenizer, text encoder, VAE (trained for VAE_SEC
   ship
   exit 0
 fi
-PARTS=$(unpack "${PARTS:-$RUN/pack}" vae)
-TEXT_DIM=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['d_model'])" "$PARTS/text_encoder/config.json")
-COMMON=(encode.vae="$PARTS/vae" encode.tokenizer="$PARTS/tokenizer" encode.text_encoder="$PARTS/text_encoder"
-        model.architecture.text_dim="$TEXT_DIM" data.latents="$RUN/latents")
+parts_settings "${PARTS:-$RUN/pack}"
 run_stage encode $PY -m oneforcing.training encode --config "$CONFIG" output_dir="$RUN" "${COMMON[@]}" ${EXTRA:-}
 if [ "$PHASE" = base ]; then  # teacher, ODE pairs, frame-wise ODE initialisation
   SET=(output_dir="$RUN" "${COMMON[@]}" ode_pairs.teacher="$RUN/teacher/final/transformer_ema"

@@ -17,10 +17,7 @@ source "$(dirname "$0")/demo_lib.sh"  # the repository root as working folder, R
 PHASE=${PHASE:?set PHASE=base or students}
 NPROC=${NPROC:-2}
 $PY -c "import torch; n = torch.cuda.device_count(); assert n >= 2, f'{n} GPUs'; print(n, 'x', torch.cuda.get_device_name())"
-PARTS=$(unpack "${PARTS:-models/oneforcing-demo}" vae)
-TEXT_DIM=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['d_model'])" "$PARTS/text_encoder/config.json")
-COMMON=(encode.vae="$PARTS/vae" encode.tokenizer="$PARTS/tokenizer" encode.text_encoder="$PARTS/text_encoder"
-        model.architecture.text_dim="$TEXT_DIM" data.latents="$RUN/latents")
+parts_settings "${PARTS:-models/oneforcing-demo}"
 on_gpu() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$gpu "$@"; }
 wait_all() {  # pids...: wait for each; fail after all have ended if any failed
   local failed=0
