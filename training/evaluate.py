@@ -585,10 +585,11 @@ def read_results(path: Path, what: str) -> dict:
 
 # -- command line -----------------------------------------------------------------------------------------------------
 def check_video_size(size: VideoSize, what: str = "--num-frames/--height/--width") -> None:
-    if size.num_frames < 1 or (size.num_frames - 1) % 4:
-        raise ValueError(f"{what}: the number of frames must be 1 + 4k (e.g. 81), got {size.num_frames}")
-    if min(size.height, size.width) < 16 or size.height % 16 or size.width % 16:
-        raise ValueError(f"{what}: height and width must be positive multiples of 16, got {size.height}x{size.width}")
+    """The world's size rule (:func:`.world.check_size`), the error naming the options."""
+    try:
+        world.check_size(size.num_frames, size.height, size.width)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

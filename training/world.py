@@ -256,7 +256,8 @@ def sample_scene(
 
 
 # -- rendering --------------------------------------------------------------------------------------------------------
-def _check_size(num_frames: int, height: int, width: int) -> None:
+def check_size(num_frames: int, height: int, width: int) -> None:
+    """The video sizes the world renders (and the demo models take): 1 + 4k frames, sides multiples of 16."""
     if num_frames < 1 or (num_frames - 1) % 4:
         raise ValueError(f"num_frames must be 1 + 4k (e.g. 81), got {num_frames}")
     if height < 16 or width < 16 or height % 16 or width % 16:
@@ -324,7 +325,7 @@ def render(
     ``frames`` picks frames of the ``num_frames``-frame clip (e.g. a window of 5 for VAE training); T' is their count.
     Objects are drawn in order, the later on top.
     """
-    _check_size(num_frames, height, width)
+    check_size(num_frames, height, width)
     index = np.arange(num_frames)[frames] if frames is not None else np.arange(num_frames)
     index = np.atleast_1d(index)
     ys = torch.arange(height, dtype=torch.float32).view(1, -1, 1) + 0.5
@@ -379,7 +380,7 @@ class WorldDataset(Dataset):
         texture_prob: float = 0.3,
     ):
         _check_split(split)
-        _check_size(num_frames, height, width)
+        check_size(num_frames, height, width)
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         self.length, self.split, self.base_seed = length, split, base_seed
