@@ -92,11 +92,13 @@ class KVCache:
         self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.cross: list[CrossAttentionEntry | None] = [None] * num_layers
+        self._cross_storage: list[CrossAttentionEntry | None] = [None] * num_layers  # kept across prompts
         self._cross_source: tuple | None = None
         self.committed_frames = 0  # frames of the video committed so far
         self.cached_frames = 0  # of them, frames held in the buffers now
         self.evicted_frames = 0
         self._slot = 0  # first slot of the forward in progress
+        self._beyond_end = False  # the forward in progress has uncommitted frames past the end of a full cache
         self.latents: torch.Tensor | None = None  # [B, C, capacity, h, w] clean latents per slot, made on first store
         self._latents_stored = [False] * self.capacity
         self._commit_starts = [False] * self.capacity  # slot holds the first frame of one committing forward
@@ -125,9 +127,14 @@ class KVCache:
         self._cross_source = None
 
     # -- self-attention -------------------------------------------------------------------------------------------
-    def begin_forward(self, start_frame: int, num_frames: int, batch_size: int, tokens_per_frame: int) -> int:
+    def begin_forward(self, start_frame: int, num_frames: int, batch_size: int, tokens_per_frame: int,
+                      commit_frames: int | None = None) -> int:
         """Check a forward over frames [start_frame, start_frame + num_frames), make room, and return the rotary time
-        position of its first frame."""
+        position of its first frame.
+
+        In a full cache, the frames past its end may belong to a forward that does not commit them (``commit_frames``,
+        its first frames to commit, given): a video's last block, which no later block attends to, needs no slots.
+        """
         if batch_size != self.batch_size or tokens_per_frame != self.tokens_per_frame:
             raise ValueError(
                 f"KV cache was made for batch {self.batch_size} x {self.tokens_per_frame} tokens per frame, "
@@ -138,12 +145,15 @@ class KVCache:
                 f"block starts at frame {start_frame} but {self.committed_frames} frames are committed: "
                 "blocks must be generated in order"
             )
+        self._beyond_end = False
         if not self.rolling:
             if start_frame + num_frames > self.capacity:
-                raise ValueError(
-                    f"block frames {start_frame}..{start_frame + num_frames - 1} do not fit the KV cache of "
-                    f"{self.capacity} latent frames"
-                )
+                if commit_frames is None or start_frame + commit_frames > self.capacity:
+                    raise ValueError(
+                        f"block frames {start_frame}..{start_frame + num_frames - 1} do not fit the KV cache of "
+                        f"{self.capacity} latent frames (frames past its end can only be denoised, not committed)"
+                    )
+                self._beyond_end = True
             self._slot = start_frame
             return start_frame
         if start_frame != self.committed_frames:
@@ -201,8 +211,11 @@ class KVCache:
         end = begin + key.shape[1]
         committed_end = begin + commit_frames * self.tokens_per_frame
         overwrites_context = self._slot < self.cached_frames and commit_frames == 0
-        if overwrites_context or (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)):
-            # Gradient-carrying or non-committing re-runs of cached frames must not write the shared buffer.
+        if overwrites_context or self._beyond_end or (
+            torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)
+        ):
+            # Gradient-carrying or non-committing re-runs of cached frames must not write the shared buffer, and
+            # frames past the end of the cache have no slots.
             if commit_frames:
                 self.key[layer][:, begin:committed_end] = key[:, : committed_end - begin].detach()
                 self.value[layer][:, begin:committed_end] = value[:, : committed_end - begin].detach()
@@ -290,6 +303,30 @@ class KVCache:
         self.committed_frames, self.cached_frames = frame, slot
 
     # -- cross-attention ------------------------------------------------------------------------------------------
+    def store_cross_attention(self, layer: int, entry: CrossAttentionEntry) -> CrossAttentionEntry:
+        """Keep ``layer``'s cross-attention keys/values of the current prompt and return the kept entry.
+
+        A later prompt's entries of the same shape are copied into the same tensors, so the cache's memory addresses
+        stay fixed from prompt to prompt (what a captured CUDA graph reads).
+        """
+        kept = self._cross_storage[layer]
+        writable = kept is not None and (torch.is_inference_mode_enabled() or not kept.key.is_inference())
+        if writable and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            for a, b in ((kept.key, entry.key), (kept.value, entry.value))
+        ):
+            kept.key.copy_(entry.key)
+            kept.value.copy_(entry.value)
+        else:
+            kept = self._cross_storage[layer] = CrossAttentionEntry(entry.key.contiguous(), entry.value.contiguous())
+        self.cross[layer] = kept
+        return kept
+
+    def buffer_addresses(self) -> tuple[int, ...]:
+        """Data pointers of every buffer a forward reads or writes (self- and cross-attention), in a fixed order."""
+        cross = [t.data_ptr() for e in self.cross if e is not None for t in (e.key, e.value)]
+        return tuple(t.data_ptr() for t in self.key + self.value) + tuple(cross)
+
     def cross_attention_for(self, context: torch.Tensor) -> bool:
         """Whether the stored cross-attention keys/values were made from this exact ``context`` tensor.
 

@@ -96,6 +96,34 @@ class OneForcingPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    # -- CUDA graphs --------------------------------------------------------------------------------------------------
+    _kept_kv_cache: tuple | None = None  # (geometry, KVCache) of the last run, kept while CUDA graphs are on
+
+    def enable_cuda_graphs(self, warmup: int = 1) -> None:
+        """Replay the transformer's cached forwards as CUDA graphs (``CausalWanTransformer3DModel.enable_cuda_graphs``)
+        and keep the KV cache from run to run, since the graphs read its buffers.
+
+        The first video of a given size and block layout runs eagerly and the second captures the graphs; from then
+        on each block is one graph launch. Worth it when several videos are made with the same settings; the KV cache
+        stays allocated between runs until :meth:`disable_cuda_graphs`.
+        """
+        self.transformer.enable_cuda_graphs(warmup=warmup)
+
+    def disable_cuda_graphs(self) -> None:
+        """Drop the graphs and the kept KV cache."""
+        self.transformer.disable_cuda_graphs()
+        self._kept_kv_cache = None
+
+    def _new_kv_cache(self, batch: int, frames: int, height: int, width: int, device, **rolling):
+        """The run's KV cache: with CUDA graphs on, the last run's (reset) when its geometry matches, else a new one."""
+        geometry = (batch, frames, height, width, torch.device(device), self.transformer.dtype,
+                    tuple(sorted(rolling.items())))
+        kept, self._kept_kv_cache = self._kept_kv_cache, None  # taken: a run started meanwhile makes its own
+        if self.transformer.cuda_graphs is not None and kept is not None and kept[0] == geometry:
+            kept[1].reset()
+            return geometry, kept[1]
+        return geometry, self.transformer.new_kv_cache(batch, frames, height, width, device=device, **rolling)
+
     # -- decoding -----------------------------------------------------------------------------------------------------
     _preview_decoder: TinyWanVAE | None = None
 
@@ -382,8 +410,10 @@ class OneForcingPipeline(DiffusionPipeline):
         window, sink, relative = self._cache_settings(total, frames_per_block, window_frames, sink_frames,
                                                       relative_positions)
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
-        kv_cache = self.transformer.new_kv_cache(
-            batch, total if window is None else 1, latent_h, latent_w, device=device,
+        # a full cache holds committed frames only; the last block is never committed
+        cache_frames = 1 if window is not None else max(total - block_sizes(generate, frames_per_block)[-1], 1)
+        cache_geometry, kv_cache = self._new_kv_cache(
+            batch, cache_frames, latent_h, latent_w, device,
             window_frames=window, sink_frames=sink, relative_positions=relative,
         )
         self.kv_cache = kv_cache  # for inspection while the run is under way; dropped at its end (GPU memory)
@@ -456,6 +486,8 @@ class OneForcingPipeline(DiffusionPipeline):
         finally:
             rollout.close()
             self.kv_cache = None
+            if self.transformer.cuda_graphs is not None:
+                self._kept_kv_cache = (cache_geometry, kv_cache)
             self.maybe_free_model_hooks()
 
     def _endless_bar_config(self) -> dict:

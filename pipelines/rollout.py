@@ -193,7 +193,8 @@ def causal_rollout(
         denoising_timesteps / first_block_timesteps: override the scheduler's lists (given un-warped).
         generator / noise_sampler: source of the fresh noise between denoising steps.
         kv_cache: a cache to continue (e.g. holding a committed start image); blocks then start at its
-            ``committed_frames``. By default a new cache sized for ``context_latents`` and ``noise`` is made.
+            ``committed_frames``. By default a new cache sized for ``context_latents`` and ``noise`` is made (without
+            slots for the last block unless ``commit_last_block``: a full cache only needs room for committed frames).
         context_timestep: timestep of the clean-context pass (0 = clean).
         commit_last_block: also commit the final block (needed only to continue the video afterwards).
         fuse_context_pass: run each block's clean-context pass together with the next block's first denoising step
@@ -263,8 +264,10 @@ def causal_rollout(
         )
     if kv_cache is None:
         context = 0 if context_latents is None else context_latents.shape[2]
-        kv_cache = transformer.new_kv_cache(batch, context + total, height, width, device=noise.device)
-        kv_cache.reset()
+        # an uncommitted last block needs no slots: nothing attends to it
+        unused = 0 if commit_last_block else block_sizes(total, frames_per_block)[-1]
+        kv_cache = transformer.new_kv_cache(batch, max(context + total - unused, 1), height, width,
+                                            device=noise.device)
     first_frame = kv_cache.committed_frames + (0 if context_latents is None else context_latents.shape[2])
     switches = dict(prompt_switches or {})
     _check_switches(switches, first_frame, total, frames_per_block, batch)

@@ -38,6 +38,29 @@ from .rope import WanRotaryTables
 ATTENTION_MODES = ("bidirectional", "block_causal", "kv_cache")
 
 
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What the host decided for one forward before any arithmetic (see ``CausalWanTransformer3DModel._plan``).
+
+    ``timestep``: [B, F] per-frame timesteps; ``cos``/``sin``: [F*h*w, D/2] rotary tables of the block's positions;
+    ``frame_offset``: rotary time position of the first frame; ``cross_ready``: the KV cache holds this prompt's
+    cross-attention keys/values.
+    """
+
+    mode: str
+    grid_h: int
+    grid_w: int
+    timestep: torch.Tensor
+    commit_frames: int
+    frame_offset: int
+    cross_ready: bool
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    kv_cache: KVCache | None
+    hidden_states_at: frozenset
+
+
 @dataclass
 class CausalWanOutput(BaseOutput):
     """``sample``: [B, C, F, H, W] flow prediction. ``hidden_states``: [B, L, dim] after each requested block."""
@@ -98,11 +121,33 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         )
         self.rotary = WanRotaryTables(attention_head_dim, rope_max_seq_len)
         self.attention_backend = "auto"
+        self._cuda_graphs = None
 
     # -- public helpers -----------------------------------------------------------------------------------------------
     def set_attention_backend(self, backend: str) -> None:
         """Pick the PyTorch SDPA backend ("auto", "cudnn", "flash", "efficient", "math") for every attention call."""
         self.attention_backend = check_attention_backend(backend)
+
+    def enable_cuda_graphs(self, warmup: int = 1, max_graphs: int = 256, capture: str = "cuda") -> None:
+        """Replay the KV-cached inference forwards as CUDA graphs, one per block position (see ``cuda_graphs``).
+
+        A position's forward is captured the second time it is seen (``warmup`` eager runs first), so graphs pay off
+        from the second video made with the same KV cache (``OneForcingPipeline`` keeps its cache for this). Forwards
+        that cannot be graphed (training, the first forward of a prompt, hidden states requested, not on CUDA) run as
+        usual.
+        """
+        from .cuda_graphs import CudaGraphForwards
+
+        self._cuda_graphs = CudaGraphForwards(self, warmup=warmup, max_graphs=max_graphs, capture=capture)
+
+    def disable_cuda_graphs(self) -> None:
+        """Drop the captured graphs (and their memory); forwards run eagerly again."""
+        self._cuda_graphs = None
+
+    @property
+    def cuda_graphs(self):
+        """The :class:`~.cuda_graphs.CudaGraphForwards` in use, or None."""
+        return self._cuda_graphs
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens of one latent frame of size height x width."""
@@ -222,6 +267,23 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """
         if unused.get("encoder_hidden_states_image") is not None:
             raise ValueError("image conditioning is not supported by CausalWanTransformer3DModel")
+        plan = self._plan(hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache,
+                          start_frame, commit, commit_frames, hidden_states_at)
+        graphs = self._cuda_graphs
+        if graphs is not None and graphs.takes(plan, hidden_states):
+            sample, hidden = graphs.run(plan, hidden_states, plan.timestep), ()
+        else:
+            sample, hidden = self._compute(plan, hidden_states, plan.timestep, encoder_hidden_states)
+        if kv_cache is not None and plan.commit_frames:
+            kv_cache.commit(start_frame, plan.commit_frames)
+        hidden = tuple(hidden) if hidden_states_at else None
+        if not return_dict:
+            return (sample, hidden) if hidden_states_at else (sample,)
+        return CausalWanOutput(sample=sample, hidden_states=hidden)
+
+    def _plan(self, hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache,
+              start_frame, commit, commit_frames, hidden_states_at) -> "ForwardPlan":
+        """The host side of a forward: checks, the KV cache's bookkeeping, rotary tables; no model arithmetic."""
         mode = attention_mode or ("kv_cache" if kv_cache is not None else "bidirectional")
         if mode not in ATTENTION_MODES:
             raise ValueError(f"unknown attention_mode {mode!r}; choose one of {ATTENTION_MODES}")
@@ -237,55 +299,55 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError("the causal transformer needs a temporal patch size of 1")
         self._check_spatial(height, width)
         grid_h, grid_w = height // ph, width // pw
-        tokens_per_frame = grid_h * grid_w
-
         timestep = self._per_frame_timesteps(timestep, batch, frames, hidden_states.device)
-        temb, time_mod = self._time_embedding(timestep)  # [B, F, dim], [B, F, 6, dim] float32
-
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, dim]
-        mask = None
         if commit_frames is None:
             commit_frames = frames if commit else 0
         if not 0 <= commit_frames <= frames or (commit_frames and mode != "kv_cache"):
             raise ValueError(f"commit_frames must be in 0..{frames} and needs a kv_cache, got {commit_frames}")
-        frame_offset = 0
-        cross_ready = False
+        wanted = frozenset(hidden_states_at)
+        if any(i < 0 or i >= len(self.blocks) for i in wanted):
+            raise ValueError(f"hidden_states_at {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
+        frame_offset, cross_ready, mask = 0, False, None
         if mode == "kv_cache":
-            frame_offset = kv_cache.begin_forward(start_frame, frames, batch, tokens_per_frame)
+            frame_offset = kv_cache.begin_forward(start_frame, frames, batch, grid_h * grid_w, commit_frames)
             cross_ready = kv_cache.cross_attention_for(encoder_hidden_states)
         elif mode == "block_causal":
             mask = block_causal_mask(
-                frames, tokens_per_frame, frames_per_block or self.config.frames_per_block, device=x.device
+                frames, grid_h * grid_w, frames_per_block or self.config.frames_per_block, device=hidden_states.device
             )
-        cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=x.device)
-        context = None if cross_ready else self.condition_embedder.text_embedder(encoder_hidden_states)
+        cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=hidden_states.device)
+        return ForwardPlan(mode, grid_h, grid_w, timestep, commit_frames, frame_offset, cross_ready, cos, sin, mask,
+                           kv_cache, wanted)
 
-        wanted = set(hidden_states_at)
-        if any(i < 0 or i >= len(self.blocks) for i in wanted):
-            raise ValueError(f"hidden_states_at {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
+    def _compute(self, plan: "ForwardPlan", hidden_states, timestep, encoder_hidden_states):
+        """The arithmetic of a forward, as planned: (sample [B, C, F, H, W], hidden states of the wanted blocks).
+
+        Reads no host state but ``plan`` and the KV cache's slot, so a CUDA graph of it replays for the same plan.
+        """
+        batch, _, frames = hidden_states.shape[:3]
+        pt, ph, pw = self.config.patch_size
+        temb, time_mod = self._time_embedding(timestep)  # [B, F, dim], [B, F, 6, dim] float32
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, dim]
+        context = None if plan.cross_ready else self.condition_embedder.text_embedder(encoder_hidden_states)
         collected = []
         for index, block in enumerate(self.blocks):
-            args = (block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit_frames)
+            args = (block, index, x, context, time_mod, plan.cos, plan.sin, plan.mask, plan.kv_cache,
+                    plan.commit_frames)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(self._block_forward, *args)
             else:
                 x = self._block_forward(*args)
-            if index in wanted:
+            if index in plan.hidden_states_at:
                 collected.append(x)
-        if kv_cache is not None and commit_frames:
-            kv_cache.commit(start_frame, commit_frames)
 
         shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).unbind(2)  # [B, F, dim] each
         x = kernels.adaln_modulate(x, shift, scale, self.config.eps)
         x = self.proj_out(x)
-        x = x.reshape(batch, frames, grid_h, grid_w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        sample = x.reshape(batch, -1, frames * pt, grid_h * ph, grid_w * pw)
-        hidden = tuple(collected) if hidden_states_at else None
-        if not return_dict:
-            return (sample, hidden) if hidden_states_at else (sample,)
-        return CausalWanOutput(sample=sample, hidden_states=hidden)
+        x = x.reshape(batch, frames, plan.grid_h, plan.grid_w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        sample = x.reshape(batch, -1, frames * pt, plan.grid_h * ph, plan.grid_w * pw)
+        return sample, collected
 
-    def _block_forward(self, block, index, x, context, time_mod, cos, sin, mask, kv_cache, start_frame, commit_frames):
+    def _block_forward(self, block, index, x, context, time_mod, cos, sin, mask, kv_cache, commit_frames):
         """One transformer block. x: [B, L, dim]; time_mod: [B, F, 6, dim] float32 (without the block's table)."""
         eps = self.config.eps
         heads = self.config.num_attention_heads
@@ -327,7 +389,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 value=cross.to_v(context).view(batch, ctx_len, heads, -1),
             )
             if kv_cache is not None and not torch.is_grad_enabled():
-                kv_cache.cross[index] = entry
+                entry = kv_cache.store_cross_attention(index, entry)
         out = attention(q, entry.key, entry.value, None, self.attention_backend)
         x = x + cross.to_out[0](out.flatten(2))
 

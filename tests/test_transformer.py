@@ -100,10 +100,14 @@ def test_cross_attention_is_cached_per_prompt(tiny_transformer):
         cache = tiny_transformer.new_kv_cache(1, 2, 8, 12)
         tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=cache, start_frame=0, commit=True)
         first = cache.cross[0].key
+        first_values = first.clone()
+        first.fill_(float("nan"))  # a recomputation would overwrite these
         tiny_transformer(x[:, :, 1:], t[:, 1:], text, kv_cache=cache, start_frame=1)
-        assert cache.cross[0].key is first  # reused, not recomputed
+        assert cache.cross[0].key is first and first.isnan().all()  # reused, not recomputed
+        first.copy_(first_values)
         a = tiny_transformer(x[:, :, 1:], t[:, 1:], other, kv_cache=cache, start_frame=1).sample
-        assert cache.cross[0].key is not first  # a new prompt recomputes it
+        # a new prompt recomputes it, into the same tensor (fixed addresses for CUDA graphs)
+        assert cache.cross[0].key is first and not torch.equal(first, first_values)
         fresh = tiny_transformer.new_kv_cache(1, 2, 8, 12)
         tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=fresh, start_frame=0, commit=True)
         fresh.reset_cross_attention()
@@ -146,7 +150,7 @@ def test_bad_inputs_are_clear_errors(tiny_transformer):
     with pytest.raises(ValueError, match="in order"):
         tiny_transformer(x[:, :, :1], t[:, :1], text, kv_cache=cache, start_frame=2)
     with pytest.raises(ValueError, match="do not fit"):
-        tiny_transformer(x, t, text, kv_cache=tiny_transformer.new_kv_cache(1, 1, 8, 12), start_frame=0)
+        tiny_transformer(x, t, text, kv_cache=tiny_transformer.new_kv_cache(1, 1, 8, 12), start_frame=0, commit=True)
 
 
 def test_save_and_load_round_trip_and_stock_folder(tmp_path, tiny_transformer):
@@ -178,3 +182,27 @@ def test_fused_commit_and_next_step_equal_two_forwards(tiny_transformer):
         assert (fused.key[layer][:, : 2 * 24] - split.key[layer][:, : 2 * 24]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="commit_frames"):
         tiny_transformer(x, t, text, commit_frames=1)
+
+
+@pytest.mark.parametrize("fpb", [1, 3])
+def test_last_block_needs_no_cache_slots(tiny_transformer, fpb):
+    from oneforcing import OneForcingScheduler, causal_rollout
+
+    noise = torch.randn(1, 16, 7, 8, 12, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 16, 32)
+    last = 7 - fpb * ((7 - 1) // fpb)
+
+    def video(cache, **kw):
+        with torch.no_grad():
+            blocks = causal_rollout(tiny_transformer, OneForcingScheduler(), noise, text, frames_per_block=fpb,
+                                    generator=torch.Generator().manual_seed(1), kv_cache=cache, **kw)
+            return torch.cat([b.latents for b in blocks], dim=2)
+
+    full = video(tiny_transformer.new_kv_cache(1, 7, 8, 12))
+    short = tiny_transformer.new_kv_cache(1, 7 - last, 8, 12)
+    assert torch.equal(video(short), full)
+    assert torch.equal(video(None), full)  # the rollout's own cache is sized like ``short``
+    unfused = video(tiny_transformer.new_kv_cache(1, 7, 8, 12), fuse_context_pass=False)
+    assert torch.equal(video(tiny_transformer.new_kv_cache(1, 7 - last, 8, 12), fuse_context_pass=False), unfused)
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
+        video(tiny_transformer.new_kv_cache(1, 7 - last, 8, 12), commit_last_block=True)

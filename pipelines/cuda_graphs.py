@@ -1,0 +1,149 @@
+"""CUDA graphs of the causal transformer's KV-cached forwards: captured once per block position, replayed after.
+
+A one-step rollout is a string of small forwards (frame-wise at 480x832: 21 forwards of about 900 kernel launches
+each), and at those sizes the GPU waits for the host to launch work. For a given block position, a forward with a KV
+cache runs the same kernels on the same buffers every time, so it can be captured as a CUDA graph and replayed as one
+launch.
+
+A graph bakes in host decisions and memory addresses; whatever it bakes in selects it:
+- the key: the forward's plan (frames, committed frames, the cache slot and cached frames, the rotary position),
+  the input shapes and dtypes, the attention and kernel backends;
+- the binding: the addresses of the model's parameters and buffers and of the KV cache's buffers (the cache keeps
+  its cross-attention tensors across prompts for this). A different binding (another cache, the model moved or
+  reloaded) drops every graph. The rotary tables a graph reads are held by the graph.
+Inputs (latents, timesteps) are copied into the graph's own tensors before a replay and the output is copied out
+after it, so graphs can share one memory pool. The host bookkeeping of a forward (``KVCache.begin_forward`` and
+``commit``) stays outside the graph and runs as usual.
+
+Graphed are forwards under ``no_grad``/inference mode with a KV cache whose prompt cross-attention is already cached
+(the first forward of a prompt computes it without a graph) and that return no hidden states. A key runs eagerly
+``warmup`` times before it is captured (library set-up, Triton compiles and cuDNN plans happen outside the capture).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import kernels
+
+CAPTURE_MODES = ("cuda", "eager")
+
+
+@dataclass
+class _Graph:
+    """One captured forward: its input tensors, the call that fills its output, and what it must keep alive."""
+
+    replay_fn: Callable[[], torch.Tensor]
+    hidden_states: torch.Tensor
+    timestep: torch.Tensor
+    plan: object  # holds the rotary tables the graph reads
+
+    def replay(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        self.hidden_states.copy_(hidden_states)
+        self.timestep.copy_(timestep)
+        return self.replay_fn().clone()  # the next replay of any graph of the pool may overwrite the output
+
+
+class CudaGraphForwards:
+    """The graphs of one :class:`CausalWanTransformer3DModel` (``model.enable_cuda_graphs()`` makes one).
+
+    Args:
+        model: the transformer.
+        warmup: eager runs of a key before its graph is captured.
+        max_graphs: graphs kept at most; further keys run eagerly.
+        capture: ``"cuda"`` (real CUDA graphs) or ``"eager"``: a "replay" re-runs the recorded call on the recorded
+            input tensors, which checks the keying, copying and bookkeeping on any device (tests on CPU).
+    """
+
+    def __init__(self, model, warmup: int = 1, max_graphs: int = 256, capture: str = "cuda"):
+        if capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+        if warmup < 0 or max_graphs < 1:
+            raise ValueError(f"warmup must be >= 0 and max_graphs >= 1, got {warmup}, {max_graphs}")
+        self.model = model
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.capture = capture
+        self._graphs: dict[tuple, _Graph] = {}
+        self._seen: Counter = Counter()
+        self._binding: tuple | None = None
+        self._pool = None
+        self.captures = 0
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every graph (and its memory pool)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._binding = None
+        self._pool = None
+
+    def takes(self, plan, hidden_states: torch.Tensor) -> bool:
+        """Whether this forward is one a graph can stand for (see the module docstring)."""
+        if plan.mode != "kv_cache" or not plan.cross_ready or plan.hidden_states_at or torch.is_grad_enabled():
+            return False
+        if self.capture == "eager":
+            return True
+        return hidden_states.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+    def run(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The forward's sample [B, C, F, H, W]: replayed, captured now, or computed eagerly (warm-up)."""
+        binding = self._binding_of(plan.kv_cache)
+        if binding != self._binding:
+            self.reset()
+            self._binding = binding
+        key = self._key(plan, hidden_states, timestep)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if len(self._seen) > 4 * self.max_graphs:  # keys that never come back (an endless absolute-position video)
+                self._seen.clear()
+            self._seen[key] += 1
+            if self._seen[key] <= self.warmup or len(self._graphs) >= self.max_graphs:
+                return self.model._compute(plan, hidden_states, timestep, None)[0]
+            graph = self._graphs[key] = self._capture(plan, hidden_states, timestep)
+            self.captures += 1
+        self.replays += 1
+        return graph.replay(hidden_states, timestep)
+
+    def _binding_of(self, kv_cache) -> tuple:
+        model = self.model
+        return (
+            tuple(p.data_ptr() for p in model.parameters()),
+            tuple(b.data_ptr() for b in model.buffers()),
+            kv_cache.buffer_addresses(),
+        )
+
+    def _key(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> tuple:
+        cache = plan.kv_cache
+        return (
+            cache.capacity, cache._slot, cache.cached_frames, plan.frame_offset, plan.commit_frames, plan.grid_h, plan.grid_w,
+            tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device,
+            tuple(timestep.shape), timestep.dtype,
+            self.model.attention_backend, kernels.active_kernels(hidden_states.device),
+            kernels.fused_kernels_enabled(), torch.is_inference_mode_enabled(),
+        )
+
+    def _capture(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> _Graph:
+        static_x, static_t = hidden_states.clone(), timestep.clone()
+        call = functools.partial(self.model._compute, plan, static_x, static_t, None)
+        if self.capture == "eager":
+            return _Graph(lambda: call()[0], static_x, static_t, plan)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            output = call()[0]
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return output
+
+        return _Graph(replay, static_x, static_t, plan)
