@@ -110,18 +110,22 @@ def build_vae():
 
 
 def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, h, w, make_decoder=None,
-                on_frames=None, fuse=True, overlap=False):
+                on_frames=None, fuse=True, overlap=False, cache=None):
     """One rollout; with ``make_decoder`` (() -> a streaming decoder) each block is decoded as soon as it exists,
-    with ``overlap`` on a second CUDA stream, so that block i's decode runs beside block i+1's transformer passes."""
+    with ``overlap`` on a second CUDA stream, so that block i's decode runs beside block i+1's transformer passes.
+    ``cache``: a KV cache to reuse (reset first; CUDA graphs need the same one every time), else the rollout's own."""
     from oneforcing import causal_rollout
 
     gen = torch.Generator("cuda").manual_seed(0)
     noise = torch.randn(1, 16, latent_frames, h, w, device="cuda", generator=gen)
     text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
     decoder = make_decoder() if make_decoder is not None else None
+    if cache is not None:
+        cache.reset()
     with torch.no_grad():
         for block in causal_rollout(model, scheduler, noise, text, frames_per_block=frames_per_block,
-                                    first_block_timesteps=first_steps, generator=gen, fuse_context_pass=fuse):
+                                    first_block_timesteps=first_steps, generator=gen, fuse_context_pass=fuse,
+                                    kv_cache=cache):
             if decoder is None:
                 continue
             latents = block.latents.to(torch.bfloat16)
@@ -137,6 +141,16 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
                 on_frames(video)
     if overlap and decoder is not None:
         torch.cuda.current_stream().wait_stream(side_stream())
+
+
+def kv_cache_bytes(model, latent_frames: int, frames_per_block: int, h: int, w: int) -> int:
+    """Self-attention key/value bytes of the rollout's cache: every frame but the (uncommitted) last block's."""
+    from oneforcing.pipelines.rollout import block_sizes
+
+    frames = latent_frames - block_sizes(latent_frames, frames_per_block)[-1]
+    config = model.config
+    per_frame = model.tokens_per_frame(h, w) * config.num_attention_heads * config.attention_head_dim
+    return 2 * config.num_layers * frames * per_frame * model.proj_out.weight.element_size()
 
 
 @functools.cache
@@ -241,6 +255,8 @@ def main():
                              "diffusers' own modules")
     parser.add_argument("--overlap", action="store_true",
                         help="also time end to end with each block decoded on a second CUDA stream")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time the last backend with the transformer's forwards replayed as CUDA graphs")
     parser.add_argument("--busy", action="store_true",
                         help="also profile one transformer rollout: GPU kernel time / wall time (launch gaps)")
     parser.add_argument("--decoder", choices=("wan", "tiny"), default="wan",
@@ -295,14 +311,17 @@ def main():
     del stock
     torch.cuda.empty_cache()
 
-    variants = [(backend, False, True) for backend in args.backends.split(",")]
+    variants = [(backend, False, True, False) for backend in args.backends.split(",")]
     from oneforcing import kernels
+    from oneforcing.pipelines.rollout import block_sizes
 
     kernels.set_fused_kernels(not args.compile_kernels)  # with --compile-kernels, plain variants measure references
     if args.unfused:
-        variants.insert(0, (args.backends.split(",")[0], False, False))
+        variants.insert(0, (args.backends.split(",")[0], False, False, False))
     if args.compile_kernels:
-        variants.append((args.backends.split(",")[-1], True, True))
+        variants.append((args.backends.split(",")[-1], True, True, False))
+    if args.cuda_graphs:
+        variants.append((args.backends.split(",")[-1], False, True, True))
     from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
@@ -319,16 +338,26 @@ def main():
     results["decoder"] = args.decoder if args.decoder == "tiny" else f"wan/{args.vae_path}"
     with torch.no_grad():  # first-call cuDNN set-up must not count as time to the first frame
         make_decoder().decode_block(torch.zeros(1, 16, 2, h, w, device="cuda", dtype=torch.bfloat16))
-    for backend, compiled, fuse in variants:
+    results["resident_gb"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # transformer + VAE weights
+    for backend, compiled, fuse, graphs in variants:
         model.set_attention_backend(backend)
         if compiled:
             kernels.set_fused_kernels(True)
-        tag = f"{backend}{'+compiled' if compiled else ''}{'' if fuse else '+unfused'}"
+        if graphs:
+            model.enable_cuda_graphs()
+        else:
+            model.disable_cuda_graphs()
+        warmup = 2 if graphs else 1  # graphs: one eager run, one capturing run
+        tag = f"{backend}{'+compiled' if compiled else ''}{'' if fuse else '+unfused'}{'+graphs' if graphs else ''}"
         for fpb, first in ((1, None), (1, [1000, 750, 500, 250]), (3, None)):
             name = f"{tag}/fpb{fpb}{'/first4' if first else ''}"
+            cache = None
+            if graphs:  # the same cache every run, sized as the rollout sizes its own (no slots for the last block)
+                cache = model.new_kv_cache(1, latent_frames - block_sizes(latent_frames, fpb)[-1], h, w)
+            rollout = functools.partial(run_rollout, model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse,
+                                        cache=cache)
             torch.cuda.reset_peak_memory_stats()
-            transformer_s = cuda_time(
-                lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse), 1, 3)
+            transformer_s = cuda_time(rollout, warmup, 3)
             # roofline counts the work of the unfused rollout: fusing does the same FLOPs in fewer, larger forwards
             gemm, attn = rollout_flops(latent_frames, fpb, tokens_per_frame, WAN_1_3B, steps_first=len(first or [1]))
             attn_ceiling = results.get(f"attn_cudnn_tflops_fpb{fpb}")
@@ -344,12 +373,10 @@ def main():
 
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run_rollout(model, scheduler, fpb, first, latent_frames, h, w, make_decoder=make_decoder, on_frames=note,
-                        fuse=fuse)
+            rollout(make_decoder=make_decoder, on_frames=note)
             torch.cuda.synchronize()
             first_frame_s = first_frame["t"] - t0
-            total = cuda_time(lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w,
-                                                  make_decoder=make_decoder, fuse=fuse), 0, 3)
+            total = cuda_time(lambda: rollout(make_decoder=make_decoder), 0, 3)
             results[name] = {
                 "transformer_s": round(transformer_s, 4),
                 "roofline_s": round(roofline, 4),
@@ -359,13 +386,14 @@ def main():
                 "frames_per_s": round(args.frames / total, 2),
                 "first_frame_s": round(first_frame_s, 4),
                 "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "kv_cache_gb": round(kv_cache_bytes(model, latent_frames, fpb, h, w) / 2**30, 2),
             }
+            if graphs:
+                results[name]["graphs"] = {"captured": len(model.cuda_graphs), "replays": model.cuda_graphs.replays}
             if args.busy:
-                results[name]["transformer_gpu_busy"] = gpu_busy(
-                    lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse))
+                results[name]["transformer_gpu_busy"] = gpu_busy(rollout)
             if args.overlap:
-                overlapped = cuda_time(lambda: run_rollout(model, scheduler, fpb, first, latent_frames, h, w,
-                                                           make_decoder=make_decoder, fuse=fuse, overlap=True), 1, 3)
+                overlapped = cuda_time(lambda: rollout(make_decoder=make_decoder, overlap=True), 1, 3)
                 results[name]["overlap_end_to_end_s"] = round(overlapped, 4)
                 results[name]["overlap_frames_per_s"] = round(args.frames / overlapped, 2)
                 results[name]["overlap_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

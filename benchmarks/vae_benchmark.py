@@ -25,14 +25,19 @@ from rollout_benchmark import cuda_time, video_arguments, wall_time  # this fold
 # decoder paths: None = diffusers' own modules, else WanFastPath's arguments
 VARIANTS = {
     "diffusers": None,
-    "taps": dict(conv="taps", fuse_norm=False, bf16_upsample=False),
-    "stacked": dict(conv="stacked", fuse_norm=False, bf16_upsample=False),
+    "taps": dict(conv="taps", fuse_norm=False, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
+    "stacked": dict(conv="stacked", fuse_norm=False, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
     # the fused norm alone sees channels-first activations, which the Triton kernel does not take: the compiled
     # reference runs instead (recompiling per shape), so this row measures little
-    "norm": dict(conv=None, fuse_norm=True, bf16_upsample=False),
-    "taps+norm": dict(conv="taps", fuse_norm=True, bf16_upsample=False),
-    "fast": dict(conv="taps", fuse_norm=True, bf16_upsample=True),
-    "fast-stacked": dict(conv="stacked", fuse_norm=True, bf16_upsample=True),
+    "norm": dict(conv=None, fuse_norm=True, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
+    "taps+norm": dict(conv="taps", fuse_norm=True, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
+    "taps+norm+bf16up": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=False,
+                             chunk_frames=None),
+    "taps+norm+subpixel": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True,
+                               chunk_frames=None),
+    "fast": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=1),
+    "fast-chunk2": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=2),
+    "fast-stacked": dict(conv="stacked", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=1),
 }
 
 

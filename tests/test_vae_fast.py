@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 from oneforcing.kernels import reference
-from oneforcing.pipelines.vae_fast import WanFastPath, frame_conv
+from oneforcing.pipelines.vae_fast import WanFastPath, frame_conv, subpixel_weights, upsample_conv
 from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
 TIGHT = dict(atol=2e-5, rtol=1e-5)
@@ -32,6 +32,21 @@ def latents():
 
 
 # -- one convolution --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (4, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_equals_upsampling_then_the_3x3_convolution(bias, size, channels_last):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=bias)
+    x = torch.randn(2, 6, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest-exact"))
+    got = upsample_conv(x, subpixel_weights(conv.weight.detach()), conv.bias)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, **TIGHT)
+
+
 @pytest.mark.parametrize("mode", ["taps", "stacked"])
 @pytest.mark.parametrize(
     "kernel,padding,cache_frames",
@@ -82,7 +97,8 @@ def test_channel_rms_norm_reference_equals_wan_rms_norm(images, bias):
 
 # -- the whole decoder ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [dict(), dict(conv="stacked"), dict(conv=None), dict(fuse_norm=False),
-                                     dict(bf16_upsample=False)])
+                                     dict(bf16_upsample=False), dict(subpixel_upsample=False), dict(chunk_frames=None),
+                                     dict(chunk_frames=3)])
 def test_fast_decode_equals_diffusers_decode(vae, latents, options):
     want = WanStreamingDecoder(vae, fast=False).decode_all(latents)
     fast = WanFastPath(vae.decoder, **options)
@@ -95,13 +111,13 @@ def test_fast_decode_equals_diffusers_decode(vae, latents, options):
 
 def test_the_vae_is_left_as_it_was(vae, latents):
     state = {k: v.clone() for k, v in vae.state_dict().items()}
-    fast = WanFastPath(vae.decoder)
+    fast = WanFastPath(vae.decoder, chunk_frames=1)
     silu = vae.decoder.up_blocks[0].resnets[0].nonlinearity
     x = torch.randn(3)
     with fast:
         # inside: every causal conv, norm and upsampler of the decoder runs the fast path; a folded SiLU passes through
         patched = [type(m).__name__ for m in vae.decoder.modules() if "forward" in m.__dict__]
-        assert {"WanCausalConv3d", "WanRMS_norm", "WanUpsample", "SiLU"} <= set(patched)
+        assert {"WanCausalConv3d", "WanRMS_norm", "WanUpsample", "SiLU", "Sequential", "WanDecoder3d"} <= set(patched)
         assert torch.equal(silu(x), x)
         with pytest.raises(RuntimeError, match="already active"):
             fast.__enter__()
@@ -112,6 +128,28 @@ def test_the_vae_is_left_as_it_was(vae, latents):
     # the encoder is not touched even while active
     with fast:
         assert not [m for m in vae.encoder.modules() if "forward" in m.__dict__]
+
+
+def test_the_full_resolution_tail_goes_a_frame_at_a_time(vae, latents):
+    """Wan2.1's decoder upsamples in time in its first two up blocks: the last two and the head take one frame per
+    call with ``chunk_frames=1``."""
+    from oneforcing.pipelines.vae_fast import _frame_local_tail
+
+    assert _frame_local_tail(vae.decoder) == 2
+    seen = []
+    hook = vae.decoder.up_blocks[3].register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[2]),
+                                                              with_kwargs=True)
+    try:
+        with WanFastPath(vae.decoder, chunk_frames=1):
+            WanStreamingDecoder(vae, fast=False).decode_all(latents)
+        assert seen and set(seen) == {1}
+        seen.clear()
+        WanStreamingDecoder(vae, fast=True).decode_all(latents)  # on CPU the streaming decoder does not chunk
+        assert seen and max(seen) == 4
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="chunk_frames"):
+        WanFastPath(vae.decoder, chunk_frames=0)
 
 
 def test_changed_weights_are_picked_up(latents):
