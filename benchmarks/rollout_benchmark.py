@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import time
 
@@ -115,6 +116,7 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
     with ``overlap`` on a second CUDA stream, so that block i's decode runs beside block i+1's transformer passes.
     ``cache``: a KV cache to reuse (reset first; CUDA graphs need the same one every time), else the rollout's own."""
     from oneforcing import causal_rollout
+    from oneforcing.pipelines.decode_overlap import SideStreamDecoder
 
     gen = torch.Generator("cuda").manual_seed(0)
     noise = torch.randn(1, 16, latent_frames, h, w, device="cuda", generator=gen)
@@ -123,24 +125,21 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
     if cache is not None:
         cache.reset()
     with torch.no_grad():
-        for block in causal_rollout(model, scheduler, noise, text, frames_per_block=frames_per_block,
-                                    first_block_timesteps=first_steps, generator=gen, fuse_context_pass=fuse,
-                                    kv_cache=cache):
-            if decoder is None:
-                continue
-            latents = block.latents.to(torch.bfloat16)
-            if overlap:
-                side = side_stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    latents.record_stream(side)
-                    video = decoder.decode_block(latents)
-            else:
-                video = decoder.decode_block(latents)
+        blocks = causal_rollout(model, scheduler, noise, text, frames_per_block=frames_per_block,
+                                first_block_timesteps=first_steps, generator=gen, fuse_context_pass=fuse,
+                                kv_cache=cache)
+        if decoder is None:
+            for _ in blocks:
+                pass
+            return
+        latents = ((block.index, block.latents.to(torch.bfloat16)) for block in blocks)
+        if overlap:  # what OneForcingPipeline.__call__ does on CUDA
+            videos = SideStreamDecoder(decoder, "cuda").decode(latents)
+        else:
+            videos = ((index, decoder.decode_block(block)) for index, block in latents)
+        for _, video in videos:
             if on_frames is not None:
                 on_frames(video)
-    if overlap and decoder is not None:
-        torch.cuda.current_stream().wait_stream(side_stream())
 
 
 def kv_cache_bytes(model, latent_frames: int, frames_per_block: int, h: int, w: int) -> int:
@@ -153,10 +152,36 @@ def kv_cache_bytes(model, latent_frames: int, frames_per_block: int, h: int, w: 
     return 2 * config.num_layers * frames * per_frame * model.proj_out.weight.element_size()
 
 
-@functools.cache
-def side_stream() -> torch.cuda.Stream:
-    """The one stream that overlapped decodes run on."""
-    return torch.cuda.Stream()
+def phase_peaks(rollout, make_decoder) -> dict:
+    """Peak GPU memory of one end-to-end rollout, split into its transformer passes and its block decodes."""
+    peaks = {"transformer": 0, "decode": 0}
+
+    def note(phase):
+        torch.cuda.synchronize()
+        peaks[phase] = max(peaks[phase], torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+    class Measured:  # wraps the decoder (patching its method would make a cycle that keeps its cache alive)
+        def __init__(self, decoder):
+            self.decoder = decoder
+
+        def decode_block(self, latents):
+            note("transformer")
+            video = self.decoder.decode_block(latents)
+            note("decode")
+            return video
+
+    clean_memory()
+    rollout(make_decoder=lambda: Measured(make_decoder()))
+    return {phase: round(peak / 2**30, 2) for phase, peak in peaks.items()}
+
+
+def clean_memory() -> None:
+    """Free what earlier measurements left (cycles included) and restart the peak counter."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
 
 
 def gpu_busy(fn) -> dict:
@@ -351,13 +376,15 @@ def main():
         tag = f"{backend}{'+compiled' if compiled else ''}{'' if fuse else '+unfused'}{'+graphs' if graphs else ''}"
         for fpb, first in ((1, None), (1, [1000, 750, 500, 250]), (3, None)):
             name = f"{tag}/fpb{fpb}{'/first4' if first else ''}"
-            cache = None
+            cache = rollout = None  # the previous variant's cache goes before this one's is made
             if graphs:  # the same cache every run, sized as the rollout sizes its own (no slots for the last block)
+                model.cuda_graphs.reset()
                 cache = model.new_kv_cache(1, latent_frames - block_sizes(latent_frames, fpb)[-1], h, w)
             rollout = functools.partial(run_rollout, model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse,
                                         cache=cache)
-            torch.cuda.reset_peak_memory_stats()
+            clean_memory()
             transformer_s = cuda_time(rollout, warmup, 3)
+            transformer_peak = torch.cuda.max_memory_allocated()
             # roofline counts the work of the unfused rollout: fusing does the same FLOPs in fewer, larger forwards
             gemm, attn = rollout_flops(latent_frames, fpb, tokens_per_frame, WAN_1_3B, steps_first=len(first or [1]))
             attn_ceiling = results.get(f"attn_cudnn_tflops_fpb{fpb}")
@@ -371,11 +398,12 @@ def main():
                     torch.cuda.synchronize()
                     first_frame["t"] = time.perf_counter()
 
-            torch.cuda.synchronize()
+            clean_memory()
             t0 = time.perf_counter()
             rollout(make_decoder=make_decoder, on_frames=note)
             torch.cuda.synchronize()
             first_frame_s = first_frame["t"] - t0
+            peak = torch.cuda.max_memory_allocated()  # of that one end-to-end rollout
             total = cuda_time(lambda: rollout(make_decoder=make_decoder), 0, 3)
             results[name] = {
                 "transformer_s": round(transformer_s, 4),
@@ -385,14 +413,17 @@ def main():
                 "vae_s_estimate": round(total - transformer_s, 4),
                 "frames_per_s": round(args.frames / total, 2),
                 "first_frame_s": round(first_frame_s, 4),
-                "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "peak_mem_gb": round(peak / 2**30, 2),  # GiB, as every memory figure here
+                "transformer_only_peak_mem_gb": round(transformer_peak / 2**30, 2),
                 "kv_cache_gb": round(kv_cache_bytes(model, latent_frames, fpb, h, w) / 2**30, 2),
             }
+            results[name]["peak_by_phase_gb"] = phase_peaks(rollout, make_decoder)
             if graphs:
                 results[name]["graphs"] = {"captured": len(model.cuda_graphs), "replays": model.cuda_graphs.replays}
             if args.busy:
                 results[name]["transformer_gpu_busy"] = gpu_busy(rollout)
             if args.overlap:
+                clean_memory()
                 overlapped = cuda_time(lambda: rollout(make_decoder=make_decoder, overlap=True), 1, 3)
                 results[name]["overlap_end_to_end_s"] = round(overlapped, 4)
                 results[name]["overlap_frames_per_s"] = round(args.frames / overlapped, 2)

@@ -22,7 +22,7 @@ Graphed are forwards under ``no_grad``/inference mode with a KV cache whose prom
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -38,15 +38,15 @@ CAPTURE_MODES = ("cuda", "eager")
 class _Graph:
     """One captured forward: its input tensors, the call that fills its output, and what it must keep alive."""
 
-    replay_fn: Callable[[], torch.Tensor]
+    replay_fn: Callable[[object], torch.Tensor]  # (the KV cache of the call) -> output
     hidden_states: torch.Tensor
     timestep: torch.Tensor
-    plan: object  # holds the rotary tables the graph reads
+    tables: tuple  # the rotary tables the graph reads (not the plan: a graph must not keep its KV cache alive)
 
-    def replay(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def replay(self, hidden_states: torch.Tensor, timestep: torch.Tensor, kv_cache) -> torch.Tensor:
         self.hidden_states.copy_(hidden_states)
         self.timestep.copy_(timestep)
-        return self.replay_fn().clone()  # the next replay of any graph of the pool may overwrite the output
+        return self.replay_fn(kv_cache).clone()  # the next replay of any graph of the pool may overwrite the output
 
 
 class CudaGraphForwards:
@@ -111,7 +111,7 @@ class CudaGraphForwards:
             graph = self._graphs[key] = self._capture(plan, hidden_states, timestep)
             self.captures += 1
         self.replays += 1
-        return graph.replay(hidden_states, timestep)
+        return graph.replay(hidden_states, timestep, plan.kv_cache)
 
     def _binding_of(self, kv_cache) -> tuple:
         model = self.model
@@ -124,7 +124,8 @@ class CudaGraphForwards:
     def _key(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> tuple:
         cache = plan.kv_cache
         return (
-            cache.capacity, cache._slot, cache.cached_frames, plan.frame_offset, plan.commit_frames, plan.grid_h, plan.grid_w,
+            cache.capacity, cache._slot, cache.cached_frames, plan.frame_offset, plan.commit_frames,
+            plan.grid_h, plan.grid_w,
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device,
             tuple(timestep.shape), timestep.dtype,
             self.model.attention_backend, kernels.active_kernels(hidden_states.device),
@@ -133,17 +134,23 @@ class CudaGraphForwards:
 
     def _capture(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> _Graph:
         static_x, static_t = hidden_states.clone(), timestep.clone()
-        call = functools.partial(self.model._compute, plan, static_x, static_t, None)
-        if self.capture == "eager":
-            return _Graph(lambda: call()[0], static_x, static_t, plan)
+        tables = (plan.cos, plan.sin, plan.mask)
+        if self.capture == "eager":  # the call as recorded, on the cache of the replay (the same buffers)
+            recorded = dataclasses.replace(plan, kv_cache=None)
+            model = self.model
+            return _Graph(
+                lambda cache: model._compute(dataclasses.replace(recorded, kv_cache=cache), static_x, static_t,
+                                             None)[0],
+                static_x, static_t, tables,
+            )
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = call()[0]
+            output = self.model._compute(plan, static_x, static_t, None)[0]
 
-        def replay() -> torch.Tensor:
+        def replay(_) -> torch.Tensor:
             graph.replay()
             return output
 
-        return _Graph(replay, static_x, static_t, plan)
+        return _Graph(replay, static_x, static_t, tables)

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from tqdm.auto import tqdm
 
+from .decode_overlap import SideStreamDecoder
 from .prompt_schedule import PromptSchedule
 from .rollout import RolloutBlock, block_sizes, causal_rollout
 from .scheduling_one_forcing import OneForcingScheduler
@@ -119,9 +120,13 @@ class OneForcingPipeline(DiffusionPipeline):
         geometry = (batch, frames, height, width, torch.device(device), self.transformer.dtype,
                     tuple(sorted(rolling.items())))
         kept, self._kept_kv_cache = self._kept_kv_cache, None  # taken: a run started meanwhile makes its own
-        if self.transformer.cuda_graphs is not None and kept is not None and kept[0] == geometry:
+        graphs = self.transformer.cuda_graphs
+        if graphs is not None and kept is not None and kept[0] == geometry:
             kept[1].reset()
             return geometry, kept[1]
+        if graphs is not None and kept is not None:
+            graphs.reset()  # they are bound to the old cache: free it, and their memory, before the new one is made
+        del kept
         return geometry, self.transformer.new_kv_cache(batch, frames, height, width, device=device, **rolling)
 
     # -- decoding -----------------------------------------------------------------------------------------------------
@@ -347,9 +352,13 @@ class OneForcingPipeline(DiffusionPipeline):
         window_frames: int | None = None,
         sink_frames: int | None = None,
         relative_positions: bool | None = None,
+        overlap_decode: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Shared body of ``__call__`` and ``stream``: yields (clean latents [B, C, f, h, w], decoded video
-        [B, 3, T, H, W] or None), first for the context (if any), then per generated block."""
+        [B, 3, T, H, W] or None), first for the context (if any), then per generated block.
+
+        ``overlap_decode``: on CUDA, decode each block on a second stream beside the next block's transformer passes
+        (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`)."""
         height = height or self.default_video_size["height"]
         width = width or self.default_video_size["width"]
         self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
@@ -474,12 +483,16 @@ class OneForcingPipeline(DiffusionPipeline):
         try:
             if context is not None:
                 yield context, None if decoder is None else decoder.decode_block(context.to(decode_dtype))
+            if decoder is None:
+                decoded = ((block.latents, None) for block in rollout)
+            elif overlap_decode and torch.device(device).type == "cuda":
+                side = SideStreamDecoder(decoder, device)
+                decoded = side.decode((block.latents, block.latents.to(decode_dtype)) for block in rollout)
+            else:
+                decoded = ((block.latents, decoder.decode_block(block.latents.to(decode_dtype))) for block in rollout)
             with bar:
-                for block in rollout:
-                    decoded = None
-                    if decoder is not None:
-                        decoded = decoder.decode_block(block.latents.to(decode_dtype))
-                    yield block.latents, decoded
+                for block_latents, video in decoded:
+                    yield block_latents, video
                     bar.update()
                     if self.interrupt:
                         break
@@ -569,6 +582,7 @@ class OneForcingPipeline(DiffusionPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs, image=image, video=video,
             context_latents=context_latents, prompt_schedule=prompt_schedule, keep_sink_on_switch=keep_sink_on_switch,
             window_frames=window_frames, sink_frames=sink_frames, relative_positions=relative_positions,
+            overlap_decode=True,  # the whole video is returned at the end: no one waits for a block
         ):
             if block_video is not None:
                 decoded.append(block_video)

@@ -80,6 +80,22 @@ def test_another_cache_or_moved_weights_drop_the_graphs():
     assert len(graphs) == 0  # new parameter addresses: every position starts over with its warm-up
 
 
+def test_graphs_do_not_keep_a_dropped_cache_alive():
+    import gc
+    import weakref
+
+    model = make_tiny_transformer(seed=3)
+    model.enable_cuda_graphs(capture="eager")
+    cache = model.new_kv_cache(1, 5, 4, 6)
+    for seed in range(2):
+        _video(model, cache, seed)
+    assert len(model.cuda_graphs) > 0
+    dropped = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert dropped() is None
+
+
 def test_rolling_cache_rollouts_equal_eager_ones():
     model = make_tiny_transformer(seed=4)
     cache = model.new_kv_cache(1, 1, 4, 6, window_frames=3, sink_frames=1, relative_positions=True)
