@@ -35,9 +35,10 @@ VARIANTS = {
                              chunk_frames=None),
     "taps+norm+subpixel": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True,
                                chunk_frames=None),
-    "fast": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=1),
-    "fast-chunk2": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=2),
-    "fast-stacked": dict(conv="stacked", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=1),
+    # what WanStreamingDecoder runs on a GPU (vae_streaming.FULL_RESOLUTION_CHUNK frames at full resolution)
+    "fast": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=2),
+    "fast-chunk1": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=1),
+    "fast-stacked": dict(conv="stacked", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=2),
 }
 
 
