@@ -282,7 +282,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return CausalWanOutput(sample=sample, hidden_states=hidden)
 
     def _plan(self, hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache,
-              start_frame, commit, commit_frames, hidden_states_at) -> "ForwardPlan":
+              start_frame, commit, commit_frames, hidden_states_at) -> ForwardPlan:
         """The host side of a forward: checks, the KV cache's bookkeeping, rotary tables; no model arithmetic."""
         mode = attention_mode or ("kv_cache" if kv_cache is not None else "bidirectional")
         if mode not in ATTENTION_MODES:
@@ -319,10 +319,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return ForwardPlan(mode, grid_h, grid_w, timestep, commit_frames, frame_offset, cross_ready, cos, sin, mask,
                            kv_cache, wanted)
 
-    def _compute(self, plan: "ForwardPlan", hidden_states, timestep, encoder_hidden_states):
+    def _compute(self, plan: ForwardPlan, hidden_states, timestep, encoder_hidden_states):
         """The arithmetic of a forward, as planned: (sample [B, C, F, H, W], hidden states of the wanted blocks).
 
-        Reads no host state but ``plan`` and the KV cache's slot, so a CUDA graph of it replays for the same plan.
+        Reads no host state but ``plan`` and the KV cache's position (slot, cached frames, capacity), which is what a
+        CUDA graph of it is keyed by (``cuda_graphs``).
         """
         batch, _, frames = hidden_states.shape[:3]
         pt, ph, pw = self.config.patch_size
