@@ -163,3 +163,17 @@ def test_cuda_graph_rollouts_equal_eager_ones_on_the_gpu(fpb, first):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert model.cuda_graphs.captures > 0 and model.cuda_graphs.replays > 0
+
+
+@needs_cuda
+def test_pipeline_with_cuda_graphs_on_the_gpu():
+    """Graphs, the kept KV cache and the side-stream decode together: the same videos as without graphs."""
+    pipe = make_tiny_pipeline(seed=2).to("cuda")
+    kwargs = dict(prompt="a corgi surfing", num_frames=13, height=32, width=48, output_type="pt")
+    expected = [pipe(**kwargs, generator=torch.Generator("cuda").manual_seed(s)).frames for s in range(3)]
+    pipe.enable_cuda_graphs()
+    got = [pipe(**kwargs, generator=torch.Generator("cuda").manual_seed(s)).frames for s in range(3)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert pipe.transformer.cuda_graphs.replays > 0
+    pipe.disable_cuda_graphs()
