@@ -138,3 +138,17 @@ def test_loads_a_wan_diffusers_folder_and_a_replacement_transformer(tmp_path, ti
     other = make_tiny_pipeline(seed=3).transformer
     replaced = OneForcingPipeline.from_pretrained(tmp_path / "wan", transformer=other)
     assert replaced.transformer is other
+
+
+@pytest.mark.parametrize("frames_per_block,capacity", [(1, 4), (3, 3)])
+def test_the_kv_cache_has_no_slots_for_the_last_block(frames_per_block, capacity):
+    """17 frames = 5 latent frames: frame-wise the last block is frame 4, chunk-wise frames 3-4 after [0, 1, 2]."""
+    pipe = make_tiny_pipeline(seed=1, frames_per_block=frames_per_block)
+    seen = []
+
+    def record(p, index, timestep, tensors):
+        seen.append(p.kv_cache.capacity)
+        return {}
+
+    pipe("a corgi", num_frames=17, height=32, width=48, output_type="latent", callback_on_step_end=record)
+    assert seen and set(seen) == {capacity}

@@ -201,7 +201,7 @@ def test_last_block_needs_no_cache_slots(tiny_transformer, fpb):
     full = video(tiny_transformer.new_kv_cache(1, 7, 8, 12))
     short = tiny_transformer.new_kv_cache(1, 7 - last, 8, 12)
     assert torch.equal(video(short), full)
-    assert torch.equal(video(None), full)  # the rollout's own cache is sized like ``short``
+    assert torch.equal(video(None), full)  # the rollout's own cache (the pipeline's size is checked in its tests)
     unfused = video(tiny_transformer.new_kv_cache(1, 7, 8, 12), fuse_context_pass=False)
     assert torch.equal(video(tiny_transformer.new_kv_cache(1, 7 - last, 8, 12), fuse_context_pass=False), unfused)
     with pytest.raises(ValueError, match="do not fit the KV cache"):
