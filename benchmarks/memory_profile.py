@@ -44,7 +44,7 @@ def main():
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()
 
-    from oneforcing.pipelines.rollout import block_sizes
+    from oneforcing.pipelines.rollout import frames_to_cache
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
     model, scheduler = build(args)
@@ -52,7 +52,7 @@ def main():
     vae = build_vae()
     latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
     fpb = args.frames_per_block
-    cache = model.new_kv_cache(1, latent_frames - block_sizes(latent_frames, fpb)[-1], h, w)
+    cache = model.new_kv_cache(1, frames_to_cache(latent_frames, fpb), h, w)
     decoders = []
 
     def make_decoder():
@@ -86,26 +86,20 @@ def main():
     # between blocks, after the run: what stays
     decoder = decoders[-1]
     fast = decoder._fast_path
-    weight_caches = []
-    if fast is not None:
-        for forward in fast._forwards.values():
-            for cell in getattr(forward, "__closure__", None) or ():
-                contents = cell.cell_contents
-                if type(contents).__name__ == "_WeightCache" and contents._weights:
-                    weight_caches.extend(contents._weights)
+    fast_weights = [t for cache in fast.weight_caches for t in cache.weights] if fast is not None else []
     persistent = {
         "transformer_weights": tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()),
         "vae_weights": tensor_bytes(vae.parameters()) + tensor_bytes(vae.buffers()),
         "kv_cache": cache.memory_bytes(),
         "vae_causal_cache": tensor_bytes(x for x in decoder._state if isinstance(x, torch.Tensor)),
-        "vae_fast_path_weights": tensor_bytes(weight_caches),
+        "vae_fast_path_weights": tensor_bytes(fast_weights),
         "rotary_tables": tensor_bytes(t for pair in model.rotary._memo.values() for t in pair),
     }
     persistent["total_allocated"] = torch.cuda.memory_allocated()
     known = sum(v for k, v in persistent.items() if k != "total_allocated")
     persistent["other"] = persistent["total_allocated"] - known
 
-    del decoder, fast, weight_caches  # the third run must see only what a run holds
+    del decoder, fast, fast_weights  # the third run must see only what a run holds
     found = dict(peak)
     calls.clear()
     stop["at"] = found["at"]

@@ -144,9 +144,9 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
 
 def kv_cache_bytes(model, latent_frames: int, frames_per_block: int, h: int, w: int) -> int:
     """Self-attention key/value bytes of the rollout's cache: every frame but the (uncommitted) last block's."""
-    from oneforcing.pipelines.rollout import block_sizes
+    from oneforcing.pipelines.rollout import frames_to_cache
 
-    frames = latent_frames - block_sizes(latent_frames, frames_per_block)[-1]
+    frames = frames_to_cache(latent_frames, frames_per_block)
     config = model.config
     per_frame = model.tokens_per_frame(h, w) * config.num_attention_heads * config.attention_head_dim
     return 2 * config.num_layers * frames * per_frame * model.proj_out.weight.element_size()
@@ -338,7 +338,7 @@ def main():
 
     variants = [(backend, False, True, False) for backend in args.backends.split(",")]
     from oneforcing import kernels
-    from oneforcing.pipelines.rollout import block_sizes
+    from oneforcing.pipelines.rollout import frames_to_cache
 
     kernels.set_fused_kernels(not args.compile_kernels)  # with --compile-kernels, plain variants measure references
     if args.unfused:
@@ -379,7 +379,7 @@ def main():
             cache = rollout = None  # the previous variant's cache goes before this one's is made
             if graphs:  # the same cache every run, sized as the rollout sizes its own (no slots for the last block)
                 model.cuda_graphs.reset()
-                cache = model.new_kv_cache(1, latent_frames - block_sizes(latent_frames, fpb)[-1], h, w)
+                cache = model.new_kv_cache(1, frames_to_cache(latent_frames, fpb), h, w)
             rollout = functools.partial(run_rollout, model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse,
                                         cache=cache)
             clean_memory()

@@ -20,25 +20,26 @@ import json
 import time
 
 import torch
+from oneforcing.pipelines.vae_streaming import FULL_RESOLUTION_CHUNK
 from rollout_benchmark import cuda_time, video_arguments, wall_time  # this folder is on sys.path when a script of it runs
 
-# decoder paths: None = diffusers' own modules, else WanFastPath's arguments
+# decoder paths: None = diffusers' own modules, else WanFastPath's arguments (each row adds to or changes PLAIN)
+PLAIN = dict(conv=None, fuse_norm=False, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None)
+# what WanStreamingDecoder runs on a GPU
+FAST = dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=FULL_RESOLUTION_CHUNK)
 VARIANTS = {
     "diffusers": None,
-    "taps": dict(conv="taps", fuse_norm=False, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
-    "stacked": dict(conv="stacked", fuse_norm=False, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
+    "taps": {**PLAIN, "conv": "taps"},
+    "stacked": {**PLAIN, "conv": "stacked"},
     # the fused norm alone sees channels-first activations, which the Triton kernel does not take: the compiled
     # reference runs instead (recompiling per shape), so this row measures little
-    "norm": dict(conv=None, fuse_norm=True, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
-    "taps+norm": dict(conv="taps", fuse_norm=True, bf16_upsample=False, subpixel_upsample=False, chunk_frames=None),
-    "taps+norm+bf16up": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=False,
-                             chunk_frames=None),
-    "taps+norm+subpixel": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True,
-                               chunk_frames=None),
-    # what WanStreamingDecoder runs on a GPU (vae_streaming.FULL_RESOLUTION_CHUNK frames at full resolution)
-    "fast": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=2),
-    "fast-chunk1": dict(conv="taps", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=1),
-    "fast-stacked": dict(conv="stacked", fuse_norm=True, bf16_upsample=True, subpixel_upsample=True, chunk_frames=2),
+    "norm": {**PLAIN, "fuse_norm": True},
+    "taps+norm": {**PLAIN, "conv": "taps", "fuse_norm": True},
+    "taps+norm+bf16up": {**PLAIN, "conv": "taps", "fuse_norm": True, "bf16_upsample": True},
+    "taps+norm+subpixel": {**FAST, "chunk_frames": None},
+    "fast": FAST,
+    "fast-chunk1": {**FAST, "chunk_frames": 1},
+    "fast-stacked": {**FAST, "conv": "stacked"},
 }
 
 

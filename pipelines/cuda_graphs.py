@@ -8,9 +8,9 @@ launch.
 A graph bakes in host decisions and memory addresses; whatever it bakes in selects it:
 - the key: the forward's plan (frames, committed frames, the cache slot and cached frames, the rotary position),
   the input shapes and dtypes, the attention and kernel backends;
-- the binding: the addresses of the model's parameters and buffers and of the KV cache's buffers (the cache keeps
-  its cross-attention tensors across prompts for this). A different binding (another cache, the model moved or
-  reloaded) drops every graph. The rotary tables a graph reads are held by the graph.
+- the binding: the addresses of the model's parameters and buffers (read when a video begins) and of the KV cache's
+  buffers (the cache keeps its cross-attention tensors across prompts for this). A different binding (another cache,
+  the model moved or reloaded between videos) drops every graph. The rotary tables a graph reads are held by the graph.
 Inputs (latents, timesteps) are copied into the graph's own tensors before a replay and the output is copied out
 after it, so graphs can share one memory pool. The host bookkeeping of a forward (``KVCache.begin_forward`` and
 ``commit``) stays outside the graph and runs as usual.
@@ -72,6 +72,8 @@ class CudaGraphForwards:
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: Counter = Counter()
         self._binding: tuple | None = None
+        self._weights: tuple | None = None  # the model's addresses, read at the start of each video
+        self._checked_video: int | None = None
         self._pool = None
         self.captures = 0
         self.replays = 0
@@ -94,13 +96,11 @@ class CudaGraphForwards:
             return True
         return hidden_states.is_cuda and not torch.cuda.is_current_stream_capturing()
 
-    def run(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def run(self, plan, hidden_states: torch.Tensor) -> torch.Tensor:
         """The forward's sample [B, C, F, H, W]: replayed, captured now, or computed eagerly (warm-up)."""
-        binding = self._binding_of(plan.kv_cache)
-        if binding != self._binding:
-            self.reset()
-            self._binding = binding
-        key = self._key(plan, hidden_states, timestep)
+        self._check_binding(plan.kv_cache)
+        timestep = plan.timestep
+        key = self._key(plan, hidden_states)
         graph = self._graphs.get(key)
         if graph is None:
             if len(self._seen) > 4 * self.max_graphs:  # keys that never come back (an endless absolute-position video)
@@ -113,21 +113,29 @@ class CudaGraphForwards:
         self.replays += 1
         return graph.replay(hidden_states, timestep, plan.kv_cache)
 
-    def _binding_of(self, kv_cache) -> tuple:
-        model = self.model
-        return (
-            tuple(p.data_ptr() for p in model.parameters()),
-            tuple(b.data_ptr() for b in model.buffers()),
-            kv_cache.buffer_addresses(),
-        )
+    def _check_binding(self, kv_cache) -> None:
+        """Drop every graph if the cache's buffers moved, or the weights did since the cache's video began.
 
-    def _key(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> tuple:
+        The cache's addresses are read on every forward (a few dozen pointers); the model's (about 800 parameters,
+        ~2 ms to walk at Wan2.1-1.3B size) once per video (``KVCache.video``), since nothing moves the weights in the
+        middle of a rollout."""
+        if kv_cache.video != self._checked_video:
+            model = self.model
+            self._weights = (tuple(p.data_ptr() for p in model.parameters()),
+                             tuple(b.data_ptr() for b in model.buffers()))
+            self._checked_video = kv_cache.video
+        binding = (self._weights, kv_cache.buffer_addresses())
+        if binding != self._binding:
+            self.reset()
+            self._binding = binding
+
+    def _key(self, plan, hidden_states: torch.Tensor) -> tuple:
         cache = plan.kv_cache
         return (
             cache.capacity, cache._slot, cache.cached_frames, plan.frame_offset, plan.commit_frames,
             plan.grid_h, plan.grid_w,
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device,
-            tuple(timestep.shape), timestep.dtype,
+            tuple(plan.timestep.shape), plan.timestep.dtype,
             self.model.attention_backend, kernels.active_kernels(hidden_states.device),
             kernels.fused_kernels_enabled(), torch.is_inference_mode_enabled(),
         )

@@ -25,12 +25,15 @@ Two ways to hold a video:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 TimeShift = Callable[[int, torch.device], tuple[torch.Tensor, torch.Tensor]]
+
+_videos = itertools.count()  # stamps of KVCache.video
 """(delta_frames, device) -> (cos, sin) [D/2]: rotation that moves keys along the time axis."""
 
 
@@ -94,6 +97,7 @@ class KVCache:
         self.cross: list[CrossAttentionEntry | None] = [None] * num_layers
         self._cross_storage: list[CrossAttentionEntry | None] = [None] * num_layers  # kept across prompts
         self._cross_source: tuple | None = None
+        self.video = next(_videos)  # a stamp no other cache or video shares; a new one at every reset
         self.committed_frames = 0  # frames of the video committed so far
         self.cached_frames = 0  # of them, frames held in the buffers now
         self.evicted_frames = 0
@@ -117,6 +121,7 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget the video and the prompt; the buffers are kept (no reallocation)."""
+        self.video = next(_videos)
         self.committed_frames = self.cached_frames = self.evicted_frames = 0
         self._latents_stored = [False] * self.capacity
         self._commit_starts = [False] * self.capacity

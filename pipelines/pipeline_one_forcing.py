@@ -9,6 +9,7 @@ models are used with one conditional forward per step.
 from __future__ import annotations
 
 import html
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .decode_overlap import SideStreamDecoder
 from .prompt_schedule import PromptSchedule
-from .rollout import RolloutBlock, block_sizes, causal_rollout
+from .rollout import RolloutBlock, block_sizes, causal_rollout, frames_to_cache
 from .scheduling_one_forcing import OneForcingScheduler
 from .tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from .transformer_causal_wan import CausalWanTransformer3DModel
@@ -357,8 +358,9 @@ class OneForcingPipeline(DiffusionPipeline):
         """Shared body of ``__call__`` and ``stream``: yields (clean latents [B, C, f, h, w], decoded video
         [B, 3, T, H, W] or None), first for the context (if any), then per generated block.
 
-        ``overlap_decode``: on CUDA, decode each block on a second stream beside the next block's transformer passes
-        (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`)."""
+        ``overlap_decode``: decode each block on a second CUDA stream beside the next block's transformer passes
+        (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
+        the same order without a second stream)."""
         height = height or self.default_video_size["height"]
         width = width or self.default_video_size["width"]
         self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
@@ -419,8 +421,7 @@ class OneForcingPipeline(DiffusionPipeline):
         window, sink, relative = self._cache_settings(total, frames_per_block, window_frames, sink_frames,
                                                       relative_positions)
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
-        # a full cache holds committed frames only; the last block is never committed
-        cache_frames = 1 if window is not None else max(total - block_sizes(generate, frames_per_block)[-1], 1)
+        cache_frames = 1 if window is not None else max(context_frames + frames_to_cache(generate, frames_per_block), 1)
         cache_geometry, kv_cache = self._new_kv_cache(
             batch, cache_frames, latent_h, latent_w, device,
             window_frames=window, sink_frames=sink, relative_positions=relative,
@@ -481,21 +482,24 @@ class OneForcingPipeline(DiffusionPipeline):
         num_blocks = None if endless else len(block_sizes(generate, frames_per_block))
         bar = self.progress_bar(total=num_blocks) if num_blocks else tqdm(**self._endless_bar_config())
         try:
+            # (latents, is a generated block): the context first, if any; every decode of the video takes one path
+            # (the side stream's rule: the decoder's causal cache must live on the stream that decodes)
+            items = ((block.latents, True) for block in rollout)
             if context is not None:
-                yield context, None if decoder is None else decoder.decode_block(context.to(decode_dtype))
+                items = itertools.chain([(context, False)], items)
             if decoder is None:
-                decoded = ((block.latents, None) for block in rollout)
-            elif overlap_decode and torch.device(device).type == "cuda":
-                side = SideStreamDecoder(decoder, device)
-                decoded = side.decode((block.latents, block.latents.to(decode_dtype)) for block in rollout)
+                decoded = ((item, None) for item in items)
+            elif overlap_decode:
+                decoded = SideStreamDecoder(decoder, device).decode((item, item[0].to(decode_dtype)) for item in items)
             else:
-                decoded = ((block.latents, decoder.decode_block(block.latents.to(decode_dtype))) for block in rollout)
+                decoded = ((item, decoder.decode_block(item[0].to(decode_dtype))) for item in items)
             with bar:
-                for block_latents, video in decoded:
-                    yield block_latents, video
-                    bar.update()
-                    if self.interrupt:
-                        break
+                for (latents, is_block), video in decoded:
+                    yield latents, video
+                    if is_block:
+                        bar.update()
+                        if self.interrupt:
+                            break
         finally:
             rollout.close()
             self.kv_cache = None

@@ -40,6 +40,12 @@ def block_sizes(num_frames: int, frames_per_block: int) -> list[int]:
     return [frames_per_block] * full + ([rest] if rest else [])
 
 
+def frames_to_cache(num_frames: int, frames_per_block: int, commit_last_block: bool = False) -> int:
+    """Of ``num_frames`` generated latent frames, how many a full KV cache must hold: all but the last block, which no
+    later block attends to (unless it is committed to continue the video afterwards)."""
+    return num_frames - (0 if commit_last_block else block_sizes(num_frames, frames_per_block)[-1])
+
+
 def generator_noise_sampler(generator: torch.Generator | list[torch.Generator] | None) -> NoiseSampler:
     """Fresh Gaussian noise from the caller's generator (reproducible for a seed)."""
 
@@ -264,10 +270,8 @@ def causal_rollout(
         )
     if kv_cache is None:
         context = 0 if context_latents is None else context_latents.shape[2]
-        # an uncommitted last block needs no slots: nothing attends to it
-        unused = 0 if commit_last_block else block_sizes(total, frames_per_block)[-1]
-        kv_cache = transformer.new_kv_cache(batch, max(context + total - unused, 1), height, width,
-                                            device=noise.device)
+        frames = context + frames_to_cache(total, frames_per_block, commit_last_block)
+        kv_cache = transformer.new_kv_cache(batch, max(frames, 1), height, width, device=noise.device)
     first_frame = kv_cache.committed_frames + (0 if context_latents is None else context_latents.shape[2])
     switches = dict(prompt_switches or {})
     _check_switches(switches, first_frame, total, frames_per_block, batch)

@@ -271,7 +271,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                           start_frame, commit, commit_frames, hidden_states_at)
         graphs = self._cuda_graphs
         if graphs is not None and graphs.takes(plan, hidden_states):
-            sample, hidden = graphs.run(plan, hidden_states, plan.timestep), ()
+            sample, hidden = graphs.run(plan, hidden_states), ()
         else:
             sample, hidden = self._compute(plan, hidden_states, plan.timestep, encoder_hidden_states)
         if kv_cache is not None and plan.commit_frames:
