@@ -1,7 +1,243 @@
-"""``python -m oneforcing ...``: see :mod:`oneforcing.cli`."""
+"""Command line: ``python -m oneforcing generate --prompt "..." --out clip.mp4`` (also the ``oneforcing`` script).
 
+The video is written to the mp4 block by block as it is generated, so an interrupted run (Ctrl-C) leaves a playable
+file of what was made so far, and memory stays flat however long the video. ``--num-frames endless`` streams until
+interrupted (with a rolling KV cache). Prompts can switch during the video (``--prompt "0:a cat" --prompt "40:a dog"``
+or ``--prompt-schedule schedule.json``), and a video can start from an image (``--image``) or continue a clip
+(``--video``).
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+import time
+from pathlib import Path
 
-from .cli import main
+import torch
 
-sys.exit(main())
+from . import DEMO_MODEL_DIR
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIMESTEP_PRESETS = {
+    "one-step": ([1000], None),
+    "first-block-four-steps": ([1000], [1000, 750, 500, 250]),
+    "four-steps": ([1000, 750, 500, 250], None),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oneforcing", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="text to video, written to an mp4 as it is generated")
+    gen.add_argument("--prompt", action="append", default=None,
+                     help='the prompt; repeat it with video frame numbers to switch prompts: --prompt "0:a cat" '
+                          '--prompt "40:a dog" (a switch lands on the first block starting at or after its frame)')
+    gen.add_argument("--prompt-schedule", type=Path, default=None,
+                     help='JSON file instead of --prompt: {"0": "a cat", "40": "a dog"} or '
+                          '[{"start": 0, "end": 40, "prompt": "a cat"}, {"start": 40, "prompt": "a dog"}]')
+    gen.add_argument("--keep-sink", action="store_true",
+                     help="at a prompt switch keep the sink frames' cache from the old prompt (rolling cache)")
+    gen.add_argument("--out", required=True, type=Path, help="output .mp4 path")
+    gen.add_argument("--model", type=Path, default=None,
+                     help="a saved OneForcingPipeline folder or a Wan2.1 diffusers folder "
+                          "(default: the demo model shipped in the package)")
+    gen.add_argument("--transformer", type=Path, default=None,
+                     help="a causal transformer checkpoint replacing the folder's (one_forcing.pt, self_forcing_dmd.pt, "
+                          "ComfyUI/original .safetensors, or a diffusers transformer folder)")
+    gen.add_argument("--tiny-vae", type=Path, default=None,
+                     help="decode with a tiny TAEHV VAE for fast previews: taew2_1.pth or taew2_1.safetensors from "
+                          "madebyollin/taehv (default: the full Wan VAE)")
+    gen.add_argument("--num-frames", type=_frame_count, default=None,
+                     help="video frames, 1 + 4k, a start image or clip included (default: the model's); 'endless' "
+                          "streams until interrupted")
+    gen.add_argument("--window-frames", type=int, default=None,
+                     help="rolling KV cache: keep the latest N latent frames (default: all; 12 when endless)")
+    gen.add_argument("--sink-frames", type=int, default=None,
+                     help="rolling KV cache: first latent frames never evicted (default 3)")
+    gen.add_argument("--image", type=Path, default=None, help="image-to-video: the first frame")
+    gen.add_argument("--video", type=Path, default=None,
+                     help="video extension: a clip of 1 + 4k frames to continue (the output begins with it)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--frames-per-block", type=int, default=None, help="1 = frame-wise, 3 = chunk-wise")
+    gen.add_argument("--timesteps", choices=sorted(TIMESTEP_PRESETS), default="one-step")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="default: bfloat16 on CUDA, float32 on CPU")
+    return parser
+
+
+ENDLESS = "endless"
+
+
+def _frame_count(text: str) -> int | str:
+    if text.strip().lower() in (ENDLESS, "inf", "infinite"):
+        return ENDLESS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frame count (1 + 4k) or 'endless', got {text!r}") from None
+
+
+def _load_pipeline(args):
+    from .pipelines.pipeline_one_forcing import OneForcingPipeline
+    from .pipelines.transformer_causal_wan import CausalWanTransformer3DModel
+
+    model_dir = args.model or DEMO_MODEL_DIR
+    if not Path(model_dir).is_dir():
+        if args.model is None:
+            raise SystemExit(f"error: the demo model is not installed at {DEMO_MODEL_DIR}; pass --model DIR")
+        raise SystemExit(f"error: --model {model_dir} is not a folder")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    extra = {}
+    if args.transformer is not None:
+        path = args.transformer
+        if path.is_dir():
+            extra["transformer"] = CausalWanTransformer3DModel.from_pretrained(path, dtype=dtype)
+        else:
+            extra["transformer"] = CausalWanTransformer3DModel.from_single_file(path, dtype=dtype)
+    pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
+    if args.tiny_vae is not None:
+        pipe.set_preview_decoder(_load_tiny_vae(args.tiny_vae, dtype))
+    return pipe.to(args.device)
+
+
+def _load_tiny_vae(path: Path, dtype: torch.dtype):
+    from .pipelines.loading import CheckpointError
+    from .pipelines.tiny_vae import TinyWanVAE
+
+    if not path.is_file():
+        raise SystemExit(f"error: --tiny-vae {path} is not a file")
+    try:
+        return TinyWanVAE.from_single_file(path, dtype=dtype)
+    except CheckpointError as error:
+        raise SystemExit(f"error: --tiny-vae {error}") from None
+
+
+def _schedule(args):
+    from .pipelines.prompt_schedule import PromptSchedule
+
+    if (args.prompt is None) == (args.prompt_schedule is None):
+        raise SystemExit("error: give --prompt (once, or repeated as FRAME:text) or --prompt-schedule FILE")
+    try:
+        if args.prompt_schedule is not None:
+            return PromptSchedule.load(args.prompt_schedule)
+        return PromptSchedule.parse(args.prompt)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _read_image(path: Path):
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except (FileNotFoundError, PIL.UnidentifiedImageError, OSError) as error:
+        raise SystemExit(f"error: --image {path}: cannot read it as an image ({error})") from None
+
+
+def _read_video(path: Path):
+    """All frames of a video file as uint8 RGB [T, H, W, 3]."""
+    import cv2
+    import numpy as np
+
+    if not path.is_file():
+        raise SystemExit(f"error: --video {path} does not exist")
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(frame[:, :, ::-1])
+    finally:
+        capture.release()
+    if not frames:
+        raise SystemExit(f"error: --video {path}: no frame could be read")
+    return np.stack(frames)
+
+
+def generate(args, on_block=None) -> Path:
+    """Run ``generate`` for parsed ``args``; ``on_block(frames_written)`` is called after each block is written."""
+    from tqdm import tqdm
+
+    from .pipelines.prompt_schedule import video_frame_of_latent
+    from .pipelines.video_io import Mp4Writer
+
+    schedule = _schedule(args)
+    if args.out.suffix.lower() != ".mp4":
+        raise SystemExit(f"error: --out must end in .mp4, got {args.out}")
+    if args.image is not None and args.video is not None:
+        raise SystemExit("error: give --image or --video, not both")
+    pipe = _load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.default_video_size
+    num_frames = None if args.num_frames == ENDLESS else (args.num_frames or size["num_frames"])
+    height, width = args.height or size["height"], args.width or size["width"]
+    steps, first = TIMESTEP_PRESETS[args.timesteps]
+    context = {}
+    if args.image is not None:
+        context["image"] = _read_image(args.image)
+    if args.video is not None:
+        context["video"] = _read_video(args.video)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if len(schedule) > 1:
+        fpb = args.frames_per_block or pipe.transformer.config.frames_per_block
+        context_frames = 0
+        if "video" in context:
+            context_frames = (len(context["video"]) - 1) // pipe.vae_scale_factor_temporal + 1
+        elif "image" in context:
+            context_frames = 1
+        try:
+            switches = schedule.latent_switches(num_frames, fpb, context_frames, pipe.vae_scale_factor_temporal)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        for latent, prompt in switches:
+            print(f"frame {video_frame_of_latent(latent, pipe.vae_scale_factor_temporal)}: {prompt}")
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    stream = pipe.stream(
+        num_frames=num_frames, height=height, width=width, frames_per_block=args.frames_per_block,
+        denoising_timesteps=steps, first_block_timesteps=first, generator=generator, output_type="np",
+        prompt_schedule=schedule, keep_sink_on_switch=args.keep_sink, window_frames=args.window_frames,
+        sink_frames=args.sink_frames, **context,
+    )
+    start = time.perf_counter()
+    written = 0
+    interrupted = False
+    with Mp4Writer(args.out, fps=args.fps) as writer, tqdm(total=num_frames, unit="frame", desc="generating") as bar:
+        try:
+            for frames in stream:  # [1, T_block, H, W, 3] floats in 0..1
+                writer.write((frames[0] * 255).round().clip(0, 255).astype("uint8"))
+                written += frames.shape[1]
+                bar.update(frames.shape[1])
+                if on_block is not None:
+                    on_block(written)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            stream.close()
+    seconds = max(time.perf_counter() - start, 1e-9)
+    args.interrupted = interrupted
+    if interrupted:
+        print(f"interrupted: {args.out} holds the {written} frames made so far")
+    print(f"wrote {written} frames ({width}x{height}) to {args.out} in {seconds:.1f} s "
+          f"({written / seconds:.1f} frames/s)")
+    return args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "generate":
+        generate(args)
+        if args.interrupted:
+            return 130  # the shell's code for Ctrl-C; the mp4 is complete up to the interruption
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from oneforcing import kernels
+from oneforcing.kernels import ops
 from oneforcing.kernels import reference
 
 DIM, HEADS, HEAD_DIM, BLOCKS, EPS = 1536, 12, 128, 30, 1e-6
@@ -145,8 +145,8 @@ def main() -> None:
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
-    kernels.set_kernel_backend("auto")
-    active = kernels.active_kernels(device if device == "cuda" else "cpu")
+    ops.set_kernel_backend("auto")
+    active = ops.active_kernels(device if device == "cuda" else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"dtype {str(dtype).removeprefix('torch.')}; active_kernels(): {active}")
     impls = implementations(device)

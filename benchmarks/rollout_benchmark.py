@@ -337,10 +337,10 @@ def main():
     torch.cuda.empty_cache()
 
     variants = [(backend, False, True, False) for backend in args.backends.split(",")]
-    from oneforcing import kernels
+    from oneforcing.kernels import ops
     from oneforcing.pipelines.rollout import frames_to_cache
 
-    kernels.set_fused_kernels(not args.compile_kernels)  # with --compile-kernels, plain variants measure references
+    ops.set_fused_kernels(not args.compile_kernels)  # with --compile-kernels, plain variants measure references
     if args.unfused:
         variants.insert(0, (args.backends.split(",")[0], False, False, False))
     if args.compile_kernels:
@@ -367,7 +367,7 @@ def main():
     for backend, compiled, fuse, graphs in variants:
         model.set_attention_backend(backend)
         if compiled:
-            kernels.set_fused_kernels(True)
+            ops.set_fused_kernels(True)
         if graphs:
             model.enable_cuda_graphs()
         else:

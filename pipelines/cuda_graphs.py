@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .. import kernels
+from ..kernels import ops
 
 CAPTURE_MODES = ("cuda", "eager")
 
@@ -136,8 +136,8 @@ class CudaGraphForwards:
             plan.grid_h, plan.grid_w,
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device,
             tuple(plan.timestep.shape), plan.timestep.dtype,
-            self.model.attention_backend, kernels.active_kernels(hidden_states.device),
-            kernels.fused_kernels_enabled(), torch.is_inference_mode_enabled(),
+            self.model.attention_backend, ops.active_kernels(hidden_states.device),
+            ops.fused_kernels_enabled(), torch.is_inference_mode_enabled(),
         )
 
     def _capture(self, plan, hidden_states: torch.Tensor, timestep: torch.Tensor) -> _Graph:

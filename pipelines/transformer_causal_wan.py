@@ -30,7 +30,7 @@ from diffusers.models import WanTransformer3DModel
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.utils import BaseOutput
 
-from .. import kernels
+from ..kernels import ops
 from .attention import attention, block_causal_mask, check_attention_backend
 from .kv_cache import CrossAttentionEntry, KVCache
 from .rope import WanRotaryTables
@@ -342,7 +342,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 collected.append(x)
 
         shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).unbind(2)  # [B, F, dim] each
-        x = kernels.adaln_modulate(x, shift, scale, self.config.eps)
+        x = ops.adaln_modulate(x, shift, scale, self.config.eps)
         x = self.proj_out(x)
         x = x.reshape(batch, frames, plan.grid_h, plan.grid_w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         sample = x.reshape(batch, -1, frames * pt, plan.grid_h * ph, plan.grid_w * pw)
@@ -357,8 +357,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
         # self-attention
         attn = block.attn1
-        h = kernels.adaln_modulate(x, shift1, scale1, eps)
-        q, k = kernels.qk_norm_rope_pair(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, cos, sin,
+        h = ops.adaln_modulate(x, shift1, scale1, eps)
+        q, k = ops.qk_norm_rope_pair(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, cos, sin,
                                          heads, eps)
         v = attn.to_v(h).view(batch, length, heads, -1)
         if kv_cache is not None:
@@ -376,7 +376,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             )
         else:
             out = attention(q, k, v, mask, self.attention_backend)
-        x = kernels.gated_residual(x, attn.to_out[0](out.flatten(2)), gate1)
+        x = ops.gated_residual(x, attn.to_out[0](out.flatten(2)), gate1)
 
         # cross-attention to the prompt (keys/values cached per prompt when a KV cache is used)
         cross = block.attn2
@@ -395,8 +395,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         x = x + cross.to_out[0](out.flatten(2))
 
         # feed-forward
-        h = kernels.adaln_modulate(x, shift2, scale2, eps)
-        return kernels.gated_residual(x, block.ffn(h), gate2)
+        h = ops.adaln_modulate(x, shift2, scale2, eps)
+        return ops.gated_residual(x, block.ffn(h), gate2)
 
     # -- internals ----------------------------------------------------------------------------------------------------
     def _check_spatial(self, height: int, width: int) -> None:

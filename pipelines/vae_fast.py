@@ -10,7 +10,7 @@ every call, and its RMS norm takes about six float32 passes over each activation
   (from the input or the cache, never copied together) and added into the output (``"taps"``), or one 2-D
   convolution over the kt frames stacked along channels (``"stacked"``: one larger GEMM, a kt-times temporary).
   Activations then stay in channels-last 3-D memory order ([B, T, H, W, C] in memory, logical [B, C, T, H, W]).
-- ``fuse_norm``: each RMS norm runs as one fused kernel (:func:`oneforcing.kernels.channel_rms_norm`), with the SiLU
+- ``fuse_norm``: each RMS norm runs as one fused kernel (:func:`oneforcing.kernels.ops.channel_rms_norm`), with the SiLU
   that follows it in the residual blocks and the output head folded in (that SiLU module then passes its input on).
 - ``subpixel_upsample``: an upsampler's 2x nearest upsampling and the 3x3 convolution after it become four 2x2
   convolutions on the low-resolution input, one per output pixel phase (4/9 of the arithmetic, no upsampled copy).
@@ -46,7 +46,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanUpsample,
 )
 
-from .. import kernels
+from ..kernels import ops
 
 CONV_MODES = ("taps", "stacked")
 
@@ -161,7 +161,7 @@ def frame_conv(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | N
 def _norm_forward(norm: WanRMS_norm, silu: bool):
     def forward(x):
         bias = norm.bias if isinstance(norm.bias, torch.Tensor) else None
-        return kernels.channel_rms_norm(x, norm.gamma, bias, norm.scale, silu)
+        return ops.channel_rms_norm(x, norm.gamma, bias, norm.scale, silu)
 
     return forward
 

@@ -7,7 +7,7 @@ import cv2
 import pytest
 from conftest import make_tiny_pipeline
 
-from oneforcing.cli import main
+from oneforcing.__main__ import main
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_prompt_switches_image_and_video(tmp_path, model_dir, capsys):
 
 
 def test_interrupted_endless_run_leaves_a_playable_file(tmp_path, model_dir, capsys):
-    from oneforcing.cli import _parser, generate
+    from oneforcing.__main__ import _parser, generate
 
     out = tmp_path / "endless.mp4"
     args = _parser().parse_args(["generate", "--prompt", "a cat", "--out", str(out), "--model", str(model_dir),

@@ -32,7 +32,9 @@ import pytest
 from conftest import make_tiny_transformer
 from test_nodes import HEAD128, build_model_tree, comfy_umt5_file
 
-from oneforcing.nodes import NODE_SPECS, BUNDLED_DEMO, object_info
+from oneforcing.nodes.definitions import NODE_SPECS
+from oneforcing.nodes.folders import BUNDLED_DEMO
+from oneforcing.nodes.spec import object_info
 from oneforcing.pipelines.loading import export_reference_checkpoint
 
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from oneforcing import CausalWanTransformer3DModel, OneForcingPipeline
-from oneforcing.cli import DEMO_MODEL_DIR, main
+from oneforcing.__main__ import DEMO_MODEL_DIR, main
 from oneforcing.training import world
 
 PROMPTS = (  # training-split combinations, three different backgrounds

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oneforcing import kernels
+from oneforcing.kernels import ops
 from oneforcing.kernels import reference
 
 
@@ -20,9 +20,9 @@ def _inputs(device, dtype, batch=1, frames=3, tokens=40, heads=2, head_dim=32):
 
 def test_cpu_uses_the_references_exactly():
     x, y, (shift, scale, gate), weight, cos, sin = _inputs("cpu", torch.float32)
-    assert torch.equal(kernels.adaln_modulate(x, shift, scale, 1e-6), reference.adaln_modulate(x, shift, scale, 1e-6))
-    assert torch.equal(kernels.gated_residual(x, y, gate), reference.gated_residual(x, y, gate))
-    assert torch.equal(kernels.qk_norm_rope(x, weight, cos, sin, 2, 1e-6),
+    assert torch.equal(ops.adaln_modulate(x, shift, scale, 1e-6), reference.adaln_modulate(x, shift, scale, 1e-6))
+    assert torch.equal(ops.gated_residual(x, y, gate), reference.gated_residual(x, y, gate))
+    assert torch.equal(ops.qk_norm_rope(x, weight, cos, sin, 2, 1e-6),
                        reference.qk_norm_rope(x, weight, cos, sin, 2, 1e-6))
 
 
@@ -40,16 +40,16 @@ def test_reference_semantics():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_cuda_kernels_match_references(dtype):
-    kernels.set_fused_kernels(True)
+    ops.set_fused_kernels(True)
     x, y, (shift, scale, gate), weight, cos, sin = _inputs("cuda", dtype, frames=3, tokens=1560, heads=12,
                                                            head_dim=128)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     pairs = [
-        (kernels.adaln_modulate(x, shift, scale, 1e-6), reference.adaln_modulate(x, shift, scale, 1e-6)),
-        (kernels.gated_residual(x, y, gate), reference.gated_residual(x, y, gate)),
-        (kernels.qk_norm_rope(x, weight, cos, sin, 12, 1e-6), reference.qk_norm_rope(x, weight, cos, sin, 12, 1e-6)),
+        (ops.adaln_modulate(x, shift, scale, 1e-6), reference.adaln_modulate(x, shift, scale, 1e-6)),
+        (ops.gated_residual(x, y, gate), reference.gated_residual(x, y, gate)),
+        (ops.qk_norm_rope(x, weight, cos, sin, 12, 1e-6), reference.qk_norm_rope(x, weight, cos, sin, 12, 1e-6)),
     ]
-    assert kernels.fused_kernels_enabled()
+    assert ops.fused_kernels_enabled()
     for fused, plain in pairs:
         assert fused.dtype == plain.dtype
         torch.testing.assert_close(fused.float(), plain.float(), **tol)
@@ -66,7 +66,7 @@ def test_optimised_rollout_within_bf16_tolerance_of_plain():
     text = torch.randn(1, 16, 32, device="cuda", dtype=torch.bfloat16)
 
     def run(fused, fuse_pass, backend):
-        kernels.set_fused_kernels(fused)
+        ops.set_fused_kernels(fused)
         model.set_attention_backend(backend)
         with torch.no_grad():
             blocks = causal_rollout(model, OneForcingScheduler(), noise, text, frames_per_block=1,
@@ -75,6 +75,6 @@ def test_optimised_rollout_within_bf16_tolerance_of_plain():
 
     plain = run(False, False, "math")
     fast = run(True, True, "auto")
-    kernels.set_fused_kernels(True)
+    ops.set_fused_kernels(True)
     assert (fast - plain).abs().max() < 0.1 * plain.abs().max()
     assert (fast - plain).abs().mean() < 0.02 * plain.abs().mean() + 1e-3

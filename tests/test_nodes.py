@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from conftest import WORDS, make_tiny_pipeline, make_tiny_text_encoder, make_tiny_transformer, make_tiny_vae
 
 import oneforcing
-from oneforcing.nodes import NODE_SPECS, BUNDLED_DEMO, list_models, object_info, set_model_roots, validate_spec
+from oneforcing.nodes.definitions import NODE_SPECS
+from oneforcing.nodes.folders import BUNDLED_DEMO, list_models, set_model_roots
+from oneforcing.nodes.spec import object_info, validate_spec
 from oneforcing.nodes import definitions, folders
 from oneforcing.nodes.latents import to_normalised, to_raw
 from oneforcing.nodes.model_loading import load_tiny_vae, wan21_latent_stats

@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_pipeline, make_tiny_vae
 from safetensors.torch import save_file
 
-from oneforcing.cli import main
+from oneforcing.__main__ import main
 from oneforcing.pipelines.loading import CheckpointError
 from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from oneforcing.pipelines.vae_streaming import WanStreamingDecoder

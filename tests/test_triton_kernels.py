@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from oneforcing import kernels
+from oneforcing.kernels import ops
 from oneforcing.kernels import reference, self_check
 
 triton = pytest.importorskip("triton")
 
-KERNELS_FILE = Path(kernels.__file__).with_name("triton_kernels.py")
+KERNELS_FILE = Path(ops.__file__).with_name("triton_kernels.py")
 EPS = 1e-6
 FP32 = dict(atol=1e-5, rtol=1e-5)
 BF16 = dict(atol=6e-2, rtol=2e-2)  # see self_check.TOLERANCES
@@ -53,7 +53,7 @@ def interpreted():
 @pytest.fixture
 def restore_backend():
     yield
-    kernels.set_fused_kernels(True)
+    ops.set_fused_kernels(True)
 
 
 def _inputs(batch, frames, tokens_per_frame, heads, head_dim, device="cpu", dtype=torch.float32, seed=0):
@@ -164,7 +164,7 @@ def test_transformer_forward_through_the_interpreted_kernels(interpreted, monkey
     with torch.no_grad():
         plain = model(latents, timestep, text, attention_mode="block_causal").sample
         for name in ("qk_norm_rope", "adaln_modulate", "gated_residual"):
-            monkeypatch.setattr(kernels, name, getattr(interpreted, name))
+            monkeypatch.setattr(ops, name, getattr(interpreted, name))
         fused = model(latents, timestep, text, attention_mode="block_causal").sample
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
 
@@ -199,25 +199,25 @@ def test_kernels_compile_for_an_h100():
 def test_cpu_tensors_always_get_the_references(restore_backend):
     i = _inputs(1, 2, 3, 2, 16)
     for choice in ("triton", "compile", "auto"):
-        kernels.set_kernel_backend(choice)
-        assert torch.equal(kernels.gated_residual(i["x"], i["y"], i["gate"]),
+        ops.set_kernel_backend(choice)
+        assert torch.equal(ops.gated_residual(i["x"], i["y"], i["gate"]),
                            reference.gated_residual(i["x"], i["y"], i["gate"]))
-        assert kernels.active_kernels("cpu") == "reference"
-    kernels.set_kernel_backend("reference")
-    assert kernels.active_kernels() == "reference" and not kernels.fused_kernels_enabled()
+        assert ops.active_kernels("cpu") == "reference"
+    ops.set_kernel_backend("reference")
+    assert ops.active_kernels() == "reference" and not ops.fused_kernels_enabled()
     with pytest.raises(ValueError, match="kernel backend must be one of"):
-        kernels.set_kernel_backend("cuda")
+        ops.set_kernel_backend("cuda")
 
 
 def test_oneforcing_imports_and_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # any `import triton` now raises ImportError
         "import torch, oneforcing\n"
-        "from oneforcing import kernels\n"
+        "from oneforcing.kernels import ops\n"
         "x = torch.randn(1, 4, 8)\n"
-        "out = kernels.gated_residual(x, x, torch.ones(1, 2, 8))\n"
+        "out = ops.gated_residual(x, x, torch.ones(1, 2, 8))\n"
         "assert torch.equal(out, x + x) and 'oneforcing.kernels.triton_kernels' not in sys.modules\n"
-        "print(kernels.active_kernels('cpu'), kernels._triton_importable())\n"
+        "print(ops.active_kernels('cpu'), ops._triton_importable())\n"
     )
     env = {**os.environ, "ONEFORCING_KERNELS": "triton"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -241,17 +241,17 @@ def test_gpu_kernels_match_references_in_bf16(shape):
 
 @cuda
 def test_gpu_dispatch_selects_triton_after_its_self_check(restore_backend):
-    kernels.set_kernel_backend("auto")
-    assert kernels.active_kernels() == "triton"
-    assert kernels.fused_kernels_enabled()
+    ops.set_kernel_backend("auto")
+    assert ops.active_kernels() == "triton"
+    assert ops.fused_kernels_enabled()
     i = _inputs(1, 3, 40, 2, 32, device="cuda", dtype=torch.bfloat16)
     from oneforcing.kernels import triton_kernels
 
-    assert torch.equal(kernels.adaln_modulate(i["x"], i["shift"], i["scale"], EPS),
+    assert torch.equal(ops.adaln_modulate(i["x"], i["shift"], i["scale"], EPS),
                        triton_kernels.adaln_modulate(i["x"], i["shift"], i["scale"], EPS))
     # calls that need gradients take the compiled references, which have a backward
     x = i["x"].float().requires_grad_()
-    kernels.gated_residual(x, i["y"].float(), i["gate"]).sum().backward()
+    ops.gated_residual(x, i["y"].float(), i["gate"]).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
 
 
@@ -266,12 +266,12 @@ def test_gpu_transformer_forward_with_triton_kernels(restore_backend):
     timestep = torch.tensor([[900.0, 500.0, 100.0]], device="cuda")
 
     def forward(backend):
-        kernels.set_kernel_backend(backend)
+        ops.set_kernel_backend(backend)
         with torch.no_grad():
             return model(latents, timestep, text, attention_mode="block_causal").sample.float()
 
     plain = forward("reference")
     fast = forward("triton")
-    assert kernels.active_kernels() == "triton"
+    assert ops.active_kernels() == "triton"
     assert (fast - plain).abs().max() < 0.1 * plain.abs().max()
     assert (fast - plain).abs().mean() < 0.02 * plain.abs().mean() + 1e-3

@@ -14,7 +14,8 @@ import torch
 
 from test_nodes import model_tree, roots  # noqa: F401 (fixtures)
 
-from oneforcing.nodes import NODE_SPECS, object_info
+from oneforcing.nodes.definitions import NODE_SPECS
+from oneforcing.nodes.spec import object_info
 from oneforcing.nodes.folders import MODEL_KINDS, check_model_name
 
 REPO = Path(__file__).resolve().parent.parent

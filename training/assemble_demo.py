@@ -44,7 +44,9 @@ def assemble(
     from diffusers import AutoencoderKLWan
     from transformers import T5Tokenizer, UMT5EncoderModel
 
-    from ..pipelines import CausalWanTransformer3DModel, OneForcingPipeline, OneForcingScheduler
+    from ..pipelines.pipeline_one_forcing import OneForcingPipeline
+    from ..pipelines.scheduling_one_forcing import OneForcingScheduler
+    from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
 
     for name in ("tokenizer", "text_encoder", "vae"):
         if not (parts / name).is_dir():

@@ -196,7 +196,8 @@ def ground_truth_clip(prompt: str, seed: int, size: VideoSize) -> np.ndarray:
 
 
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
-    from ..pipelines import CausalWanTransformer3DModel, OneForcingPipeline
+    from ..pipelines.pipeline_one_forcing import OneForcingPipeline
+    from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
 
     if not (Path(spec.path) / "model_index.json").is_file():
         raise ValueError(f"--model {spec.name}: {spec.path} has no model_index.json; it must be a saved "
