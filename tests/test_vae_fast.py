@@ -202,13 +202,13 @@ def test_every_norm_sees_channels_last_activations(vae, latents, monkeypatch, pa
     from oneforcing.pipelines.vae_streaming import encode_video
 
     layouts = []
-    real = vae_fast.kernels.channel_rms_norm
+    real = vae_fast.ops.channel_rms_norm
 
     def recording(x, *args):
         layouts.append((tuple(x.shape), x.movedim(1, -1).is_contiguous()))
         return real(x, *args)
 
-    monkeypatch.setattr(vae_fast.kernels, "channel_rms_norm", recording)
+    monkeypatch.setattr(vae_fast.ops, "channel_rms_norm", recording)
     if part == "decoder":
         decoder = WanStreamingDecoder(vae, fast=True)
         decoder.decode_block(latents[:, :, :1])
