@@ -166,7 +166,7 @@ def generate(args, on_block=None) -> Path:
     """Run ``generate`` for parsed ``args``; ``on_block(frames_written)`` is called after each block is written."""
     from tqdm import tqdm
 
-    from .pipelines.prompt_schedule import video_frame_of_latent
+    from .pipelines.layout import BlockLayout, latent_frame_count, video_frame_of_latent
     from .pipelines.video_io import Mp4Writer
 
     schedule = _schedule(args)
@@ -187,14 +187,14 @@ def generate(args, on_block=None) -> Path:
         context["video"] = _read_video(args.video)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(schedule) > 1:
-        fpb = args.frames_per_block or pipe.transformer.config.frames_per_block
-        context_frames = 0
-        if "video" in context:
-            context_frames = (len(context["video"]) - 1) // pipe.vae_scale_factor_temporal + 1
-        elif "image" in context:
-            context_frames = 1
         try:
-            switches = schedule.latent_switches(num_frames, fpb, context_frames, pipe.vae_scale_factor_temporal)
+            context_frames = 1 if "image" in context else 0
+            if "video" in context:
+                context_frames = latent_frame_count(len(context["video"]), pipe.vae_scale_factor_temporal, "--video")
+            layout = BlockLayout.for_video(num_frames, args.frames_per_block or pipe.transformer.config.frames_per_block,
+                                           context_frames, bool(pipe.transformer.config.independent_first_frame),
+                                           pipe.vae_scale_factor_temporal)
+            switches = schedule.switches_in(layout, pipe.vae_scale_factor_temporal)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         for latent, prompt in switches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,10 @@ def attention(
     return out.transpose(1, 2)
 
 
-def block_causal_mask(num_frames: int, tokens_per_frame: int, frames_per_block: int, device=None) -> torch.Tensor:
-    """Bool [L, L] mask where a token sees every token of its own block and of all earlier blocks."""
-    block = torch.arange(num_frames, device=device) // frames_per_block
-    block = block.repeat_interleave(tokens_per_frame)
+def block_causal_mask(block_sizes: Sequence[int], tokens_per_frame: int, device=None) -> torch.Tensor:
+    """Bool [L, L] mask where a token sees every token of its own block and of all earlier blocks.
+
+    ``block_sizes``: latent frames of each block in order (``BlockLayout.block_sizes()``)."""
+    sizes = torch.as_tensor(list(block_sizes), device=device)
+    block = torch.arange(len(sizes), device=device).repeat_interleave(sizes * tokens_per_frame)
     return block[:, None] >= block[None, :]

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .decode_overlap import SideStreamDecoder
 from .prompt_schedule import PromptSchedule
-from .rollout import RolloutBlock, block_sizes, causal_rollout, frames_to_cache
+from .layout import BlockLayout, latent_frame_count
+from .rollout import RolloutBlock, causal_rollout
 from .scheduling_one_forcing import OneForcingScheduler
 from .tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from .transformer_causal_wan import CausalWanTransformer3DModel
@@ -223,9 +224,8 @@ class OneForcingPipeline(DiffusionPipeline):
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-        t = self.vae_scale_factor_temporal
-        if num_frames is not None and (num_frames < 1 or (num_frames - 1) % t):
-            raise ValueError(f"num_frames must be 1 + {t}k (e.g. 81), got {num_frames}")
+        if num_frames is not None:
+            latent_frame_count(num_frames, self.vae_scale_factor_temporal)
         if frames_per_block is not None and frames_per_block < 1:
             raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
         if output_type not in OUTPUT_TYPES:
@@ -244,7 +244,8 @@ class OneForcingPipeline(DiffusionPipeline):
         shape = (
             batch_size,
             self.transformer.config.in_channels,
-            latent_frames if latent_frames is not None else (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            latent_frames if latent_frames is not None
+            else latent_frame_count(num_frames, self.vae_scale_factor_temporal),
             height // self.vae_scale_factor_spatial,
             width // self.vae_scale_factor_spatial,
         )
@@ -273,12 +274,7 @@ class OneForcingPipeline(DiffusionPipeline):
         name = "image" if image is not None else "video"
         frames = _as_frames(image, "image", single=True) if image is not None else _as_frames(video, "video")
         pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # [B, 3, T, H, W] in -1..1
-        count, t = pixels.shape[2], self.vae_scale_factor_temporal
-        if (count - 1) % t:
-            below = (count - 1) // t * t + 1
-            raise ValueError(
-                f"{name} has {count} frames; the Wan VAE encodes 1 + {t}k frames: use {below} or {below + t} frames"
-            )
+        latent_frame_count(pixels.shape[2], self.vae_scale_factor_temporal, what=name)
         device = device or self._execution_device
         return encode_video(self.vae, pixels.to(device)).to(device=device, dtype=torch.float32)
 
@@ -399,18 +395,15 @@ class OneForcingPipeline(DiffusionPipeline):
 
         context = self._context(image, video, context_latents, height, width, batch, device)
         context_frames = 0 if context is None else context.shape[2]
-        total = None if endless else (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        if total is not None and total <= context_frames:
-            video_frames = 1 + self.vae_scale_factor_temporal * (context_frames - 1)
-            raise ValueError(f"num_frames={num_frames} leaves nothing to generate after the context's {video_frames} "
-                             "frames: num_frames counts the whole video, context included")
-        generate = None if endless else total - context_frames
+        layout = BlockLayout.for_video(num_frames, frames_per_block, context_frames,
+                                       bool(self.transformer.config.independent_first_frame),
+                                       self.vae_scale_factor_temporal)
+        total, generate = layout.total_frames, layout.num_frames
 
         switches: dict[int, torch.Tensor] = {}
         current_prompt = [(0, prompt_embeds)]
         if schedule is not None:
-            for latent_frame, text in schedule.latent_switches(num_frames, frames_per_block, context_frames,
-                                                               self.vae_scale_factor_temporal)[1:]:
+            for latent_frame, text in schedule.switches_in(layout, self.vae_scale_factor_temporal)[1:]:
                 embeds = embed(text)
                 if embeds.shape[0] != batch or embeds.shape[2] != prompt_embeds.shape[2]:
                     raise ValueError(f"the prompt switched to at latent frame {latent_frame} has embeddings "
@@ -421,7 +414,7 @@ class OneForcingPipeline(DiffusionPipeline):
         window, sink, relative = self._cache_settings(total, frames_per_block, window_frames, sink_frames,
                                                       relative_positions)
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
-        cache_frames = 1 if window is not None else max(context_frames + frames_to_cache(generate, frames_per_block), 1)
+        cache_frames = 1 if window is not None else layout.cache_frames()
         cache_geometry, kv_cache = self._new_kv_cache(
             batch, cache_frames, latent_h, latent_w, device,
             window_frames=window, sink_frames=sink, relative_positions=relative,
@@ -479,7 +472,7 @@ class OneForcingPipeline(DiffusionPipeline):
             prompt_switches=switches,
             keep_sink_on_switch=keep_sink_on_switch,
         )
-        num_blocks = None if endless else len(block_sizes(generate, frames_per_block))
+        num_blocks = layout.num_blocks
         bar = self.progress_bar(total=num_blocks) if num_blocks else tqdm(**self._endless_bar_config())
         try:
             # (latents, is a generated block): the context first, if any; every decode of the video takes one path

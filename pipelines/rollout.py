@@ -14,6 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .kv_cache import KVCache
+from .layout import BlockLayout
 from .scheduling_one_forcing import OneForcingScheduler
 
 NoiseSampler = Callable[[tuple, torch.dtype, torch.device], torch.Tensor]
@@ -32,18 +33,7 @@ class RolloutBlock:
 
 def block_sizes(num_frames: int, frames_per_block: int) -> list[int]:
     """Split ``num_frames`` latent frames into blocks of ``frames_per_block`` (the last one may be shorter)."""
-    if num_frames < 1:
-        raise ValueError(f"need at least one latent frame, got {num_frames}")
-    if frames_per_block < 1:
-        raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
-    full, rest = divmod(num_frames, frames_per_block)
-    return [frames_per_block] * full + ([rest] if rest else [])
-
-
-def frames_to_cache(num_frames: int, frames_per_block: int, commit_last_block: bool = False) -> int:
-    """Of ``num_frames`` generated latent frames, how many a full KV cache must hold: all but the last block, which no
-    later block attends to (unless it is committed to continue the video afterwards)."""
-    return num_frames - (0 if commit_last_block else block_sizes(num_frames, frames_per_block)[-1])
+    return BlockLayout(frames_per_block, num_frames).block_sizes()
 
 
 def generator_noise_sampler(generator: torch.Generator | list[torch.Generator] | None) -> NoiseSampler:
@@ -91,7 +81,8 @@ def commit_context(
         raise ValueError(f"context latents must be [B, C, f >= 1, H, W], got {tuple(latents.shape)}")
     embeds = prompt_embeds.to(transformer.proj_out.weight.dtype)
     offset, first = 0, kv_cache.committed_frames
-    for size in block_sizes(latents.shape[2], frames_per_block or transformer.config.frames_per_block):
+    layout = transformer.block_layout(frames_per_block)
+    for size in layout.split(first, latents.shape[2]):
         _commit_forward(transformer, kv_cache, latents[:, :, offset : offset + size], embeds, first + offset,
                         context_timestep)
         offset += size
@@ -130,36 +121,10 @@ def recache(
         kv_cache.committed_frames, kv_cache.cached_frames = saved
 
 
-def _block_plan(num_frames: int | None, frames_per_block: int) -> Iterator[tuple[int, int, bool, int]]:
-    """(index, size, is_last, next_size) of each block; endless when ``num_frames`` is None."""
-    if num_frames is None:
-        for index in itertools.count():
-            yield index, frames_per_block, False, frames_per_block
-        return
-    sizes = block_sizes(num_frames, frames_per_block)
-    for index, size in enumerate(sizes):
-        is_last = index + 1 == len(sizes)
-        yield index, size, is_last, 0 if is_last else sizes[index + 1]
-
-
-def _check_switches(switches: Mapping[int, torch.Tensor], first: int, num_frames: int | None, per_block: int, batch):
+def _check_switches(switches: Mapping[int, torch.Tensor], layout: BlockLayout, batch: int) -> None:
     """Prompt switches must land on block starts of the frames to generate."""
-    end = None if num_frames is None else first + num_frames
     for frame, embeds in switches.items():
-        if frame < first:
-            raise ValueError(
-                f"prompt switch at latent frame {frame} falls inside the committed context (frames 0..{first - 1}); "
-                f"switches apply from frame {first}, the first generated block"
-            )
-        if end is not None and frame >= end:
-            raise ValueError(
-                f"prompt switch at latent frame {frame} is past the end of the video ({end} latent frames)"
-            )
-        if (frame - first) % per_block:
-            raise ValueError(
-                f"prompt switch at latent frame {frame} is not a block start (blocks of {per_block} frames start at "
-                f"{first}, {first + per_block}, ...)"
-            )
+        layout.check_switch(frame)
         if embeds.ndim != 3 or embeds.shape[0] != batch:
             raise ValueError(f"prompt switch at latent frame {frame}: embeddings must be [{batch}, L, D], "
                              f"got {tuple(embeds.shape)}")
@@ -268,13 +233,14 @@ def causal_rollout(
             f"context_latents must be [{batch}, C, f, H, W] matching the noise's C, H, W, "
             f"got {tuple(context_latents.shape)}"
         )
+    context = 0 if context_latents is None else context_latents.shape[2]
+    first_frame = context + (kv_cache.committed_frames if kv_cache is not None else 0)
+    layout = transformer.block_layout(frames_per_block, total, first_frame)
     if kv_cache is None:
-        context = 0 if context_latents is None else context_latents.shape[2]
-        frames = context + frames_to_cache(total, frames_per_block, commit_last_block)
-        kv_cache = transformer.new_kv_cache(batch, max(frames, 1), height, width, device=noise.device)
-    first_frame = kv_cache.committed_frames + (0 if context_latents is None else context_latents.shape[2])
+        kv_cache = transformer.new_kv_cache(batch, layout.cache_frames(commit_last_block), height, width,
+                                            device=noise.device)
     switches = dict(prompt_switches or {})
-    _check_switches(switches, first_frame, total, frames_per_block, batch)
+    _check_switches(switches, layout, batch)
     if context_latents is not None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not training):
             commit_context(transformer, kv_cache, context_latents, prompt_embeds.to(model_dtype),
@@ -287,14 +253,17 @@ def causal_rollout(
             _commit_forward(transformer, kv_cache, block.latents, prompt_embeds, block.start_frame, context_timestep)
 
     grad_enabled = torch.is_grad_enabled()
-    num_blocks = None if total is None else len(block_sizes(total, frames_per_block))
+    num_blocks = layout.num_blocks
     first_grad_block = 0 if gradient_blocks is None else num_blocks - gradient_blocks
     pending: RolloutBlock | None = None  # denoised, waiting for its clean-context pass
     # the first block's timesteps and every later block's, warped and checked once, not per block
     schedules = [scheduler.block_timesteps(i, denoising_timesteps, first_block_timesteps) for i in (0, 1)]
-    offset = 0
-    for index, size, is_last, next_size in _block_plan(total, frames_per_block):
-        start = first_frame + offset
+    blocks = layout.blocks()
+    following = next(blocks)
+    while following is not None:
+        current, following = following, next(blocks, None)
+        index, size, start, offset = current.index, current.size, current.start, current.start - first_frame
+        is_last, next_size = following is None, 0 if following is None else following.size
         if start in switches:
             if pending is not None:  # the block before the switch is committed under its own prompt
                 commit(pending)
@@ -344,7 +313,6 @@ def causal_rollout(
         elif not is_last or commit_last_block:
             commit(block)
         yield block
-        offset += size
 
 
 def _checked_block_noise(block_noise: BlockNoise, start: int, size: int, batch: int) -> torch.Tensor:

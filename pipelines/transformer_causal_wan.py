@@ -33,6 +33,7 @@ from diffusers.utils import BaseOutput
 from ..kernels import ops
 from .attention import attention, block_causal_mask, check_attention_backend
 from .kv_cache import CrossAttentionEntry, KVCache
+from .layout import BlockLayout
 from .rope import WanRotaryTables
 
 ATTENTION_MODES = ("bidirectional", "block_causal", "kv_cache")
@@ -74,6 +75,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     Args (beyond ``WanTransformer3DModel``'s):
         frames_per_block: latent frames generated per autoregressive block by default (1 = frame-wise, 3 = chunk-wise).
+        independent_first_frame: the model was trained with latent frame 0 as a block of its own (blocks
+            ``[1, 3, 3, ...]``, see :class:`~.layout.BlockLayout`).
     """
 
     @register_to_config
@@ -96,6 +99,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
         frames_per_block: int = 1,
+        independent_first_frame: bool = False,
     ) -> None:
         if image_dim is not None or added_kv_proj_dim is not None:
             raise ValueError("image-conditioned (I2V) Wan transformers are not supported by the causal model")
@@ -148,6 +152,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     def cuda_graphs(self):
         """The :class:`~.cuda_graphs.CudaGraphForwards` in use, or None."""
         return self._cuda_graphs
+
+    def block_layout(self, frames_per_block: int | None = None, num_frames: int | None = None,
+                     context_frames: int = 0) -> BlockLayout:
+        """The block layout this model generates with: ``frames_per_block`` (default: the config's) and the config's
+        ``independent_first_frame``, for ``num_frames`` latent frames after ``context_frames`` (None: endless)."""
+        return BlockLayout(frames_per_block or self.config.frames_per_block, num_frames, context_frames,
+                           bool(self.config.independent_first_frame))
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens of one latent frame of size height x width."""
@@ -312,9 +323,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             frame_offset = kv_cache.begin_forward(start_frame, frames, batch, grid_h * grid_w, commit_frames)
             cross_ready = kv_cache.cross_attention_for(encoder_hidden_states)
         elif mode == "block_causal":
-            mask = block_causal_mask(
-                frames, grid_h * grid_w, frames_per_block or self.config.frames_per_block, device=hidden_states.device
-            )
+            layout = self.block_layout(frames_per_block, frames)
+            mask = block_causal_mask(layout.block_sizes(), grid_h * grid_w, device=hidden_states.device)
         cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=hidden_states.device)
         return ForwardPlan(mode, grid_h, grid_w, timestep, commit_frames, frame_offset, cross_ready, cos, sin, mask,
                            kv_cache, wanted)
