@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--frames-per-block", type=int, default=None, help="1 = frame-wise, 3 = chunk-wise")
+    gen.add_argument("--independent-first-frame", action="store_true",
+                     help="the checkpoint was trained with latent frame 0 as a block of its own (blocks [1, 3, 3, ...]); "
+                          "default: what the transformer's config says")
     gen.add_argument("--timesteps", choices=sorted(TIMESTEP_PRESETS), default="one-step")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int, default=16)
@@ -100,6 +103,8 @@ def _load_pipeline(args):
         else:
             extra["transformer"] = CausalWanTransformer3DModel.from_single_file(path, dtype=dtype)
     pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
+    if args.independent_first_frame:
+        pipe.transformer.register_to_config(independent_first_frame=True)
     if args.tiny_vae is not None:
         pipe.set_preview_decoder(_load_tiny_vae(args.tiny_vae, dtype))
     return pipe.to(args.device)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
@@ -41,6 +41,20 @@ _videos = itertools.count()  # stamps of KVCache.video
 class CrossAttentionEntry:
     key: torch.Tensor  # [B, Ltext, H, D]
     value: torch.Tensor  # [B, Ltext, H, D]
+
+
+@dataclass
+class KVCacheState:
+    """What :meth:`KVCache.snapshot` copied: per-layer keys/values [B, cached tokens, H, D], cross-attention entries
+    and the prompt they belong to, (committed, cached, evicted) frame counters, clean latents and their flags."""
+
+    key: list[torch.Tensor]
+    value: list[torch.Tensor]
+    cross: list[CrossAttentionEntry | None]
+    prompt_key: Hashable | None
+    counters: tuple[int, int, int]
+    latents: torch.Tensor | None
+    flags: tuple[list[bool], list[bool]]
 
 
 class KVCache:
@@ -332,18 +346,47 @@ class KVCache:
         cross = [t.data_ptr() for e in self.cross if e is not None for t in (e.key, e.value)]
         return tuple(t.data_ptr() for t in self.key + self.value) + tuple(cross)
 
-    def cross_attention_for(self, context: torch.Tensor) -> bool:
-        """Whether the stored cross-attention keys/values were made from this exact ``context`` tensor.
+    def cross_attention_for(self, prompt_key: Hashable) -> bool:
+        """Whether the stored cross-attention keys/values were made from the prompt identified by ``prompt_key``.
 
-        A different tensor (a new prompt) clears them so they are recomputed once.
+        Another key (a new prompt) clears them so they are recomputed once.
         """
-        source = self._cross_source
-        version = _version_of(context)
-        if source is None or source[0] is not context or source[1] != version:
+        if self._cross_source is None or self._cross_source != prompt_key:
             self.reset_cross_attention()
-            self._cross_source = (context, version)
+            self._cross_source = prompt_key
             return False
         return self.cross[0] is not None
+
+    # -- snapshots ------------------------------------------------------------------------------------------------
+    def snapshot(self) -> "KVCacheState":
+        """A copy of what the cache holds now (the cached frames' keys/values, clean latents, cross-attention and
+        counters), to :meth:`restore` later: rewinding or branching a video."""
+        used = self.cached_frames * self.tokens_per_frame
+        cross = [None if e is None else CrossAttentionEntry(e.key.clone(), e.value.clone()) for e in self.cross]
+        return KVCacheState(
+            key=[k[:, :used].clone() for k in self.key], value=[v[:, :used].clone() for v in self.value],
+            cross=cross, prompt_key=self._cross_source,
+            counters=(self.committed_frames, self.cached_frames, self.evicted_frames),
+            latents=None if self.latents is None else self.latents.clone(),
+            flags=(list(self._latents_stored), list(self._commit_starts)),
+        )
+
+    def restore(self, state: "KVCacheState") -> None:
+        """Go back to a :meth:`snapshot` of this cache; the buffers keep their addresses."""
+        used = state.key[0].shape[1]
+        if len(state.key) != self.num_layers or used > self.key[0].shape[1]:
+            raise ValueError("the snapshot was taken from a KV cache of another size")
+        for layer in range(self.num_layers):
+            self.key[layer][:, :used] = state.key[layer]
+            self.value[layer][:, :used] = state.value[layer]
+        self.committed_frames, self.cached_frames, self.evicted_frames = state.counters
+        self.latents = None if state.latents is None else state.latents.clone()
+        self._latents_stored, self._commit_starts = (list(f) for f in state.flags)
+        self.reset_cross_attention()
+        if state.cross[0] is not None:
+            for layer, entry in enumerate(state.cross):
+                self.store_cross_attention(layer, entry)
+            self._cross_source = state.prompt_key
 
     def memory_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.key + self.value)
@@ -361,7 +404,3 @@ def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(keys.dtype)
 
 
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """The tensor's in-place-modification counter; ``None`` for inference tensors, which have none (they cannot be
-    modified in place outside inference mode, and ComfyUI runs every node inside it)."""
-    return None if tensor.is_inference() else tensor._version

@@ -132,23 +132,32 @@ class BlockLayout:
         """Sizes of the generated blocks (finite layouts)."""
         if self.num_frames is None:
             raise ValueError("an endless layout has no list of block sizes")
-        return self.split(self.context_frames, self.num_frames)
+        return [block.size for block in self.blocks()]
 
     @property
     def num_blocks(self) -> int | None:
         return None if self.num_frames is None else len(self.block_sizes())
 
+    def first_block(self) -> Block:
+        """The first generated block."""
+        lone = self.independent_first_frame and self.context_frames == 0
+        size = 1 if lone else self.frames_per_block
+        return Block(0, self.context_frames, size if self.num_frames is None else min(size, self.num_frames))
+
+    def block_after(self, block: Block) -> Block | None:
+        """The generated block after ``block`` (None: ``block`` ends the video)."""
+        total = self.total_frames
+        if total is not None and block.end >= total:
+            return None
+        size = self.frames_per_block if total is None else min(self.frames_per_block, total - block.end)
+        return Block(block.index + 1, block.end, size)
+
     def blocks(self) -> Iterator[Block]:
         """The generated blocks in order (without end for an endless layout)."""
-        if self.num_frames is not None:
-            sizes = iter(self.block_sizes())
-        else:
-            head = [1] if self.independent_first_frame and self.context_frames == 0 else []
-            sizes = itertools.chain(head, itertools.repeat(self.frames_per_block))
-        start = self.context_frames
-        for index, size in enumerate(sizes):
-            yield Block(index, start, size)
-            start += size
+        block = self.first_block()
+        while block is not None:
+            yield block
+            block = self.block_after(block)
 
     def block_at(self, index: int) -> Block:
         """Generated block number ``index``."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,21 @@ class ForwardPlan:
     mask: torch.Tensor | None
     kv_cache: KVCache | None
     hidden_states_at: frozenset
+
+
+class _TensorIdentity:
+    """A prompt identified by its embeddings tensor: the same object, not modified in place since (inference tensors,
+    as ComfyUI makes, cannot be modified in place outside inference mode and have no version counter)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.version = None if tensor.is_inference() else tensor._version
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _TensorIdentity) and other.tensor is self.tensor and other.version == self.version
+
+    def __hash__(self) -> int:
+        return id(self.tensor)
 
 
 @dataclass
@@ -257,6 +272,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         commit: bool = False,
         commit_frames: int | None = None,
         hidden_states_at: Sequence[int] = (),
+        prompt_key: Hashable | None = None,
         return_dict: bool = True,
         **unused,
     ) -> CausalWanOutput | tuple:
@@ -275,11 +291,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 committed followed by the next block's noisy frames, computed in one forward (their queries see the
                 clean block, the clean block's queries do not see them). Halves the forwards of one-step rollouts.
             hidden_states_at: indices of blocks whose output hidden states [B, L, dim] are returned too.
+            prompt_key: identifies the prompt of ``encoder_hidden_states`` for the KV cache, which keeps its
+                cross-attention keys/values while the key stays the same (e.g. ``PromptHandle.key``). Without it the
+                embeddings tensor itself identifies the prompt (the same object, not modified in place).
         """
         if unused.get("encoder_hidden_states_image") is not None:
             raise ValueError("image conditioning is not supported by CausalWanTransformer3DModel")
         plan = self._plan(hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache,
-                          start_frame, commit, commit_frames, hidden_states_at)
+                          start_frame, commit, commit_frames, hidden_states_at, prompt_key)
         graphs = self._cuda_graphs
         if graphs is not None and graphs.takes(plan, hidden_states):
             sample, hidden = graphs.run(plan, hidden_states), ()
@@ -293,7 +312,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return CausalWanOutput(sample=sample, hidden_states=hidden)
 
     def _plan(self, hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache,
-              start_frame, commit, commit_frames, hidden_states_at) -> ForwardPlan:
+              start_frame, commit, commit_frames, hidden_states_at, prompt_key=None) -> ForwardPlan:
         """The host side of a forward: checks, the KV cache's bookkeeping, rotary tables; no model arithmetic."""
         mode = attention_mode or ("kv_cache" if kv_cache is not None else "bidirectional")
         if mode not in ATTENTION_MODES:
@@ -321,7 +340,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         frame_offset, cross_ready, mask = 0, False, None
         if mode == "kv_cache":
             frame_offset = kv_cache.begin_forward(start_frame, frames, batch, grid_h * grid_w, commit_frames)
-            cross_ready = kv_cache.cross_attention_for(encoder_hidden_states)
+            key = prompt_key if prompt_key is not None else _TensorIdentity(encoder_hidden_states)
+            cross_ready = kv_cache.cross_attention_for(key)
         elif mode == "block_causal":
             layout = self.block_layout(frames_per_block, frames)
             mask = block_causal_mask(layout.block_sizes(), grid_h * grid_w, device=hidden_states.device)

@@ -206,3 +206,18 @@ def test_last_block_needs_no_cache_slots(tiny_transformer, fpb):
     assert torch.equal(video(tiny_transformer.new_kv_cache(1, 7 - last, 8, 12), fuse_context_pass=False), unfused)
     with pytest.raises(ValueError, match="do not fit the KV cache"):
         video(tiny_transformer.new_kv_cache(1, 7 - last, 8, 12), commit_last_block=True)
+
+
+def test_kv_cache_blocks_equal_block_causal_full_sequence_with_an_independent_first_frame():
+    """Blocks [1, 3, 2]: the cached forwards, block by block, equal the full sequence under the layout's mask."""
+    model = make_tiny_transformer(independent_first_frame=True)
+    x, t, text = _inputs(frames=6)
+    with torch.no_grad():
+        full = model(x, t, text, attention_mode="block_causal", frames_per_block=3).sample
+        uniform = make_tiny_transformer()(x, t, text, attention_mode="block_causal", frames_per_block=3).sample
+        cache = model.new_kv_cache(1, 6, 8, 12)
+        outs = [model(x[:, :, b.start : b.end], t[:, b.start : b.end], text, kv_cache=cache, start_frame=b.start,
+                      commit=True).sample for b in model.block_layout(3, 6).blocks()]
+    assert [o.shape[2] for o in outs] == [1, 3, 2]
+    assert (torch.cat(outs, dim=2) - full).abs().max().item() < 1e-5
+    assert (uniform[:, :, 0] - full[:, :, 0]).abs().max() > 1e-3  # the first frame no longer sees frames 1-2
