@@ -76,7 +76,7 @@ def commit_and_denoise_forward(transformer, done: RolloutBlock, x: torch.Tensor,
         prompt.embeds, kv_cache=kv_cache, start_frame=done.start_frame, commit_frames=committed,
         prompt_key=prompt.key,
     ).sample[:, :, committed:]
-    kv_cache.store_latents(done.start_frame, done.latents)
+    kv_cache.store_latents(done.start_frame, done.latents.detach())
     return flow
 
 
@@ -87,7 +87,7 @@ def commit_forward(transformer, kv_cache: KVCache, latents: torch.Tensor, prompt
     t_clean = torch.full((batch, frames), context_timestep, device=latents.device)
     transformer(latents.to(_model_dtype(transformer)), t_clean, prompt.embeds, kv_cache=kv_cache,
                 start_frame=start_frame, commit=True, prompt_key=prompt.key)
-    kv_cache.store_latents(start_frame, latents)
+    kv_cache.store_latents(start_frame, latents.detach())  # values only: a training block's output has history
 
 
 @torch.no_grad()

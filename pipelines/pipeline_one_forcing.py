@@ -218,29 +218,30 @@ class OneForcingPipeline(DiffusionPipeline):
         return hidden.repeat_interleave(num_videos_per_prompt, dim=0)
 
     # -- checks -------------------------------------------------------------------------------------------------------
-    def check_inputs(
-        self, prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
-        prompt_schedule=None, image=None, video=None, context_latents=None,
-    ):
-        if sum(x is not None for x in (prompt, prompt_embeds, prompt_schedule)) != 1:
+    def check_inputs(self, request: GenerationRequest) -> None:
+        """Every check of a run's request before any work: the one place a run's inputs are validated."""
+        r = request
+        if sum(x is not None for x in (r.prompt, r.prompt_embeds, r.prompt_schedule)) != 1:
             raise ValueError("pass exactly one of prompt, prompt_embeds or prompt_schedule")
-        if sum(x is not None for x in (image, video, context_latents)) > 1:
+        if sum(x is not None for x in (r.image, r.video, r.context_latents)) > 1:
             raise ValueError("pass at most one of image, video or context_latents")
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-        if num_frames is not None:
-            latent_frame_count(num_frames, self.vae_scale_factor_temporal)
-        if frames_per_block is not None and frames_per_block < 1:
-            raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if prompt_embeds is not None and (
-            prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.transformer.config.text_dim
-        ):
-            raise ValueError(
-                f"prompt_embeds must be [B, L, {self.transformer.config.text_dim}], got {tuple(prompt_embeds.shape)}"
-            )
+        if r.height <= 0 or r.width <= 0 or r.height % multiple or r.width % multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {r.height}x{r.width}")
+        if r.num_frames is not None:
+            latent_frame_count(r.num_frames, self.vae_scale_factor_temporal)
+        elif r.latents is not None:
+            raise ValueError("latents (initial noise) cannot be given for an endless stream (num_frames=None)")
+        if r.frames_per_block is not None and r.frames_per_block < 1:
+            raise ValueError(f"frames_per_block must be >= 1, got {r.frames_per_block}")
+        if r.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {r.output_type!r}")
+        text_dim = self.transformer.config.text_dim
+        if r.prompt_embeds is not None and (r.prompt_embeds.ndim != 3 or r.prompt_embeds.shape[-1] != text_dim):
+            raise ValueError(f"prompt_embeds must be [B, L, {text_dim}], got {tuple(r.prompt_embeds.shape)}")
+        bad = set(r.callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
+        if bad:
+            raise ValueError(f"callback tensor inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
 
     def prepare_latents(
         self, batch_size, num_frames, height, width, generator, latents=None, device=None, latent_frames=None
@@ -327,17 +328,6 @@ class OneForcingPipeline(DiffusionPipeline):
         return CachePolicy(window_frames, sink_frames, relative_positions)
 
     # -- generation ---------------------------------------------------------------------------------------------------
-    def check_request(self, request: GenerationRequest) -> None:
-        """Every check of a request before any work: the one place a run's inputs are validated."""
-        r = request
-        self.check_inputs(r.prompt, r.prompt_embeds, r.num_frames, r.height, r.width, r.frames_per_block,
-                          r.output_type, r.prompt_schedule, r.image, r.video, r.context_latents)
-        bad = set(r.callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
-        if bad:
-            raise ValueError(f"callback tensor inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
-        if r.num_frames is None and r.latents is not None:
-            raise ValueError("latents (initial noise) cannot be given for an endless stream (num_frames=None)")
-
     def _prompts(self, request: GenerationRequest, device) -> Callable[[Any], PromptHandle]:
         """Text (each distinct one encoded once) or embeddings -> a :class:`PromptHandle` of
         [B * num_videos_per_prompt, L, D] embeddings in the transformer's dtype."""
@@ -448,7 +438,7 @@ class OneForcingPipeline(DiffusionPipeline):
         (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
         the same order without a second stream)."""
         request = request.with_defaults(self.default_video_size)
-        self.check_request(request)
+        self.check_inputs(request)
         self._interrupt = False
         run = self._run = self._start(request)
         generated = self._generated_blocks(run, request)
