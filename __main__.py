@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--frames-per-block", type=int, default=None, help="1 = frame-wise, 3 = chunk-wise")
     gen.add_argument("--independent-first-frame", action="store_true",
-                     help="the checkpoint was trained with latent frame 0 as a block of its own (blocks [1, 3, 3, ...]); "
-                          "default: what the transformer's config says")
+                     help="the checkpoint was trained with latent frame 0 as a block of its own "
+                          "(blocks [1, 3, 3, ...]); default: what the transformer's config says")
     gen.add_argument("--timesteps", choices=sorted(TIMESTEP_PRESETS), default="one-step")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int, default=16)
@@ -171,7 +171,7 @@ def generate(args, on_block=None) -> Path:
     """Run ``generate`` for parsed ``args``; ``on_block(frames_written)`` is called after each block is written."""
     from tqdm import tqdm
 
-    from .pipelines.layout import BlockLayout, latent_frame_count, video_frame_of_latent
+    from .pipelines.layout import latent_frame_count, video_frame_of_latent
     from .pipelines.video_io import Mp4Writer
 
     schedule = _schedule(args)
@@ -196,9 +196,7 @@ def generate(args, on_block=None) -> Path:
             context_frames = 1 if "image" in context else 0
             if "video" in context:
                 context_frames = latent_frame_count(len(context["video"]), pipe.vae_scale_factor_temporal, "--video")
-            layout = BlockLayout.for_video(num_frames, args.frames_per_block or pipe.transformer.config.frames_per_block,
-                                           context_frames, bool(pipe.transformer.config.independent_first_frame),
-                                           pipe.vae_scale_factor_temporal)
+            layout = pipe.block_layout(num_frames, args.frames_per_block, context_frames)
             switches = schedule.switches_in(layout, pipe.vae_scale_factor_temporal)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None

@@ -12,7 +12,7 @@ Rules of the self-attention buffers (``slots = capacity_frames * tokens_per_fram
 - keys are stored already rotated;
 - beside the keys, the cache can hold the clean latents each cached frame was committed from
   (:meth:`store_latents`; the rollout does it), moved and evicted with the keys, so the frames still in the cache can
-  be committed again under another prompt (the KV re-cache of a prompt switch, :func:`rollout.recache`).
+  be committed again under another prompt (the KV re-cache of a prompt switch, :func:`block_steps.recache`).
 
 Two ways to hold a video:
 - **full** (``window_frames=None``): one slot per latent frame of the video; positions are absolute frame indices.
@@ -331,7 +331,7 @@ class KVCache:
         if self.latents is None or not all(self._latents_stored[slot : slot + frames]):
             raise ValueError(
                 "the KV cache does not hold the clean latents of all its frames, so it cannot be recomputed: frames "
-                "committed outside causal_rollout need kv_cache.store_latents(start_frame, latents)"
+                "committed outside a generation session need kv_cache.store_latents(start_frame, latents)"
             )
         return self.latents[:, :, slot : slot + frames]
 

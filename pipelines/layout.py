@@ -14,7 +14,7 @@ right after it.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 VAE_TEMPORAL_FACTOR = 4
@@ -117,16 +117,11 @@ class BlockLayout:
         return 1 if self.independent_first_frame else self.frames_per_block
 
     def split(self, first: int, count: int) -> list[int]:
-        """Block sizes of ``count`` latent frames starting at video latent frame ``first``."""
-        sizes = []
-        if first == 0 and count > 0 and self.independent_first_frame:
-            sizes, count = [1], count - 1
-        full, rest = divmod(count, self.frames_per_block)
-        return sizes + [self.frames_per_block] * full + ([rest] if rest else [])
-
-    def context_block_sizes(self) -> list[int]:
-        """The groups in which the context is committed."""
-        return self.split(0, self.context_frames)
+        """Block sizes of ``count`` latent frames starting at video latent frame ``first`` (how a context of
+        ``count`` frames is committed)."""
+        if count < 1:
+            return []
+        return [block.size for block in replace(self, num_frames=count, context_frames=first).blocks()]
 
     def block_sizes(self) -> list[int]:
         """Sizes of the generated blocks (finite layouts)."""
@@ -158,12 +153,6 @@ class BlockLayout:
         while block is not None:
             yield block
             block = self.block_after(block)
-
-    def block_at(self, index: int) -> Block:
-        """Generated block number ``index``."""
-        if index < 0 or (self.num_blocks is not None and index >= self.num_blocks):
-            raise IndexError(f"block {index} is not a generated block of {self}")
-        return next(itertools.islice(self.blocks(), index, None))
 
     def cache_frames(self, commit_last_block: bool = False) -> int:
         """Latent frames a full KV cache must hold: the context and every generated block but the last, which no

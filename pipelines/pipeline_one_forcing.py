@@ -1,7 +1,7 @@
 """``OneForcingPipeline``: text to video with a one-step (or few-step) causal Wan transformer.
 
-The video is generated block by block (1 latent frame per block = frame-wise, 3 = chunk-wise) through
-:func:`causal_rollout`, and each block is decoded as soon as it exists by a streaming Wan VAE decoder that keeps its
+The video is generated block by block (1 latent frame per block = frame-wise, 3 = chunk-wise) by a
+:class:`~.session.GenerationSession` that ``__call__`` and ``stream`` drive, and each block is decoded as soon as it exists by a streaming Wan VAE decoder that keeps its
 causal-convolution cache between blocks (the result equals one full decode). No classifier-free guidance: distilled
 models are used with one conditional forward per step.
 """
@@ -328,6 +328,15 @@ class OneForcingPipeline(DiffusionPipeline):
         return CachePolicy(window_frames, sink_frames, relative_positions)
 
     # -- generation ---------------------------------------------------------------------------------------------------
+    def block_layout(self, num_frames: int | None, frames_per_block: int | None = None,
+                     context_frames: int = 0) -> BlockLayout:
+        """The block layout of a video of ``num_frames`` video frames (1 + 4k, the context's ``context_frames``
+        latent frames included; None: endless) as this pipeline makes it: blocks of ``frames_per_block`` (default:
+        the transformer's), an independent first frame if the transformer was trained with one."""
+        config = self.transformer.config
+        return BlockLayout.for_video(num_frames, frames_per_block or config.frames_per_block, context_frames,
+                                     bool(config.independent_first_frame), self.vae_scale_factor_temporal)
+
     def _prompts(self, request: GenerationRequest, device) -> Callable[[Any], PromptHandle]:
         """Text (each distinct one encoded once) or embeddings -> a :class:`PromptHandle` of
         [B * num_videos_per_prompt, L, D] embeddings in the transformer's dtype."""
@@ -354,10 +363,7 @@ class OneForcingPipeline(DiffusionPipeline):
                        (r.prompt_embeds if r.prompt_embeds is not None else r.prompt))
         batch = first.batch_size
         context = self._context(r.image, r.video, r.context_latents, r.height, r.width, batch, device)
-        layout = BlockLayout.for_video(
-            r.num_frames, r.frames_per_block or self.transformer.config.frames_per_block,
-            0 if context is None else context.shape[2], bool(self.transformer.config.independent_first_frame),
-            self.vae_scale_factor_temporal)
+        layout = self.block_layout(r.num_frames, r.frames_per_block, 0 if context is None else context.shape[2])
         prompts = [(0, first)]
         switches = [] if schedule is None else schedule.switches_in(layout, self.vae_scale_factor_temporal)[1:]
         for frame, value in switches:

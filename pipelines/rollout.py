@@ -1,9 +1,9 @@
 """The autoregressive rollout as one call: a :class:`~.session.GenerationSession` driven to the end.
 
 :func:`causal_rollout` yields the blocks of a video (with a context, prompt switches, an endless stream); the
-pipeline, the benchmarks and the reference-parity tests call it. The steps it is made of live in
-:mod:`.block_steps` and the state in :mod:`.session`; training has its own loop over the same steps
-(``training/rollout.py``).
+benchmarks and the reference-parity tests call it (the pipeline drives its own session, block by block). The steps
+it is made of live in :mod:`.block_steps` and the state in :mod:`.session`; training has its own loop over the same
+steps (``training/rollout.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Mapping
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from .block_steps import PromptHandle, RolloutBlock, commit_context, recache
 from .kv_cache import KVCache
@@ -20,22 +19,14 @@ from .layout import BlockLayout
 from .scheduling_one_forcing import OneForcingScheduler
 from .session import BlockNoise, CachePolicy, GenerationSession, NoiseSampler, NoiseSource, SamplingSettings
 
-__all__ = ["RolloutBlock", "RolloutOptions", "block_sizes", "causal_rollout", "commit_context",
-           "generator_noise_sampler", "recache"]
+__all__ = ["RolloutBlock", "RolloutOptions", "block_sizes", "causal_rollout", "commit_context", "recache"]
 
 
 def block_sizes(num_frames: int, frames_per_block: int) -> list[int]:
-    """Split ``num_frames`` latent frames into blocks of ``frames_per_block`` (the last one may be shorter)."""
+    """Split ``num_frames`` latent frames into blocks of ``frames_per_block`` (the last one may be shorter).
+
+    Kept for callers of the uniform split (the ComfyUI nodes); new code asks a :class:`BlockLayout`."""
     return BlockLayout(frames_per_block, num_frames).block_sizes()
-
-
-def generator_noise_sampler(generator: torch.Generator | list[torch.Generator] | None) -> NoiseSampler:
-    """Fresh Gaussian noise from the caller's generator (reproducible for a seed)."""
-
-    def sample(shape, dtype, device):
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
-    return sample
 
 
 @dataclass(frozen=True)

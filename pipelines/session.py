@@ -103,12 +103,13 @@ class NoiseSource:
 
     @classmethod
     def from_generator(cls, generator: Generator, shape: tuple[int, int, int, int], device) -> "NoiseSource":
-        """Each block's noise [B, C, f, h, w] drawn from ``generator`` when the block starts; ``shape``: (B, C, h, w)."""
+        """Each block's noise [B, C, f, h, w] drawn from ``generator`` when the block starts; ``shape``:
+        (B, C, h, w)."""
         batch, channels, height, width = shape
 
         def initial(start: int, size: int) -> torch.Tensor:
-            return randn_tensor((batch, channels, size, height, width), generator=generator, device=torch.device(device),
-                                dtype=torch.float32)
+            return randn_tensor((batch, channels, size, height, width), generator=generator,
+                                device=torch.device(device), dtype=torch.float32)
 
         return cls(generator, initial=initial, device=device, shape=shape)
 

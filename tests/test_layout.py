@@ -45,13 +45,14 @@ def test_block_sizes_and_cache_frames(layout, sizes, cache):
     assert blocks[-1].end == layout.total_frames
     assert layout.cache_frames() == cache
     assert layout.cache_frames(commit_last_block=True) == layout.total_frames
-    assert layout.block_at(len(sizes) - 1) == blocks[-1]
+    assert layout.block_after(blocks[-1]) is None and layout.block_after(blocks[0]) == (blocks + [None])[1]
 
 
 def test_context_is_split_by_the_same_rule():
-    assert BlockLayout(3, 3, context_frames=5, independent_first_frame=True).context_block_sizes() == [1, 3, 1]
-    assert BlockLayout(3, 3, context_frames=5).context_block_sizes() == [3, 2]
-    assert BlockLayout(3, 3).context_block_sizes() == []
+    assert BlockLayout(3, independent_first_frame=True).split(0, 5) == [1, 3, 1]
+    assert BlockLayout(3).split(0, 5) == [3, 2]
+    assert BlockLayout(3, independent_first_frame=True).split(2, 4) == [3, 1]  # not the video's start
+    assert BlockLayout(3).split(0, 0) == []
 
 
 def test_endless_layout():
@@ -95,8 +96,6 @@ def test_bad_layouts_are_clear_errors():
         BlockLayout(1, 0)
     with pytest.raises(ValueError, match="endless"):
         BlockLayout(1).block_sizes()
-    with pytest.raises(IndexError):
-        BlockLayout(1, 2).block_at(2)
 
 
 def test_block_causal_mask_follows_the_layout():
