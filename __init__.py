@@ -15,11 +15,14 @@ from pathlib import Path
 
 # Every component module is imported here on purpose: diffusers resolves a saved pipeline's non-diffusers component
 # classes only from modules that are already imported.
+from .pipelines.block_steps import PromptHandle
 from .pipelines.kv_cache import KVCache
+from .pipelines.layout import BlockLayout
 from .pipelines.pipeline_one_forcing import OneForcingPipeline, OneForcingPipelineOutput
 from .pipelines.prompt_schedule import PromptRange, PromptSchedule
 from .pipelines.rollout import causal_rollout
 from .pipelines.scheduling_one_forcing import OneForcingScheduler
+from .pipelines.session import CachePolicy, GenerationSession, NoiseSource
 from .pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from .pipelines.transformer_causal_wan import CausalWanOutput, CausalWanTransformer3DModel
 
@@ -28,12 +31,17 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "models" / "oneforcing-demo"
 
 __all__ = [
     "DEMO_MODEL_DIR",
+    "BlockLayout",
+    "CachePolicy",
     "CausalWanTransformer3DModel",
     "CausalWanOutput",
+    "GenerationSession",
     "KVCache",
+    "NoiseSource",
     "OneForcingPipeline",
     "OneForcingPipelineOutput",
     "OneForcingScheduler",
+    "PromptHandle",
     "PromptRange",
     "PromptSchedule",
     "TinyWanStreamingDecoder",

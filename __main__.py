@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--frames-per-block", type=int, default=None, help="1 = frame-wise, 3 = chunk-wise")
+    gen.add_argument("--independent-first-frame", action="store_true",
+                     help="the checkpoint was trained with latent frame 0 as a block of its own "
+                          "(blocks [1, 3, 3, ...]); default: what the transformer's config says")
     gen.add_argument("--timesteps", choices=sorted(TIMESTEP_PRESETS), default="one-step")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int, default=16)
@@ -100,6 +103,8 @@ def _load_pipeline(args):
         else:
             extra["transformer"] = CausalWanTransformer3DModel.from_single_file(path, dtype=dtype)
     pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
+    if args.independent_first_frame:
+        pipe.transformer.register_to_config(independent_first_frame=True)
     if args.tiny_vae is not None:
         pipe.set_preview_decoder(_load_tiny_vae(args.tiny_vae, dtype))
     return pipe.to(args.device)
@@ -166,7 +171,7 @@ def generate(args, on_block=None) -> Path:
     """Run ``generate`` for parsed ``args``; ``on_block(frames_written)`` is called after each block is written."""
     from tqdm import tqdm
 
-    from .pipelines.prompt_schedule import video_frame_of_latent
+    from .pipelines.layout import latent_frame_count, video_frame_of_latent
     from .pipelines.video_io import Mp4Writer
 
     schedule = _schedule(args)
@@ -187,14 +192,12 @@ def generate(args, on_block=None) -> Path:
         context["video"] = _read_video(args.video)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(schedule) > 1:
-        fpb = args.frames_per_block or pipe.transformer.config.frames_per_block
-        context_frames = 0
-        if "video" in context:
-            context_frames = (len(context["video"]) - 1) // pipe.vae_scale_factor_temporal + 1
-        elif "image" in context:
-            context_frames = 1
         try:
-            switches = schedule.latent_switches(num_frames, fpb, context_frames, pipe.vae_scale_factor_temporal)
+            context_frames = 1 if "image" in context else 0
+            if "video" in context:
+                context_frames = latent_frame_count(len(context["video"]), pipe.vae_scale_factor_temporal, "--video")
+            layout = pipe.block_layout(num_frames, args.frames_per_block, context_frames)
+            switches = schedule.switches_in(layout, pipe.vae_scale_factor_temporal)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         for latent, prompt in switches:

@@ -15,6 +15,8 @@ import json
 import time
 
 import torch
+
+from oneforcing.pipelines.layout import latent_frame_count
 from rollout_benchmark import build, run_rollout, video_arguments  # this folder is on sys.path when a script of it runs
 
 
@@ -29,7 +31,7 @@ def main():
 
     model, scheduler = build(args)
     model.set_attention_backend("cudnn")
-    latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    latent_frames, h, w = latent_frame_count(args.frames), args.height // 8, args.width // 8
     first = None if args.first_steps == 1 else [1000 - 1000 * i // args.first_steps for i in range(args.first_steps)]
 
     def rollout():

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from oneforcing.pipelines.layout import latent_frame_count
+
 from rollout_benchmark import WAN_1_3B, build_vae
 
 
@@ -36,7 +38,7 @@ def main():
         model = CausalWanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16).eval()
     model.set_attention_backend("cudnn")
     vae = build_vae()
-    latent_frames = (args.frames - 1) // 4 + 1
+    latent_frames = latent_frame_count(args.frames)
     h, w = args.height // 8, args.width // 8
     cache = model.new_kv_cache(1, latent_frames, h, w, window_frames=args.window_frames,
                                sink_frames=args.sink_frames, relative_positions=True)

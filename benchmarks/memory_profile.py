@@ -15,6 +15,8 @@ import collections
 import json
 
 import torch
+
+from oneforcing.pipelines.layout import latent_frame_count
 from rollout_benchmark import build, build_vae, run_rollout, video_arguments  # this folder is on sys.path
 
 GB = 2**30
@@ -44,15 +46,15 @@ def main():
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()
 
-    from oneforcing.pipelines.rollout import frames_to_cache
+    from oneforcing.pipelines.layout import BlockLayout
     from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
 
     model, scheduler = build(args)
     model.set_attention_backend("cudnn")
     vae = build_vae()
-    latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    latent_frames, h, w = latent_frame_count(args.frames), args.height // 8, args.width // 8
     fpb = args.frames_per_block
-    cache = model.new_kv_cache(1, frames_to_cache(latent_frames, fpb), h, w)
+    cache = model.new_kv_cache(1, BlockLayout(fpb, latent_frames).cache_frames(), h, w)
     decoders = []
 
     def make_decoder():

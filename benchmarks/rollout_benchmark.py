@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from oneforcing.pipelines.layout import latent_frame_count, video_frame_count
+
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
@@ -144,9 +146,9 @@ def run_rollout(model, scheduler, frames_per_block, first_steps, latent_frames, 
 
 def kv_cache_bytes(model, latent_frames: int, frames_per_block: int, h: int, w: int) -> int:
     """Self-attention key/value bytes of the rollout's cache: every frame but the (uncommitted) last block's."""
-    from oneforcing.pipelines.rollout import frames_to_cache
+    from oneforcing.pipelines.layout import BlockLayout
 
-    frames = frames_to_cache(latent_frames, frames_per_block)
+    frames = BlockLayout(frames_per_block, latent_frames).cache_frames()
     config = model.config
     per_frame = model.tokens_per_frame(h, w) * config.num_attention_heads * config.attention_head_dim
     return 2 * config.num_layers * frames * per_frame * model.proj_out.weight.element_size()
@@ -243,7 +245,7 @@ def time_tiny_vae(latent_frames, h, w, device="cuda", dtype=torch.bfloat16, repe
         "tiny_vae_stream3_s": stream(TinyWanStreamingDecoder(tiny), 3),
     }
     out = {"device": str(device), "dtype": str(dtype), "latents": list(latents.shape),
-           "frames": 1 + 4 * (latent_frames - 1)}
+           "frames": video_frame_count(latent_frames)}
     for mode in (False, True) if cuda else (False,):
         torch.backends.cudnn.benchmark = mode
         suffix = "/cudnn_benchmark" if mode else ""
@@ -289,7 +291,7 @@ def main():
     args = parser.parse_args()
     if args.tiny_vae:
         dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
-        result = time_tiny_vae((args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, args.device, dtype)
+        result = time_tiny_vae(latent_frame_count(args.frames), args.height // 8, args.width // 8, args.device, dtype)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
@@ -298,7 +300,7 @@ def main():
 
     from torch.nn.attention import SDPBackend
 
-    latent_frames = (args.frames - 1) // 4 + 1
+    latent_frames = latent_frame_count(args.frames)
     h, w = args.height // 8, args.width // 8
     tokens_per_frame = (h // 2) * (w // 2)
     dim = 1536
@@ -338,7 +340,7 @@ def main():
 
     variants = [(backend, False, True, False) for backend in args.backends.split(",")]
     from oneforcing.kernels import ops
-    from oneforcing.pipelines.rollout import frames_to_cache
+    from oneforcing.pipelines.layout import BlockLayout
 
     ops.set_fused_kernels(not args.compile_kernels)  # with --compile-kernels, plain variants measure references
     if args.unfused:
@@ -379,7 +381,7 @@ def main():
             cache = rollout = None  # the previous variant's cache goes before this one's is made
             if graphs:  # the same cache every run, sized as the rollout sizes its own (no slots for the last block)
                 model.cuda_graphs.reset()
-                cache = model.new_kv_cache(1, frames_to_cache(latent_frames, fpb), h, w)
+                cache = model.new_kv_cache(1, BlockLayout(fpb, latent_frames).cache_frames(), h, w)
             rollout = functools.partial(run_rollout, model, scheduler, fpb, first, latent_frames, h, w, fuse=fuse,
                                         cache=cache)
             clean_memory()

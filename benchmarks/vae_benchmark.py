@@ -20,6 +20,8 @@ import json
 import time
 
 import torch
+
+from oneforcing.pipelines.layout import latent_frame_count
 from oneforcing.pipelines.vae_streaming import FULL_RESOLUTION_CHUNK
 from rollout_benchmark import cuda_time, video_arguments, wall_time  # this folder is on sys.path when a script of it runs
 
@@ -153,7 +155,7 @@ def main():
         with device:
             return AutoencoderKLWan().to(dtype).eval()
 
-    latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    latent_frames, h, w = latent_frame_count(args.frames), args.height // 8, args.width // 8
     results = {"device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads",
                "torch": torch.__version__, "vae": args.vae or "Wan2.1 architecture, random weights",
                "dtype": str(dtype), "frames": args.frames, "size": f"{args.width}x{args.height}", "block": args.block}

@@ -72,8 +72,7 @@ class CudaGraphForwards:
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: Counter = Counter()
         self._binding: tuple | None = None
-        self._weights: tuple | None = None  # the model's addresses, read at the start of each video
-        self._checked_video: int | None = None
+        self._weights: tuple | None = None  # the model's addresses, read during each video's first block
         self._pool = None
         self.captures = 0
         self.replays = 0
@@ -107,23 +106,22 @@ class CudaGraphForwards:
                 self._seen.clear()
             self._seen[key] += 1
             if self._seen[key] <= self.warmup or len(self._graphs) >= self.max_graphs:
-                return self.model._compute(plan, hidden_states, timestep, None)[0]
+                return self.model.compute_planned(plan, hidden_states, timestep, None)[0]
             graph = self._graphs[key] = self._capture(plan, hidden_states, timestep)
             self.captures += 1
         self.replays += 1
         return graph.replay(hidden_states, timestep, plan.kv_cache)
 
     def _check_binding(self, kv_cache) -> None:
-        """Drop every graph if the cache's buffers moved, or the weights did since the cache's video began.
+        """Drop every graph if the cache's buffers moved, or the weights did since the video began.
 
-        The cache's addresses are read on every forward (a few dozen pointers); the model's (about 800 parameters,
-        ~2 ms to walk at Wan2.1-1.3B size) once per video (``KVCache.video``), since nothing moves the weights in the
-        middle of a rollout."""
-        if kv_cache.video != self._checked_video:
+        The cache's addresses are read on every forward (a few dozen pointers); the model's (about 800 parameters at
+        Wan2.1-1.3B size, milliseconds to walk) only while nothing is committed yet (the first block of a video),
+        since nothing moves the weights in the middle of a rollout."""
+        if self._weights is None or kv_cache.committed_frames == 0:
             model = self.model
             self._weights = (tuple(p.data_ptr() for p in model.parameters()),
                              tuple(b.data_ptr() for b in model.buffers()))
-            self._checked_video = kv_cache.video
         binding = (self._weights, kv_cache.buffer_addresses())
         if binding != self._binding:
             self.reset()
@@ -132,7 +130,7 @@ class CudaGraphForwards:
     def _key(self, plan, hidden_states: torch.Tensor) -> tuple:
         cache = plan.kv_cache
         return (
-            cache.capacity, cache._slot, cache.cached_frames, plan.frame_offset, plan.commit_frames,
+            *cache.position, plan.frame_offset, plan.commit_frames,
             plan.grid_h, plan.grid_w,
             tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device,
             tuple(plan.timestep.shape), plan.timestep.dtype,
@@ -147,7 +145,7 @@ class CudaGraphForwards:
             recorded = dataclasses.replace(plan, kv_cache=None)
             model = self.model
             return _Graph(
-                lambda cache: model._compute(dataclasses.replace(recorded, kv_cache=cache), static_x, static_t,
+                lambda cache: model.compute_planned(dataclasses.replace(recorded, kv_cache=cache), static_x, static_t,
                                              None)[0],
                 static_x, static_t, tables,
             )
@@ -155,7 +153,7 @@ class CudaGraphForwards:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = self.model._compute(plan, static_x, static_t, None)[0]
+            output = self.model.compute_planned(plan, static_x, static_t, None)[0]
 
         def replay(_) -> torch.Tensor:
             graph.replay()

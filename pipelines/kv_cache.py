@@ -12,7 +12,7 @@ Rules of the self-attention buffers (``slots = capacity_frames * tokens_per_fram
 - keys are stored already rotated;
 - beside the keys, the cache can hold the clean latents each cached frame was committed from
   (:meth:`store_latents`; the rollout does it), moved and evicted with the keys, so the frames still in the cache can
-  be committed again under another prompt (the KV re-cache of a prompt switch, :func:`rollout.recache`).
+  be committed again under another prompt (the KV re-cache of a prompt switch, :func:`block_steps.recache`).
 
 Two ways to hold a video:
 - **full** (``window_frames=None``): one slot per latent frame of the video; positions are absolute frame indices.
@@ -25,15 +25,13 @@ Two ways to hold a video:
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
 TimeShift = Callable[[int, torch.device], tuple[torch.Tensor, torch.Tensor]]
 
-_videos = itertools.count()  # stamps of KVCache.video
 """(delta_frames, device) -> (cos, sin) [D/2]: rotation that moves keys along the time axis."""
 
 
@@ -41,6 +39,39 @@ _videos = itertools.count()  # stamps of KVCache.video
 class CrossAttentionEntry:
     key: torch.Tensor  # [B, Ltext, H, D]
     value: torch.Tensor  # [B, Ltext, H, D]
+
+
+@dataclass(frozen=True)
+class RollingWindow:
+    """A rolling cache keeps the ``sink_frames`` first committed frames and the ``window_frames`` most recent ones;
+    ``relative_positions``: rotary time positions relative to the cache, which needs the transformer's time-axis
+    rotation ``time_shift`` (``WanRotaryTables.time_shift``)."""
+
+    window_frames: int
+    sink_frames: int = 0
+    relative_positions: bool = False
+    time_shift: TimeShift | None = None
+
+    def __post_init__(self):
+        if self.window_frames < 1 or self.sink_frames < 0:
+            raise ValueError(f"window_frames must be >= 1 and sink_frames >= 0, got {self.window_frames}, "
+                             f"{self.sink_frames}")
+        if self.relative_positions and self.time_shift is None:
+            raise ValueError("relative_positions needs the transformer's time_shift rotation")
+
+
+@dataclass
+class KVCacheState:
+    """What :meth:`KVCache.snapshot` copied: per-layer keys/values [B, cached tokens, H, D], cross-attention entries
+    and the prompt they belong to, (committed, cached, evicted) frame counters, clean latents and their flags."""
+
+    key: list[torch.Tensor]
+    value: list[torch.Tensor]
+    cross: list[CrossAttentionEntry | None]
+    prompt_key: Hashable | None
+    counters: tuple[int, int, int]
+    latents: torch.Tensor | None
+    flags: tuple[list[bool], list[bool]]
 
 
 class KVCache:
@@ -51,10 +82,7 @@ class KVCache:
         num_frames: latent frames of the video (full cache); ignored for the capacity of a rolling cache.
         tokens_per_frame: (H / patch_h) * (W / patch_w) tokens of one latent frame.
         num_heads, head_dim: attention geometry of the transformer.
-        window_frames: make a rolling cache keeping this many most recent frames (besides the sink).
-        sink_frames: first frames a rolling cache never evicts.
-        relative_positions: rotary time positions relative to the cache (rolling only; needs ``time_shift``).
-        time_shift: the transformer's time-axis rotation (``WanRotaryTables.time_shift``).
+        window: a :class:`RollingWindow` makes a rolling cache (default: a full one).
     """
 
     def __init__(
@@ -67,19 +95,13 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        window_frames: int | None = None,
-        sink_frames: int = 0,
-        relative_positions: bool = False,
-        time_shift: TimeShift | None = None,
+        window: RollingWindow | None = None,
     ):
         if min(num_layers, batch_size, num_frames, tokens_per_frame, num_heads, head_dim) < 1:
             raise ValueError("every KV cache size must be positive")
-        if window_frames is None and (sink_frames or relative_positions):
-            raise ValueError("sink_frames and relative_positions need a rolling cache (window_frames=...)")
-        if window_frames is not None and (window_frames < 1 or sink_frames < 0):
-            raise ValueError(f"window_frames must be >= 1 and sink_frames >= 0, got {window_frames}, {sink_frames}")
-        if relative_positions and time_shift is None:
-            raise ValueError("relative_positions needs the transformer's time_shift rotation")
+        window_frames, sink_frames, relative_positions, time_shift = (
+            (None, 0, False, None) if window is None
+            else (window.window_frames, window.sink_frames, window.relative_positions, window.time_shift))
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.tokens_per_frame = tokens_per_frame
@@ -96,8 +118,7 @@ class KVCache:
         self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.cross: list[CrossAttentionEntry | None] = [None] * num_layers
         self._cross_storage: list[CrossAttentionEntry | None] = [None] * num_layers  # kept across prompts
-        self._cross_source: tuple | None = None
-        self.video = next(_videos)  # a stamp no other cache or video shares; a new one at every reset
+        self._cross_source: Hashable | None = None  # the prompt the cross-attention entries belong to
         self.committed_frames = 0  # frames of the video committed so far
         self.cached_frames = 0  # of them, frames held in the buffers now
         self.evicted_frames = 0
@@ -112,6 +133,17 @@ class KVCache:
         return self.capacity
 
     @property
+    def forward_slot(self) -> int:
+        """First slot of the forward in progress (set by :meth:`begin_forward`)."""
+        return self._slot
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """(capacity, forward slot, cached frames): what the arithmetic of a forward reads of the cache besides its
+        buffers; two forwards at the same position run the same kernels on the same memory."""
+        return self.capacity, self._slot, self.cached_frames
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.key[0].dtype
 
@@ -121,7 +153,6 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget the video and the prompt; the buffers are kept (no reallocation)."""
-        self.video = next(_videos)
         self.committed_frames = self.cached_frames = self.evicted_frames = 0
         self._latents_stored = [False] * self.capacity
         self._commit_starts = [False] * self.capacity
@@ -200,7 +231,8 @@ class KVCache:
         self.evicted_frames += frames
 
     def attend(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, commit_frames: int
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, commit_frames: int,
+        stored: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values visible to the forward begun by :meth:`begin_forward`: cached frames + its own frames.
 
@@ -209,6 +241,9 @@ class KVCache:
 
         Args:
             key, value: [B, f * tokens_per_frame, H, D] of the forward's frames (keys already rotated).
+            stored: what to store of the forward instead of ``key``/``value`` (same shapes), given when these must
+                not enter the shared buffers themselves (the caller's tensors carry history of their own): the
+                forward's keys are then used apart, and only its committed frames are stored, from ``stored``.
         Returns:
             two [B, (slot + f) * tokens_per_frame, H, D] tensors.
         """
@@ -216,14 +251,13 @@ class KVCache:
         end = begin + key.shape[1]
         committed_end = begin + commit_frames * self.tokens_per_frame
         overwrites_context = self._slot < self.cached_frames and commit_frames == 0
-        if overwrites_context or self._beyond_end or (
-            torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)
-        ):
-            # Gradient-carrying or non-committing re-runs of cached frames must not write the shared buffer, and
-            # frames past the end of the cache have no slots.
+        if overwrites_context or self._beyond_end or stored is not None:
+            # non-committing re-runs of cached frames must not write the shared buffers, and frames past the end of
+            # the cache have no slots
+            stored_key, stored_value = stored if stored is not None else (key, value)
             if commit_frames:
-                self.key[layer][:, begin:committed_end] = key[:, : committed_end - begin].detach()
-                self.value[layer][:, begin:committed_end] = value[:, : committed_end - begin].detach()
+                self.key[layer][:, begin:committed_end] = stored_key[:, : committed_end - begin]
+                self.value[layer][:, begin:committed_end] = stored_value[:, : committed_end - begin]
             return (
                 torch.cat([self.key[layer][:, :begin], key], dim=1),
                 torch.cat([self.value[layer][:, :begin], value], dim=1),
@@ -248,7 +282,8 @@ class KVCache:
         return slot
 
     def store_latents(self, start_frame: int, latents: torch.Tensor) -> None:
-        """Keep the clean latents [B, C, f, h, w] that committed frames [start_frame, start_frame + f) came from.
+        """Keep the clean latents [B, C, f, h, w] that committed frames [start_frame, start_frame + f) came from
+        (values without autograd history: the cache stores, it does not train).
 
         The frames are remembered as one group: a re-cache commits them again together, as they were committed.
         """
@@ -263,7 +298,7 @@ class KVCache:
             self.latents = torch.zeros(shape, dtype=latents.dtype, device=latents.device)
             self._latents_stored = [False] * self.capacity
             self._commit_starts = [False] * self.capacity
-        self.latents[:, :, first : first + frames] = latents.detach().to(self.latents.dtype)
+        self.latents[:, :, first : first + frames] = latents.to(self.latents.dtype)
         self._latents_stored[first : first + frames] = [True] * frames
         self._commit_starts[first : first + frames] = [True] + [False] * (frames - 1)
 
@@ -296,7 +331,7 @@ class KVCache:
         if self.latents is None or not all(self._latents_stored[slot : slot + frames]):
             raise ValueError(
                 "the KV cache does not hold the clean latents of all its frames, so it cannot be recomputed: frames "
-                "committed outside causal_rollout need kv_cache.store_latents(start_frame, latents)"
+                "committed outside a generation session need kv_cache.store_latents(start_frame, latents)"
             )
         return self.latents[:, :, slot : slot + frames]
 
@@ -312,7 +347,7 @@ class KVCache:
         """Keep ``layer``'s cross-attention keys/values of the current prompt and return the kept entry.
 
         A later prompt's entries of the same shape are copied into the same tensors, so the cache's memory addresses
-        stay fixed from prompt to prompt (what a captured CUDA graph reads).
+        stay fixed from prompt to prompt (:meth:`buffer_addresses`).
         """
         kept = self._cross_storage[layer]
         writable = kept is not None and (torch.is_inference_mode_enabled() or not kept.key.is_inference())
@@ -332,18 +367,47 @@ class KVCache:
         cross = [t.data_ptr() for e in self.cross if e is not None for t in (e.key, e.value)]
         return tuple(t.data_ptr() for t in self.key + self.value) + tuple(cross)
 
-    def cross_attention_for(self, context: torch.Tensor) -> bool:
-        """Whether the stored cross-attention keys/values were made from this exact ``context`` tensor.
+    def cross_attention_for(self, prompt_key: Hashable) -> bool:
+        """Whether the stored cross-attention keys/values were made from the prompt identified by ``prompt_key``.
 
-        A different tensor (a new prompt) clears them so they are recomputed once.
+        Another key (a new prompt) clears them so they are recomputed once.
         """
-        source = self._cross_source
-        version = _version_of(context)
-        if source is None or source[0] is not context or source[1] != version:
+        if self._cross_source is None or self._cross_source != prompt_key:
             self.reset_cross_attention()
-            self._cross_source = (context, version)
+            self._cross_source = prompt_key
             return False
         return self.cross[0] is not None
+
+    # -- snapshots ------------------------------------------------------------------------------------------------
+    def snapshot(self) -> "KVCacheState":
+        """A copy of what the cache holds now (the cached frames' keys/values, clean latents, cross-attention and
+        counters), to :meth:`restore` later: rewinding or branching a video."""
+        used = self.cached_frames * self.tokens_per_frame
+        cross = [None if e is None else CrossAttentionEntry(e.key.clone(), e.value.clone()) for e in self.cross]
+        return KVCacheState(
+            key=[k[:, :used].clone() for k in self.key], value=[v[:, :used].clone() for v in self.value],
+            cross=cross, prompt_key=self._cross_source,
+            counters=(self.committed_frames, self.cached_frames, self.evicted_frames),
+            latents=None if self.latents is None else self.latents.clone(),
+            flags=(list(self._latents_stored), list(self._commit_starts)),
+        )
+
+    def restore(self, state: "KVCacheState") -> None:
+        """Go back to a :meth:`snapshot` of this cache; the buffers keep their addresses."""
+        used = state.key[0].shape[1]
+        if len(state.key) != self.num_layers or used > self.key[0].shape[1]:
+            raise ValueError("the snapshot was taken from a KV cache of another size")
+        for layer in range(self.num_layers):
+            self.key[layer][:, :used] = state.key[layer]
+            self.value[layer][:, :used] = state.value[layer]
+        self.committed_frames, self.cached_frames, self.evicted_frames = state.counters
+        self.latents = None if state.latents is None else state.latents.clone()
+        self._latents_stored, self._commit_starts = (list(f) for f in state.flags)
+        self.reset_cross_attention()
+        if state.cross[0] is not None:
+            for layer, entry in enumerate(state.cross):
+                self.store_cross_attention(layer, entry)
+            self._cross_source = state.prompt_key
 
     def memory_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.key + self.value)
@@ -361,7 +425,3 @@ def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(keys.dtype)
 
 
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """The tensor's in-place-modification counter; ``None`` for inference tensors, which have none (they cannot be
-    modified in place outside inference mode, and ComfyUI runs every node inside it)."""
-    return None if tensor.is_inference() else tensor._version

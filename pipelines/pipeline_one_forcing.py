@@ -1,7 +1,7 @@
 """``OneForcingPipeline``: text to video with a one-step (or few-step) causal Wan transformer.
 
-The video is generated block by block (1 latent frame per block = frame-wise, 3 = chunk-wise) through
-:func:`causal_rollout`, and each block is decoded as soon as it exists by a streaming Wan VAE decoder that keeps its
+The video is generated block by block (1 latent frame per block = frame-wise, 3 = chunk-wise) by a
+:class:`~.session.GenerationSession` that ``__call__`` and ``stream`` drive, and each block is decoded as soon as it exists by a streaming Wan VAE decoder that keeps its
 causal-convolution cache between blocks (the result equals one full decode). No classifier-free guidance: distilled
 models are used with one conditional forward per step.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -28,7 +28,10 @@ from tqdm.auto import tqdm
 
 from .decode_overlap import SideStreamDecoder
 from .prompt_schedule import PromptSchedule
-from .rollout import RolloutBlock, block_sizes, causal_rollout, frames_to_cache
+from .block_steps import PromptHandle, RolloutBlock
+from .kv_cache import KVCache
+from .layout import BlockLayout, latent_frame_count
+from .session import CachePolicy, GenerationSession, NoiseSource, SamplingSettings
 from .scheduling_one_forcing import OneForcingScheduler
 from .tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from .transformer_causal_wan import CausalWanTransformer3DModel
@@ -116,10 +119,13 @@ class OneForcingPipeline(DiffusionPipeline):
         self.transformer.disable_cuda_graphs()
         self._kept_kv_cache = None
 
-    def _new_kv_cache(self, batch: int, frames: int, height: int, width: int, device, **rolling):
-        """The run's KV cache: with CUDA graphs on, the last run's (reset) when its geometry matches, else a new one."""
-        geometry = (batch, frames, height, width, torch.device(device), self.transformer.dtype,
-                    tuple(sorted(rolling.items())))
+    def _new_kv_cache(self, policy: CachePolicy, layout: BlockLayout, batch: int, latent_size: tuple[int, int],
+                      device) -> tuple[tuple, KVCache]:
+        """(geometry, the run's KV cache): with CUDA graphs on, the last run's (reset) when its geometry matches (the
+        graphs read its buffers), else a new one."""
+        frames = 1 if policy.window_frames is not None else layout.cache_frames(policy.commit_last_block)
+        geometry = (batch, frames, *latent_size, torch.device(device), self.transformer.dtype,
+                    tuple(sorted(policy.rolling_settings().items())))
         kept, self._kept_kv_cache = self._kept_kv_cache, None  # taken: a run started meanwhile makes its own
         graphs = self.transformer.cuda_graphs
         if graphs is not None and kept is not None and kept[0] == geometry:
@@ -128,7 +134,7 @@ class OneForcingPipeline(DiffusionPipeline):
         if graphs is not None and kept is not None:
             graphs.reset()  # they are bound to the old cache: free it, and their memory, before the new one is made
         del kept
-        return geometry, self.transformer.new_kv_cache(batch, frames, height, width, device=device, **rolling)
+        return geometry, policy.make(self.transformer, layout, batch, latent_size, device)
 
     # -- decoding -----------------------------------------------------------------------------------------------------
     _preview_decoder: TinyWanVAE | None = None
@@ -212,30 +218,30 @@ class OneForcingPipeline(DiffusionPipeline):
         return hidden.repeat_interleave(num_videos_per_prompt, dim=0)
 
     # -- checks -------------------------------------------------------------------------------------------------------
-    def check_inputs(
-        self, prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
-        prompt_schedule=None, image=None, video=None, context_latents=None,
-    ):
-        if sum(x is not None for x in (prompt, prompt_embeds, prompt_schedule)) != 1:
+    def check_inputs(self, request: GenerationRequest) -> None:
+        """Every check of a run's request before any work: the one place a run's inputs are validated."""
+        r = request
+        if sum(x is not None for x in (r.prompt, r.prompt_embeds, r.prompt_schedule)) != 1:
             raise ValueError("pass exactly one of prompt, prompt_embeds or prompt_schedule")
-        if sum(x is not None for x in (image, video, context_latents)) > 1:
+        if sum(x is not None for x in (r.image, r.video, r.context_latents)) > 1:
             raise ValueError("pass at most one of image, video or context_latents")
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-        t = self.vae_scale_factor_temporal
-        if num_frames is not None and (num_frames < 1 or (num_frames - 1) % t):
-            raise ValueError(f"num_frames must be 1 + {t}k (e.g. 81), got {num_frames}")
-        if frames_per_block is not None and frames_per_block < 1:
-            raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if prompt_embeds is not None and (
-            prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.transformer.config.text_dim
-        ):
-            raise ValueError(
-                f"prompt_embeds must be [B, L, {self.transformer.config.text_dim}], got {tuple(prompt_embeds.shape)}"
-            )
+        if r.height <= 0 or r.width <= 0 or r.height % multiple or r.width % multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {r.height}x{r.width}")
+        if r.num_frames is not None:
+            latent_frame_count(r.num_frames, self.vae_scale_factor_temporal)
+        elif r.latents is not None:
+            raise ValueError("latents (initial noise) cannot be given for an endless stream (num_frames=None)")
+        if r.frames_per_block is not None and r.frames_per_block < 1:
+            raise ValueError(f"frames_per_block must be >= 1, got {r.frames_per_block}")
+        if r.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {r.output_type!r}")
+        text_dim = self.transformer.config.text_dim
+        if r.prompt_embeds is not None and (r.prompt_embeds.ndim != 3 or r.prompt_embeds.shape[-1] != text_dim):
+            raise ValueError(f"prompt_embeds must be [B, L, {text_dim}], got {tuple(r.prompt_embeds.shape)}")
+        bad = set(r.callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
+        if bad:
+            raise ValueError(f"callback tensor inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
 
     def prepare_latents(
         self, batch_size, num_frames, height, width, generator, latents=None, device=None, latent_frames=None
@@ -244,7 +250,8 @@ class OneForcingPipeline(DiffusionPipeline):
         shape = (
             batch_size,
             self.transformer.config.in_channels,
-            latent_frames if latent_frames is not None else (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            latent_frames if latent_frames is not None
+            else latent_frame_count(num_frames, self.vae_scale_factor_temporal),
             height // self.vae_scale_factor_spatial,
             width // self.vae_scale_factor_spatial,
         )
@@ -273,12 +280,7 @@ class OneForcingPipeline(DiffusionPipeline):
         name = "image" if image is not None else "video"
         frames = _as_frames(image, "image", single=True) if image is not None else _as_frames(video, "video")
         pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # [B, 3, T, H, W] in -1..1
-        count, t = pixels.shape[2], self.vae_scale_factor_temporal
-        if (count - 1) % t:
-            below = (count - 1) // t * t + 1
-            raise ValueError(
-                f"{name} has {count} frames; the Wan VAE encodes 1 + {t}k frames: use {below} or {below + t} frames"
-            )
+        latent_frame_count(pixels.shape[2], self.vae_scale_factor_temporal, what=name)
         device = device or self._execution_device
         return encode_video(self.vae, pixels.to(device)).to(device=device, dtype=torch.float32)
 
@@ -305,207 +307,180 @@ class OneForcingPipeline(DiffusionPipeline):
             context = context.expand(batch, *context.shape[1:])
         return context.contiguous()
 
-    def _cache_settings(self, num_latent_frames, frames_per_block, window_frames, sink_frames, relative_positions):
-        """(window_frames, sink_frames, relative_positions) of the run's KV cache (window None: a full cache)."""
-        if num_latent_frames is None and window_frames is None:
+    def _cache_policy(self, layout: BlockLayout, window_frames, sink_frames, relative_positions) -> CachePolicy:
+        """The run's KV cache policy: full, or a rolling window (an endless video's default)."""
+        if layout.endless and window_frames is None:
             window_frames = ENDLESS_WINDOW_FRAMES
             sink_frames = ENDLESS_SINK_FRAMES if sink_frames is None else sink_frames
         if window_frames is None:
             if sink_frames or relative_positions:
                 raise ValueError("sink_frames and relative_positions need a rolling cache: pass window_frames too")
-            return None, 0, False
-        if window_frames < frames_per_block:
+            return CachePolicy()
+        if window_frames < layout.frames_per_block:
             raise ValueError(
-                f"window_frames={window_frames} must hold a whole block ({frames_per_block} latent frames)"
+                f"window_frames={window_frames} must hold a whole block ({layout.frames_per_block} latent frames)"
             )
         sink_frames = ENDLESS_SINK_FRAMES if sink_frames is None else sink_frames
         if sink_frames < 0:
             raise ValueError(f"sink_frames must be >= 0, got {sink_frames}")
         if relative_positions is None:  # absolute positions are the reference; relative only where they run out
-            relative_positions = (num_latent_frames is None
-                                  or num_latent_frames > self.transformer.config.rope_max_seq_len)
-        return window_frames, sink_frames, relative_positions
+            relative_positions = layout.endless or layout.total_frames > self.transformer.config.rope_max_seq_len
+        return CachePolicy(window_frames, sink_frames, relative_positions)
 
     # -- generation ---------------------------------------------------------------------------------------------------
-    def _blocks(
-        self,
-        prompt,
-        num_frames,
-        height,
-        width,
-        frames_per_block,
-        denoising_timesteps,
-        first_block_timesteps,
-        num_videos_per_prompt,
-        generator,
-        latents,
-        prompt_embeds,
-        output_type,
-        max_sequence_length,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        *,
-        image=None,
-        video=None,
-        context_latents=None,
-        prompt_schedule=None,
-        keep_sink_on_switch: bool = False,
-        window_frames: int | None = None,
-        sink_frames: int | None = None,
-        relative_positions: bool | None = None,
-        overlap_decode: bool = False,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def block_layout(self, num_frames: int | None, frames_per_block: int | None = None,
+                     context_frames: int = 0) -> BlockLayout:
+        """The block layout of a video of ``num_frames`` video frames (1 + 4k, the context's ``context_frames``
+        latent frames included; None: endless) as this pipeline makes it: blocks of ``frames_per_block`` (default:
+        the transformer's), an independent first frame if the transformer was trained with one."""
+        config = self.transformer.config
+        return BlockLayout.for_video(num_frames, frames_per_block or config.frames_per_block, context_frames,
+                                     bool(config.independent_first_frame), self.vae_scale_factor_temporal)
+
+    def _prompts(self, request: GenerationRequest, device) -> Callable[[Any], PromptHandle]:
+        """Text (each distinct one encoded once) or embeddings -> a :class:`PromptHandle` of
+        [B * num_videos_per_prompt, L, D] embeddings in the transformer's dtype."""
+        handles: dict = {}
+        dtype, copies = self.transformer.proj_out.weight.dtype, request.num_videos_per_prompt
+
+        def handle(value) -> PromptHandle:
+            if isinstance(value, torch.Tensor):
+                return PromptHandle(value.to(device=device, dtype=dtype).repeat_interleave(copies, dim=0))
+            key = value if isinstance(value, str) else tuple(value)
+            if key not in handles:
+                embeds = self.encode_prompt(value, copies, request.max_sequence_length, device, dtype)
+                handles[key] = PromptHandle(embeds)
+            return handles[key]
+
+        return handle
+
+    def _start(self, request: GenerationRequest) -> _Run:
+        """Encode the prompts and the context, lay the video out and start its session."""
+        r, device = request, self._execution_device
+        schedule = None if r.prompt_schedule is None else PromptSchedule.coerce(r.prompt_schedule)
+        handle = self._prompts(r, device)
+        first = handle(schedule.prompts[0] if schedule is not None else
+                       (r.prompt_embeds if r.prompt_embeds is not None else r.prompt))
+        batch = first.batch_size
+        context = self._context(r.image, r.video, r.context_latents, r.height, r.width, batch, device)
+        layout = self.block_layout(r.num_frames, r.frames_per_block, 0 if context is None else context.shape[2])
+        prompts = [(0, first)]
+        switches = [] if schedule is None else schedule.switches_in(layout, self.vae_scale_factor_temporal)[1:]
+        for frame, value in switches:
+            embeds = handle(value)
+            if embeds.embeds.shape[0] != batch or embeds.embeds.shape[2] != first.embeds.shape[2]:
+                raise ValueError(f"the prompt switched to at latent frame {frame} has embeddings "
+                                 f"{tuple(embeds.embeds.shape)}, the first prompt {tuple(first.embeds.shape)}")
+            prompts.append((frame, embeds))
+        policy = self._cache_policy(layout, r.window_frames, r.sink_frames, r.relative_positions)
+        latent_size = (r.height // self.vae_scale_factor_spatial, r.width // self.vae_scale_factor_spatial)
+        geometry, kv_cache = self._new_kv_cache(policy, layout, batch, latent_size, device)
+        noise = self._noise(r, layout, batch, latent_size, device)
+        sampling = SamplingSettings(r.denoising_timesteps, r.first_block_timesteps)
+        session = GenerationSession(self.transformer, self.scheduler, first, layout, noise, context=context,
+                                    cache_policy=policy, kv_cache=kv_cache, sampling=sampling)
+        latents = None
+        if not layout.endless:  # every clean latent of a finite video is kept (output "latent", callbacks)
+            latents = torch.zeros(batch, self.transformer.config.in_channels, layout.total_frames, *latent_size,
+                                  device=device)
+            if context is not None:
+                latents[:, :, : context.shape[2]] = context
+        return _Run(session, prompts, context, latents, geometry)
+
+    def _noise(self, request: GenerationRequest, layout: BlockLayout, batch: int, latent_size, device) -> NoiseSource:
+        """A finite video's noise is drawn whole at the start, an endless one's block by block."""
+        channels = self.transformer.config.in_channels
+        if layout.endless:
+            return NoiseSource.from_generator(request.generator, (batch, channels, *latent_size), device)
+        latents = self.prepare_latents(batch, request.num_frames, request.height, request.width, request.generator,
+                                       request.latents, device, latent_frames=layout.num_frames)
+        return NoiseSource.from_latents(latents, layout.context_frames, request.generator)
+
+    def _generated_blocks(self, run: _Run, request: GenerationRequest) -> Iterator[torch.Tensor]:
+        """Drive the session: prompt switches, each block denoised, shown to the callback, finalized; yields the clean
+        latents [B, C, f, h, w] of each block."""
+        session, switches = run.session, dict(run.prompts[1:])
+        while not session.finished:
+            start = session.next_block_info.start
+            if start in switches:
+                session.set_prompt(switches.pop(start), keep_sink=request.keep_sink_on_switch)
+            block = session.generate()
+            if run.latents is not None:
+                frames = slice(block.start_frame, block.start_frame + block.latents.shape[2])
+                run.latents[:, :, frames] = block.latents
+                if request.callback_on_step_end is not None:
+                    self._call_back(run, request, block)
+                    block.latents = run.latents[:, :, frames]
+            session.finalize(block)
+            yield block.latents
+
+    def _call_back(self, run: _Run, request: GenerationRequest, block: RolloutBlock) -> None:
+        embeds = [p for frame, p in run.prompts if frame <= block.start_frame][-1].embeds
+        local = {"latents": run.latents, "prompt_embeds": embeds}
+        kwargs = {name: local[name] for name in request.callback_on_step_end_tensor_inputs}
+        result = request.callback_on_step_end(self, block.index, block.timesteps[-1], kwargs) or {}
+        if "latents" in result:
+            run.latents.copy_(result["latents"])
+
+    def _decoded(self, items: Iterator[tuple[torch.Tensor, bool]], output_type: str, overlap: bool, device):
+        """(latents, is a generated block) -> ((latents, is a block), video [B, 3, T, H, W] or None).
+
+        Every decode of a video takes one path (the side stream's rule: the decoder's causal cache must live on the
+        stream that decodes)."""
+        if output_type == "latent":
+            return ((item, None) for item in items)
+        decoder = self._streaming_decoder(device)
+        dtype = self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
+        if overlap:
+            return SideStreamDecoder(decoder, device).decode((item, item[0].to(dtype)) for item in items)
+        return ((item, decoder.decode_block(item[0].to(dtype))) for item in items)
+
+    def _blocks(self, request: GenerationRequest, overlap_decode: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Shared body of ``__call__`` and ``stream``: yields (clean latents [B, C, f, h, w], decoded video
         [B, 3, T, H, W] or None), first for the context (if any), then per generated block.
 
         ``overlap_decode``: decode each block on a second CUDA stream beside the next block's transformer passes
         (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
         the same order without a second stream)."""
-        height = height or self.default_video_size["height"]
-        width = width or self.default_video_size["width"]
-        self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
-                          prompt_schedule, image, video, context_latents)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        bad = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
-        if bad:
-            raise ValueError(f"callback tensor inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
+        request = request.with_defaults(self.default_video_size)
+        self.check_inputs(request)
         self._interrupt = False
-        device = self._execution_device
-        model_dtype = self.transformer.proj_out.weight.dtype
-        frames_per_block = frames_per_block or self.transformer.config.frames_per_block
-        endless = num_frames is None
-        if endless and latents is not None:
-            raise ValueError("latents (initial noise) cannot be given for an endless stream (num_frames=None)")
-
-        encoded: dict = {}
-
-        def embed(value) -> torch.Tensor:
-            """Text (each distinct one encoded once) or embeddings -> [B * num_videos_per_prompt, L, D]."""
-            if isinstance(value, torch.Tensor):
-                return value.to(device=device, dtype=model_dtype).repeat_interleave(num_videos_per_prompt, dim=0)
-            key = value if isinstance(value, str) else tuple(value)
-            if key not in encoded:
-                encoded[key] = self.encode_prompt(value, num_videos_per_prompt, max_sequence_length, device,
-                                                  model_dtype)
-            return encoded[key]
-
-        schedule = None if prompt_schedule is None else PromptSchedule.coerce(prompt_schedule)
-        if schedule is not None:
-            prompt_embeds = embed(schedule.prompts[0])
-        else:
-            prompt_embeds = embed(prompt_embeds if prompt_embeds is not None else prompt)
-        batch = prompt_embeds.shape[0]
-
-        context = self._context(image, video, context_latents, height, width, batch, device)
-        context_frames = 0 if context is None else context.shape[2]
-        total = None if endless else (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        if total is not None and total <= context_frames:
-            video_frames = 1 + self.vae_scale_factor_temporal * (context_frames - 1)
-            raise ValueError(f"num_frames={num_frames} leaves nothing to generate after the context's {video_frames} "
-                             "frames: num_frames counts the whole video, context included")
-        generate = None if endless else total - context_frames
-
-        switches: dict[int, torch.Tensor] = {}
-        current_prompt = [(0, prompt_embeds)]
-        if schedule is not None:
-            for latent_frame, text in schedule.latent_switches(num_frames, frames_per_block, context_frames,
-                                                               self.vae_scale_factor_temporal)[1:]:
-                embeds = embed(text)
-                if embeds.shape[0] != batch or embeds.shape[2] != prompt_embeds.shape[2]:
-                    raise ValueError(f"the prompt switched to at latent frame {latent_frame} has embeddings "
-                                     f"{tuple(embeds.shape)}, the first prompt {tuple(prompt_embeds.shape)}")
-                switches[latent_frame] = embeds
-                current_prompt.append((latent_frame, embeds))
-
-        window, sink, relative = self._cache_settings(total, frames_per_block, window_frames, sink_frames,
-                                                      relative_positions)
-        latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
-        cache_frames = 1 if window is not None else max(context_frames + frames_to_cache(generate, frames_per_block), 1)
-        cache_geometry, kv_cache = self._new_kv_cache(
-            batch, cache_frames, latent_h, latent_w, device,
-            window_frames=window, sink_frames=sink, relative_positions=relative,
-        )
-        self.kv_cache = kv_cache  # for inspection while the run is under way; dropped at its end (GPU memory)
-
-        if endless:
-            channels = self.transformer.config.in_channels
-
-            def noise(start_frame: int, size: int) -> torch.Tensor:
-                shape = (batch, channels, size, latent_h, latent_w)
-                return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            noise = self.prepare_latents(batch, num_frames, height, width, generator, latents, device,
-                                         latent_frames=generate)
-        # every clean latent of a finite video is kept (output_type="latent", callbacks); an endless one keeps none
-        all_latents = None
-        if not endless:
-            all_latents = torch.zeros(batch, self.transformer.config.in_channels, total, latent_h, latent_w,
-                                      device=device)
-            if context is not None:
-                all_latents[:, :, :context_frames] = context
-        self.latents = all_latents
-        decoder = self._streaming_decoder(device) if output_type != "latent" else None
-        decode_dtype = None
-        if decoder is not None:
-            decode_dtype = self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
-
-        def on_block_denoised(block: RolloutBlock):
-            frames = slice(block.start_frame, block.start_frame + block.latents.shape[2])
-            all_latents[:, :, frames] = block.latents
-            if callback_on_step_end is None:
-                return None
-            embeds = [e for frame, e in current_prompt if frame <= block.start_frame][-1]
-            local = {"latents": all_latents, "prompt_embeds": embeds}
-            kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}
-            result = callback_on_step_end(self, block.index, block.timesteps[-1], kwargs) or {}
-            if "latents" in result:
-                all_latents.copy_(result["latents"])
-            return all_latents[:, :, frames]
-
-        rollout = causal_rollout(
-            self.transformer,
-            self.scheduler,
-            noise,
-            prompt_embeds,
-            frames_per_block=frames_per_block,
-            denoising_timesteps=denoising_timesteps,
-            first_block_timesteps=first_block_timesteps,
-            generator=generator,
-            kv_cache=kv_cache,
-            on_block_denoised=None if endless else on_block_denoised,
-            num_frames=generate if endless else None,
-            context_latents=context,
-            prompt_switches=switches,
-            keep_sink_on_switch=keep_sink_on_switch,
-        )
-        num_blocks = None if endless else len(block_sizes(generate, frames_per_block))
+        run = self._run = self._start(request)
+        generated = self._generated_blocks(run, request)
+        items = ((latents, True) for latents in generated)
+        if run.context is not None:
+            items = itertools.chain([(run.context, False)], items)
+        num_blocks = run.session.layout.num_blocks
         bar = self.progress_bar(total=num_blocks) if num_blocks else tqdm(**self._endless_bar_config())
         try:
-            # (latents, is a generated block): the context first, if any; every decode of the video takes one path
-            # (the side stream's rule: the decoder's causal cache must live on the stream that decodes)
-            items = ((block.latents, True) for block in rollout)
-            if context is not None:
-                items = itertools.chain([(context, False)], items)
-            if decoder is None:
-                decoded = ((item, None) for item in items)
-            elif overlap_decode:
-                decoded = SideStreamDecoder(decoder, device).decode((item, item[0].to(decode_dtype)) for item in items)
-            else:
-                decoded = ((item, decoder.decode_block(item[0].to(decode_dtype))) for item in items)
             with bar:
-                for (latents, is_block), video in decoded:
+                for (latents, is_block), video in self._decoded(items, request.output_type, overlap_decode,
+                                                                self._execution_device):
                     yield latents, video
                     if is_block:
                         bar.update()
                         if self.interrupt:
                             break
         finally:
-            rollout.close()
-            self.kv_cache = None
+            generated.close()
+            self._run = None
             if self.transformer.cuda_graphs is not None:
-                self._kept_kv_cache = (cache_geometry, kv_cache)
+                self._kept_kv_cache = (run.geometry, run.session.kv_cache)
             self.maybe_free_model_hooks()
+
+    # -- the state of the run under way (None between runs) -----------------------------------------------------------
+    _run: _Run | None = None
+
+    @property
+    def kv_cache(self) -> KVCache | None:
+        """The KV cache of the run under way (for inspection; None between runs)."""
+        return None if self._run is None else self._run.session.kv_cache
+
+    @property
+    def latents(self) -> torch.Tensor | None:
+        """The clean latents [B, C, F, h, w] of the finite video under way (None between runs and for streams)."""
+        return None if self._run is None else self._run.latents
 
     def _endless_bar_config(self) -> dict:
         config = dict(getattr(self, "_progress_bar_config", {}) or {})
@@ -552,7 +527,8 @@ class OneForcingPipeline(DiffusionPipeline):
             num_frames: video frames, 1 + 4k (81 = 21 latent frames), the context's frames included (default: the
                 recorded ``default_video_size``, else 81).
             height, width: multiples of 16 (default: the recorded size, else 480 x 832).
-            frames_per_block: latent frames per block (default: the transformer's ``frames_per_block``).
+            frames_per_block: latent frames per block (default: the transformer's ``frames_per_block``; a transformer
+                with ``independent_first_frame`` makes latent frame 0 a block of its own).
             denoising_timesteps / first_block_timesteps: per-block timestep lists, un-warped (default: the
                 scheduler's, e.g. [1000] for one step; [1000, 750, 500, 250] for four).
             generator: makes the initial and re-noising noise reproducible.
@@ -577,23 +553,16 @@ class OneForcingPipeline(DiffusionPipeline):
             relative_positions: rotary positions relative to the cache (default: only when absolute positions would
                 pass the transformer's table, e.g. endless streams).
         """
-        if num_frames is None:
-            num_frames = self.default_video_size["num_frames"]  # an endless video needs stream()
-        decoded = []
-        for block_latents, block_video in self._blocks(
-            prompt, num_frames, height, width, frames_per_block, denoising_timesteps, first_block_timesteps,
-            num_videos_per_prompt, generator, latents, prompt_embeds, output_type, max_sequence_length,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, image=image, video=video,
-            context_latents=context_latents, prompt_schedule=prompt_schedule, keep_sink_on_switch=keep_sink_on_switch,
-            window_frames=window_frames, sink_frames=sink_frames, relative_positions=relative_positions,
-            overlap_decode=True,  # the whole video is returned at the end: no one waits for a block
-        ):
+        request = GenerationRequest.of(locals())
+        if request.num_frames is None:
+            request = replace(request, num_frames=self.default_video_size["num_frames"])  # endless needs stream()
+        decoded, kept = [], None
+        # the whole video is returned at the end: no one waits for a block, so decoding overlaps the next block
+        for _, block_video in self._blocks(request, overlap_decode=True):
             if block_video is not None:
                 decoded.append(block_video)
-        if output_type == "latent":
-            frames = self.latents
-        else:
-            frames = self._postprocess(torch.cat(decoded, dim=2), output_type)
+            kept = self.latents if self.latents is not None else kept
+        frames = kept if output_type == "latent" else self._postprocess(torch.cat(decoded, dim=2), output_type)
         if not return_dict:
             return (frames,)
         return OneForcingPipelineOutput(frames=frames)
@@ -634,14 +603,64 @@ class OneForcingPipeline(DiffusionPipeline):
         break out of the loop). It needs a rolling KV cache: by default ``sink_frames=3`` and ``window_frames=12``
         latent frames with relative positions, so memory stays flat; no latents are kept.
         """
-        for block_latents, block_video in self._blocks(
-            prompt, num_frames, height, width, frames_per_block, denoising_timesteps, first_block_timesteps,
-            num_videos_per_prompt, generator, latents, prompt_embeds, output_type, max_sequence_length, None, (),
-            image=image, video=video, context_latents=context_latents, prompt_schedule=prompt_schedule,
-            keep_sink_on_switch=keep_sink_on_switch, window_frames=window_frames, sink_frames=sink_frames,
-            relative_positions=relative_positions,
-        ):
+        request = GenerationRequest.of(locals())
+        for block_latents, block_video in self._blocks(request):
             yield block_latents if block_video is None else self._postprocess(block_video, output_type)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One run's arguments: those of :meth:`OneForcingPipeline.__call__` (``stream`` takes the same but the callback
+    and ``return_dict``)."""
+
+    prompt: str | list[str] | None = None
+    num_frames: int | None = 81
+    height: int | None = None
+    width: int | None = None
+    frames_per_block: int | None = None
+    denoising_timesteps: list[float] | None = None
+    first_block_timesteps: list[float] | None = None
+    num_videos_per_prompt: int = 1
+    generator: torch.Generator | list[torch.Generator] | None = None
+    latents: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    output_type: str = "np"
+    callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None
+    callback_on_step_end_tensor_inputs: tuple[str, ...] = ()
+    max_sequence_length: int | None = None
+    image: Any = None
+    video: Any = None
+    context_latents: torch.Tensor | None = None
+    prompt_schedule: PromptSchedule | dict | list | None = None
+    keep_sink_on_switch: bool = False
+    window_frames: int | None = None
+    sink_frames: int | None = None
+    relative_positions: bool | None = None
+
+    @classmethod
+    def of(cls, arguments: dict) -> "GenerationRequest":
+        """The request of a ``__call__`` / ``stream`` call from its arguments (``locals()``)."""
+        names = {f.name for f in fields(cls)}
+        request = cls(**{k: v for k, v in arguments.items() if k in names})
+        callback = request.callback_on_step_end
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            request = replace(request, callback_on_step_end_tensor_inputs=tuple(callback.tensor_inputs))
+        return request
+
+    def with_defaults(self, size: dict) -> "GenerationRequest":
+        """Height and width default to ``size`` (the pipeline's recorded video size)."""
+        return replace(self, height=self.height or size["height"], width=self.width or size["width"])
+
+
+@dataclass
+class _Run:
+    """The state of one run of the pipeline (dropped at its end)."""
+
+    session: GenerationSession
+    prompts: list[tuple[int, PromptHandle]]  # (latent frame, prompt) from that frame on
+    context: torch.Tensor | None
+    latents: torch.Tensor | None  # [B, C, F, h, w] of a finite video
+    geometry: tuple
 
 
 def _as_frames(value, name: str, single: bool = False):

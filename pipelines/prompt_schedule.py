@@ -23,6 +23,10 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .layout import BlockLayout, latent_frame_count, latent_frame_of_video, video_frame_count, video_frame_of_latent
+
+__all__ = ["Prompt", "PromptRange", "PromptSchedule", "latent_frame_of_video", "video_frame_of_latent"]
+
 Prompt = str | torch.Tensor  # text, or its embeddings [B, L, text_dim]
 
 
@@ -37,16 +41,6 @@ class PromptRange:
     end: int | None
     prompt: Prompt
     label: str | None = None
-
-
-def latent_frame_of_video(frame: int, temporal: int = 4) -> int:
-    """The first latent frame whose video frames all come at or after video frame ``frame``."""
-    return 0 if frame <= 0 else (frame - 2) // temporal + 2
-
-
-def video_frame_of_latent(latent_frame: int, temporal: int = 4) -> int:
-    """First video frame made from latent frame ``latent_frame`` (0 -> 0, l -> 4l - 3)."""
-    return 0 if latent_frame <= 0 else temporal * (latent_frame - 1) + 1
 
 
 def _describe(prompt_range: PromptRange) -> str:
@@ -220,40 +214,42 @@ class PromptSchedule:
         frames_per_block: int,
         context_latent_frames: int = 0,
         temporal: int = 4,
+        independent_first_frame: bool = False,
     ) -> list[tuple[int, Prompt]]:
-        """Where the prompts apply, in latent frames on block boundaries: ``[(latent frame, prompt)]``.
+        """:meth:`switches_in` for a video of ``num_frames`` video frames (None: endless), context included."""
+        total = None if num_frames is None else latent_frame_count(num_frames, temporal)
+        generated = None if total is None else max(total - context_latent_frames, 1)
+        layout = BlockLayout(frames_per_block, generated, context_latent_frames, independent_first_frame)
+        return self.switches_in(layout, temporal)
+
+    def switches_in(self, layout: BlockLayout, temporal: int = 4) -> list[tuple[int, Prompt]]:
+        """Where the prompts apply, in latent frames on the layout's block starts: ``[(latent frame, prompt)]``.
 
         The first entry is the prompt at frame 0 (latent frame 0; it also drives a context's clean pass). Each later
-        switch lands on the first block start at or after its frame (rounded up, see the module doc); generated
-        blocks start at ``context_latent_frames`` and come every ``frames_per_block`` latent frames.
-
-        Args:
-            num_frames: video frames in all, context included (None: endless).
+        switch lands on the first generated block starting at or after its frame (rounded up, see the module doc).
         Raises:
             ValueError: a switch past the end (also after rounding), or two switches landing on the same block.
         """
-        if frames_per_block < 1:
-            raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
+        total = layout.total_frames
+        num_frames = None if total is None else video_frame_count(total, temporal)
         self.check_length(num_frames)
-        latent_total = None if num_frames is None else (num_frames - 1) // temporal + 1
-        context = context_latent_frames
         result: list[tuple[int, Prompt]] = [(0, self.ranges[0].prompt)]
         owner = {0: self.ranges[0]}
+        per_block = layout.frames_per_block
         for r in self.ranges[1:]:
-            latent = max(latent_frame_of_video(r.start, temporal), context)
-            latent = context + -(-(latent - context) // frames_per_block) * frames_per_block
-            if latent_total is not None and latent >= latent_total:
+            latent = layout.block_start_at_or_after(latent_frame_of_video(r.start, temporal))
+            if total is not None and latent >= total:
                 raise ValueError(
                     f"prompt switch at frame {r.start} ({_describe(r)}) rounds up to the block starting at "
                     f"video frame {video_frame_of_latent(latent, temporal)}, past the end of the video "
-                    f"({num_frames} frames, blocks of {frames_per_block} latent frames)"
+                    f"({num_frames} frames, blocks of {per_block} latent frames)"
                 )
             if latent in owner and latent > 0:
                 other = owner[latent]
                 raise ValueError(
                     f"prompt switches at frames {other.start} and {r.start} both land on the block starting at video "
-                    f"frame {video_frame_of_latent(latent, temporal)} (blocks of {frames_per_block} latent frames = "
-                    f"{frames_per_block * temporal} video frames): space them further apart"
+                    f"frame {video_frame_of_latent(latent, temporal)} (blocks of {per_block} latent frames = "
+                    f"{per_block * temporal} video frames): space them further apart"
                 )
             owner[latent] = r
             result.append((latent, r.prompt))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,8 @@ from diffusers.utils import BaseOutput
 
 from ..kernels import ops
 from .attention import attention, block_causal_mask, check_attention_backend
-from .kv_cache import CrossAttentionEntry, KVCache
+from .kv_cache import CrossAttentionEntry, KVCache, RollingWindow
+from .layout import BlockLayout
 from .rope import WanRotaryTables
 
 ATTENTION_MODES = ("bidirectional", "block_causal", "kv_cache")
@@ -40,7 +41,8 @@ ATTENTION_MODES = ("bidirectional", "block_causal", "kv_cache")
 
 @dataclass(frozen=True)
 class ForwardPlan:
-    """What the host decided for one forward before any arithmetic (see ``CausalWanTransformer3DModel._plan``).
+    """What the host decided for one forward before any arithmetic (``CausalWanTransformer3DModel.forward`` makes it,
+    ``compute_planned`` carries it out).
 
     ``timestep``: [B, F] per-frame timesteps; ``cos``/``sin``: [F*h*w, D/2] rotary tables of the block's positions;
     ``frame_offset``: rotary time position of the first frame; ``cross_ready``: the KV cache holds this prompt's
@@ -61,6 +63,35 @@ class ForwardPlan:
     hidden_states_at: frozenset
 
 
+class _TensorIdentity:
+    """A prompt identified by its embeddings tensor: the same object, not modified in place since (inference tensors,
+    as ComfyUI makes, cannot be modified in place outside inference mode and have no version counter)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.version = None if tensor.is_inference() else tensor._version
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _TensorIdentity) and other.tensor is self.tensor and other.version == self.version
+
+    def __hash__(self) -> int:
+        return id(self.tensor)
+
+
+@dataclass(frozen=True)
+class _ForwardOptions:
+    """The keyword options of one ``forward`` call (see its docstring)."""
+
+    mode: str
+    frames_per_block: int | None
+    kv_cache: KVCache | None
+    start_frame: int
+    commit: bool
+    commit_frames: int | None
+    wanted: frozenset
+    prompt_key: Hashable | None
+
+
 @dataclass
 class CausalWanOutput(BaseOutput):
     """``sample``: [B, C, F, H, W] flow prediction. ``hidden_states``: [B, L, dim] after each requested block."""
@@ -74,6 +105,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     Args (beyond ``WanTransformer3DModel``'s):
         frames_per_block: latent frames generated per autoregressive block by default (1 = frame-wise, 3 = chunk-wise).
+        independent_first_frame: the model was trained with latent frame 0 as a block of its own (blocks
+            ``[1, 3, 3, ...]``, see :class:`~.layout.BlockLayout`).
     """
 
     @register_to_config
@@ -96,6 +129,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
         frames_per_block: int = 1,
+        independent_first_frame: bool = False,
     ) -> None:
         if image_dim is not None or added_kv_proj_dim is not None:
             raise ValueError("image-conditioned (I2V) Wan transformers are not supported by the causal model")
@@ -125,8 +159,52 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     # -- public helpers -----------------------------------------------------------------------------------------------
     def set_attention_backend(self, backend: str) -> None:
-        """Pick the PyTorch SDPA backend ("auto", "cudnn", "flash", "efficient", "math") for every attention call."""
+        """Pick the attention backend of every attention call, as diffusers' ``ModelMixin.set_attention_backend``:
+        PyTorch's SDPA kernels ("auto", "cudnn", "flash", "efficient", "math", or diffusers' "native",
+        "_native_cudnn", "_native_flash", "_native_efficient", "_native_math") or any other diffusers
+        ``AttentionBackendName`` ("flex", "sage", "xformers", "_flash_3", ...), run through diffusers' dispatcher
+        (see ``pipelines/attention.py``)."""
         self.attention_backend = check_attention_backend(backend)
+
+    def reset_attention_backend(self) -> None:
+        """Back to "auto" (PyTorch chooses the SDPA kernel)."""
+        self.attention_backend = "auto"
+
+    # -- inherited diffusers API that this model's forward does not go through ----------------------------------------
+    def _not_here(name: str, alternative: str):
+        def refuse(self, *args, **kwargs):
+            raise NotImplementedError(
+                f"CausalWanTransformer3DModel.{name} is not supported: the causal forward calls its attention itself "
+                f"(no diffusers attention processors or hooks run). {alternative}"
+            )
+
+        refuse.__name__ = name
+        refuse.__doc__ = f"Not supported (raises NotImplementedError). {alternative}"
+        return refuse
+
+    _BACKENDS_INSTEAD = "Choose the attention kernel with set_attention_backend(...)."
+    _CACHE_INSTEAD = ("Its key/value cache is explicit (new_kv_cache, pipelines/session.py); for speed use "
+                      "enable_cuda_graphs().")
+    set_attn_processor = _not_here("set_attn_processor", _BACKENDS_INSTEAD)
+    set_default_attn_processor = _not_here("set_default_attn_processor", _BACKENDS_INSTEAD)
+    enable_xformers_memory_efficient_attention = _not_here(
+        "enable_xformers_memory_efficient_attention", 'Use set_attention_backend("xformers").')
+    set_use_memory_efficient_attention_xformers = _not_here(
+        "set_use_memory_efficient_attention_xformers", 'Use set_attention_backend("xformers").')
+    enable_npu_flash_attention = _not_here("enable_npu_flash_attention", _BACKENDS_INSTEAD)
+    enable_xla_flash_attention = _not_here("enable_xla_flash_attention", _BACKENDS_INSTEAD)
+    fuse_qkv_projections = _not_here(
+        "fuse_qkv_projections", "The fused kernels of kernels/ops.py and enable_cuda_graphs() are the fast paths.")
+    unfuse_qkv_projections = _not_here("unfuse_qkv_projections", "Nothing is fused by this model's API.")
+    enable_cache = _not_here("enable_cache", _CACHE_INSTEAD)
+    cache_context = _not_here("cache_context", _CACHE_INSTEAD)
+    enable_parallelism = _not_here("enable_parallelism", "Run one model per GPU (the training recipe uses DDP/FSDP).")
+    del _not_here
+
+    @property
+    def attn_processors(self):
+        raise NotImplementedError("CausalWanTransformer3DModel has no diffusers attention processors: its causal "
+                                  "forward calls its attention itself. Use set_attention_backend(...).")
 
     def enable_cuda_graphs(self, warmup: int = 1, max_graphs: int = 256, capture: str = "cuda") -> None:
         """Replay the KV-cached inference forwards as CUDA graphs, one per block position (see ``cuda_graphs``).
@@ -148,6 +226,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     def cuda_graphs(self):
         """The :class:`~.cuda_graphs.CudaGraphForwards` in use, or None."""
         return self._cuda_graphs
+
+    def block_layout(self, frames_per_block: int | None = None, num_frames: int | None = None,
+                     context_frames: int = 0) -> BlockLayout:
+        """The block layout this model generates with: ``frames_per_block`` (default: the config's) and the config's
+        ``independent_first_frame``, for ``num_frames`` latent frames after ``context_frames`` (None: endless)."""
+        return BlockLayout(frames_per_block or self.config.frames_per_block, num_frames, context_frames,
+                           bool(self.config.independent_first_frame))
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens of one latent frame of size height x width."""
@@ -173,6 +258,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         recent ones, at constant memory, for videos of any length (``relative_positions`` lifts the 1024-frame limit
         of absolute rotary positions). See :class:`KVCache`.
         """
+        if window_frames is None and (sink_frames or relative_positions):
+            raise ValueError("sink_frames and relative_positions need a rolling cache (window_frames=...)")
         return KVCache(
             num_layers=self.config.num_layers,
             batch_size=batch_size,
@@ -182,10 +269,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             head_dim=self.config.attention_head_dim,
             dtype=dtype or self.proj_out.weight.dtype,
             device=device or self.proj_out.weight.device,
-            window_frames=window_frames,
-            sink_frames=sink_frames,
-            relative_positions=relative_positions,
-            time_shift=self.rotary.time_shift,
+            window=None if window_frames is None else RollingWindow(window_frames, sink_frames, relative_positions,
+                                                                    self.rotary.time_shift),
         )
 
     @classmethod
@@ -246,8 +331,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         commit: bool = False,
         commit_frames: int | None = None,
         hidden_states_at: Sequence[int] = (),
+        prompt_key: Hashable | None = None,
+        attention_kwargs: dict | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
         return_dict: bool = True,
-        **unused,
     ) -> CausalWanOutput | tuple:
         """Predict the flow (noise - x0) of ``hidden_states``.
 
@@ -264,16 +351,28 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 committed followed by the next block's noisy frames, computed in one forward (their queries see the
                 clean block, the clean block's queries do not see them). Halves the forwards of one-step rollouts.
             hidden_states_at: indices of blocks whose output hidden states [B, L, dim] are returned too.
+            attention_kwargs: diffusers' per-call attention options; none apply here, so a non-empty dict is refused
+                (NotImplementedError) rather than ignored.
+            prompt_key: identifies the prompt of ``encoder_hidden_states`` for the KV cache, which keeps its
+                cross-attention keys/values while the key stays the same (e.g. ``PromptHandle.key``). Without it the
+                embeddings tensor itself identifies the prompt (the same object, not modified in place).
         """
-        if unused.get("encoder_hidden_states_image") is not None:
+        if encoder_hidden_states_image is not None:
             raise ValueError("image conditioning is not supported by CausalWanTransformer3DModel")
-        plan = self._plan(hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache,
-                          start_frame, commit, commit_frames, hidden_states_at)
+        if attention_kwargs:
+            raise NotImplementedError(
+                f"attention_kwargs {sorted(attention_kwargs)} are not supported by CausalWanTransformer3DModel: its "
+                "attention runs no diffusers processors (LoRA scales are set on the adapters themselves)"
+            )
+        options = _ForwardOptions(attention_mode or ("kv_cache" if kv_cache is not None else "bidirectional"),
+                                  frames_per_block, kv_cache, start_frame, commit, commit_frames,
+                                  frozenset(hidden_states_at), prompt_key)
+        plan = self._plan(hidden_states, timestep, encoder_hidden_states, options)
         graphs = self._cuda_graphs
         if graphs is not None and graphs.takes(plan, hidden_states):
             sample, hidden = graphs.run(plan, hidden_states), ()
         else:
-            sample, hidden = self._compute(plan, hidden_states, plan.timestep, encoder_hidden_states)
+            sample, hidden = self.compute_planned(plan, hidden_states, plan.timestep, encoder_hidden_states)
         if kv_cache is not None and plan.commit_frames:
             kv_cache.commit(start_frame, plan.commit_frames)
         hidden = tuple(hidden) if hidden_states_at else None
@@ -281,10 +380,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             return (sample, hidden) if hidden_states_at else (sample,)
         return CausalWanOutput(sample=sample, hidden_states=hidden)
 
-    def _plan(self, hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache,
-              start_frame, commit, commit_frames, hidden_states_at) -> ForwardPlan:
+    def _plan(self, hidden_states, timestep, encoder_hidden_states, options: _ForwardOptions) -> ForwardPlan:
         """The host side of a forward: checks, the KV cache's bookkeeping, rotary tables; no model arithmetic."""
-        mode = attention_mode or ("kv_cache" if kv_cache is not None else "bidirectional")
+        mode, kv_cache, commit_frames, wanted = options.mode, options.kv_cache, options.commit_frames, options.wanted
         if mode not in ATTENTION_MODES:
             raise ValueError(f"unknown attention_mode {mode!r}; choose one of {ATTENTION_MODES}")
         if (mode == "kv_cache") != (kv_cache is not None):
@@ -301,29 +399,29 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         grid_h, grid_w = height // ph, width // pw
         timestep = self._per_frame_timesteps(timestep, batch, frames, hidden_states.device)
         if commit_frames is None:
-            commit_frames = frames if commit else 0
+            commit_frames = frames if options.commit else 0
         if not 0 <= commit_frames <= frames or (commit_frames and mode != "kv_cache"):
             raise ValueError(f"commit_frames must be in 0..{frames} and needs a kv_cache, got {commit_frames}")
-        wanted = frozenset(hidden_states_at)
         if any(i < 0 or i >= len(self.blocks) for i in wanted):
             raise ValueError(f"hidden_states_at {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
         frame_offset, cross_ready, mask = 0, False, None
         if mode == "kv_cache":
-            frame_offset = kv_cache.begin_forward(start_frame, frames, batch, grid_h * grid_w, commit_frames)
-            cross_ready = kv_cache.cross_attention_for(encoder_hidden_states)
+            frame_offset = kv_cache.begin_forward(options.start_frame, frames, batch, grid_h * grid_w, commit_frames)
+            key = options.prompt_key if options.prompt_key is not None else _TensorIdentity(encoder_hidden_states)
+            cross_ready = kv_cache.cross_attention_for(key)
         elif mode == "block_causal":
-            mask = block_causal_mask(
-                frames, grid_h * grid_w, frames_per_block or self.config.frames_per_block, device=hidden_states.device
-            )
+            layout = self.block_layout(options.frames_per_block, frames)
+            mask = block_causal_mask(layout.block_sizes(), grid_h * grid_w, device=hidden_states.device)
         cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=hidden_states.device)
         return ForwardPlan(mode, grid_h, grid_w, timestep, commit_frames, frame_offset, cross_ready, cos, sin, mask,
                            kv_cache, wanted)
 
-    def _compute(self, plan: ForwardPlan, hidden_states, timestep, encoder_hidden_states):
-        """The arithmetic of a forward, as planned: (sample [B, C, F, H, W], hidden states of the wanted blocks).
+    def compute_planned(self, plan: ForwardPlan, hidden_states, timestep, encoder_hidden_states):
+        """The arithmetic of a forward, as planned by ``forward``: (sample [B, C, F, H, W], hidden states of the wanted
+        blocks).
 
-        Reads no host state but ``plan`` and the KV cache's position (slot, cached frames, capacity), which is what a
-        CUDA graph of it is keyed by (``cuda_graphs``).
+        The seam of replayed forwards (``cuda_graphs``): it reads no host state but ``plan`` and the KV cache's
+        ``position``, so a recording of it stands for every forward with the same plan and position.
         """
         batch, _, frames = hidden_states.shape[:3]
         pt, ph, pw = self.config.patch_size
@@ -332,8 +430,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         context = None if plan.cross_ready else self.condition_embedder.text_embedder(encoder_hidden_states)
         collected = []
         for index, block in enumerate(self.blocks):
-            args = (block, index, x, context, time_mod, plan.cos, plan.sin, plan.mask, plan.kv_cache,
-                    plan.commit_frames)
+            args = (block, index, x, context, time_mod, plan)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(self._block_forward, *args)
             else:
@@ -348,8 +445,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         sample = x.reshape(batch, -1, frames * pt, plan.grid_h * ph, plan.grid_w * pw)
         return sample, collected
 
-    def _block_forward(self, block, index, x, context, time_mod, cos, sin, mask, kv_cache, commit_frames):
+    def _block_forward(self, block, index, x, context, time_mod, plan: ForwardPlan):
         """One transformer block. x: [B, L, dim]; time_mod: [B, F, 6, dim] float32 (without the block's table)."""
+        cos, sin, mask, kv_cache, commit_frames = plan.cos, plan.sin, plan.mask, plan.kv_cache, plan.commit_frames
         eps = self.config.eps
         heads = self.config.num_attention_heads
         batch, length, _ = x.shape
@@ -362,7 +460,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                                          heads, eps)
         v = attn.to_v(h).view(batch, length, heads, -1)
         if kv_cache is not None:
-            k, v = kv_cache.attend(index, k, v, commit_frames)
+            # keys that record autograd stay out of the shared buffers (later writes would change what backward
+            # reads); the cache stores their values
+            carries_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+            k, v = kv_cache.attend(index, k, v, commit_frames, (k.detach(), v.detach()) if carries_grad else None)
         if kv_cache is not None and 0 < commit_frames < time_mod.shape[1]:
             # the clean block's queries must not see the next block: two unmasked calls instead of a mask
             split = commit_frames * (length // time_mod.shape[1])

@@ -133,3 +133,15 @@ def test_bad_schedules_and_context_arguments(tmp_path, model_dir):
         main(["generate", "--prompt", "a cat", "--image", str(tmp_path / "none.png"), *common])
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "a cat", "--out", out, "--num-frames", "lots"])
+
+
+@pytest.mark.parametrize("independent,switch_frame", [(False, 9), (True, 13)])
+def test_independent_first_frame_layout(tmp_path, model_dir, capsys, independent, switch_frame):
+    """Blocks [1, 3, 1] instead of [3, 2]: a switch asked at frame 3 lands on the block starting at latent frame 4."""
+    out = tmp_path / "clip.mp4"
+    main(["generate", "--prompt", "0:a red circle", "--prompt", "3:a cat", "--out", str(out), "--model",
+          str(model_dir), "--num-frames", "17", "--height", "32", "--width", "32", "--frames-per-block", "3"]
+         + (["--independent-first-frame"] if independent else []))
+    printed = capsys.readouterr().out
+    assert f"frame {switch_frame}: a cat" in printed and "wrote 17 frames" in printed
+    assert int(cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT)) == 17

@@ -126,7 +126,7 @@ def test_save_pretrained_round_trip(tmp_path, tiny_pipeline):
 
 def test_loads_a_wan_diffusers_folder_and_a_replacement_transformer(tmp_path, tiny_pipeline):
     stock = WanTransformer3DModel(**{k: v for k, v in tiny_pipeline.transformer.config.items()
-                                     if not k.startswith("_") and k != "frames_per_block"})
+                                     if not k.startswith("_") and k not in ("frames_per_block", "independent_first_frame")})
     stock.load_state_dict(tiny_pipeline.transformer.state_dict())
     wan = WanPipeline(tokenizer=tiny_pipeline.tokenizer, text_encoder=tiny_pipeline.text_encoder, vae=tiny_pipeline.vae,
                       transformer=stock, scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction"))

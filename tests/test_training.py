@@ -13,6 +13,7 @@ from conftest import make_tiny_pipeline, make_tiny_transformer
 from oneforcing import OneForcingScheduler, causal_rollout
 from oneforcing.training.config import ConfigError, DistillConfig, GanConfig, load_config
 from oneforcing.training.data import batch_indices
+from oneforcing.training.rollout import self_forcing_blocks
 from oneforcing.training.discriminator import RegisterDiscriminator, critic_logits
 from oneforcing.training.distill import (
     DistillModels,
@@ -96,8 +97,8 @@ def test_training_rollout_equals_pipeline_inference_rollout():
 
 def _rollout_blocks(model, exit_step=0, **kwargs):
     scheduler = OneForcingScheduler(denoising_timesteps=[1000, 500])
-    return list(causal_rollout(model, scheduler, _noise(1), _embeds(1), frames_per_block=1, exit_step=exit_step,
-                               generator=torch.Generator().manual_seed(0), **kwargs))
+    return list(self_forcing_blocks(model, scheduler, _noise(1), _embeds(1), frames_per_block=1, exit_step=exit_step,
+                                    generator=torch.Generator().manual_seed(0), **kwargs))
 
 
 def test_no_gradient_crosses_blocks_through_the_cache():

@@ -206,3 +206,80 @@ def test_last_block_needs_no_cache_slots(tiny_transformer, fpb):
     assert torch.equal(video(tiny_transformer.new_kv_cache(1, 7 - last, 8, 12), fuse_context_pass=False), unfused)
     with pytest.raises(ValueError, match="do not fit the KV cache"):
         video(tiny_transformer.new_kv_cache(1, 7 - last, 8, 12), commit_last_block=True)
+
+
+def test_kv_cache_blocks_equal_block_causal_full_sequence_with_an_independent_first_frame():
+    """Blocks [1, 3, 2]: the cached forwards, block by block, equal the full sequence under the layout's mask."""
+    model = make_tiny_transformer(independent_first_frame=True)
+    x, t, text = _inputs(frames=6)
+    with torch.no_grad():
+        full = model(x, t, text, attention_mode="block_causal", frames_per_block=3).sample
+        uniform = make_tiny_transformer()(x, t, text, attention_mode="block_causal", frames_per_block=3).sample
+        cache = model.new_kv_cache(1, 6, 8, 12)
+        outs = [model(x[:, :, b.start : b.end], t[:, b.start : b.end], text, kv_cache=cache, start_frame=b.start,
+                      commit=True).sample for b in model.block_layout(3, 6).blocks()]
+    assert [o.shape[2] for o in outs] == [1, 3, 2]
+    assert (torch.cat(outs, dim=2) - full).abs().max().item() < 1e-5
+    assert (uniform[:, :, 0] - full[:, :, 0]).abs().max() > 1e-3  # the first frame no longer sees frames 1-2
+
+
+@pytest.mark.parametrize("ours,diffusers_name", [("auto", "native"), ("math", "_native_math"),
+                                                  ("efficient", "_native_efficient")])
+def test_attention_backends_take_diffusers_names(tiny_transformer, ours, diffusers_name):
+    x, t, text = _inputs()
+    with torch.no_grad():
+        tiny_transformer.set_attention_backend(ours)
+        expected = tiny_transformer(x, t, text).sample
+        tiny_transformer.set_attention_backend(diffusers_name)
+        assert tiny_transformer.attention_backend == ours  # the same SDPA kernel
+        assert torch.equal(tiny_transformer(x, t, text).sample, expected)
+        tiny_transformer.set_attention_backend("flex")  # another diffusers backend: through diffusers' dispatcher
+        torch.testing.assert_close(tiny_transformer(x, t, text).sample, expected, atol=1e-4, rtol=1e-4)
+    tiny_transformer.reset_attention_backend()
+    assert tiny_transformer.attention_backend == "auto"
+
+
+def test_unusable_attention_settings_are_clear_errors(tiny_transformer):
+    with pytest.raises(ValueError, match="unknown attention backend 'fastest'.*_native_cudnn"):
+        tiny_transformer.set_attention_backend("fastest")
+    with pytest.raises(RuntimeError, match="sageattention"):  # a diffusers backend whose package is missing
+        tiny_transformer.set_attention_backend("sage")
+    x, t, text = _inputs()
+    with pytest.raises(NotImplementedError, match="attention_kwargs \\['scale'\\]"):
+        tiny_transformer(x, t, text, attention_kwargs={"scale": 0.5})
+    with torch.no_grad():
+        assert torch.equal(tiny_transformer(x, t, text, attention_kwargs={}).sample, tiny_transformer(x, t, text).sample)
+    with pytest.raises(TypeError):
+        tiny_transformer(x, t, text, no_such_option=1)
+
+
+@pytest.mark.parametrize("call,alternative", [
+    (lambda m: m.set_attn_processor({}), "set_attention_backend"),
+    (lambda m: m.set_default_attn_processor(), "set_attention_backend"),
+    (lambda m: m.attn_processors, "set_attention_backend"),
+    (lambda m: m.enable_xformers_memory_efficient_attention(), 'set_attention_backend\\("xformers"\\)'),
+    (lambda m: m.fuse_qkv_projections(), "enable_cuda_graphs"),
+    (lambda m: m.enable_cache(None), "new_kv_cache"),
+    (lambda m: m.cache_context("cond"), "new_kv_cache"),
+    (lambda m: m.enable_parallelism(), "one model per GPU"),
+])
+def test_inherited_diffusers_methods_that_cannot_work_say_so(tiny_transformer, call, alternative):
+    with pytest.raises(NotImplementedError, match=alternative):
+        call(tiny_transformer)
+
+
+def test_speed_ups_use_public_seams_only():
+    """CUDA graphs, the side-stream decode and the fused commit reach the model and the cache by public names."""
+    import ast
+    from pathlib import Path
+
+    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
+    for name in ("cuda_graphs.py", "decode_overlap.py", "block_steps.py", "session.py"):
+        tree = ast.parse((pipelines / name).read_text(encoding="utf-8"))
+        private = [f"{name}:{node.lineno} .{node.attr}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                   and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+        assert not private, private
+    cache_source = (pipelines / "kv_cache.py").read_text(encoding="utf-8").lower()
+    for word in ("graph", "stream", "comfy", "requires_grad", "detach", "is_grad_enabled", ".video ="):
+        assert word not in cache_source, word

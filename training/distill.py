@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipelines.rollout import causal_rollout
 from ..pipelines.scheduling_one_forcing import OneForcingScheduler
 from .config import DistillConfig, TrainingConfig
 from .data import LatentFolder, batch_indices
@@ -35,6 +34,7 @@ from .losses import (
     perturbation_penalty,
 )
 from .ode import student_scheduler
+from .rollout import self_forcing_blocks
 from .runner import StageRun, gathered_state, clip_and_step, load_transformer, make_optimizer
 
 # random streams of one iteration (see flow.step_generator)
@@ -99,7 +99,7 @@ def self_forcing_rollout(
     generator_model: torch.nn.Module | None = None,
     cache_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The training rollout: :func:`causal_rollout` with an exit step; returns the video [B, C, F, H, W].
+    """The training rollout (:func:`~.rollout.self_forcing_blocks`); returns the video [B, C, F, H, W].
 
     ``generator`` may be wrapped (its forward is called); ``generator_model`` is then the bare transformer.
     Gradient flows only through the exit forwards (if grad is enabled by the caller).
@@ -107,9 +107,9 @@ def self_forcing_rollout(
     model = generator_model or generator
     batch, _, frames, height, width = noise.shape
     kv_cache = model.new_kv_cache(batch, frames, height, width, dtype=cache_dtype, device=noise.device)
-    blocks = causal_rollout(
-        ForwardThrough(generator, model), scheduler, noise, prompt_embeds, frames_per_block=frames_per_block,
-        generator=rng, kv_cache=kv_cache, exit_step=exit_step, gradient_blocks=gradient_blocks,
+    blocks = self_forcing_blocks(
+        ForwardThrough(generator, model), scheduler, noise, prompt_embeds, exit_step=exit_step,
+        frames_per_block=frames_per_block, generator=rng, kv_cache=kv_cache, gradient_blocks=gradient_blocks,
     )
     return torch.cat([block.latents for block in blocks], dim=2)
 

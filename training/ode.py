@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pipelines.rollout import block_sizes
+from ..pipelines.layout import BlockLayout
 from ..pipelines.scheduling_one_forcing import OneForcingScheduler
 from .config import TrainingConfig
 from .data import LatentFolder, OdePairFolder, batch_indices, write_ode_pair
@@ -141,7 +141,7 @@ def ode_regression_loss(
         states: [B, S + 1, C, F, H, W]; choices: [B, num_blocks] index of each block's input state.
     """
     batch, _, _, frames = states.shape[:4]
-    sizes = block_sizes(frames, frames_per_block)
+    sizes = BlockLayout(frames_per_block, frames).block_sizes()
     frame_block = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # [F]
     frame_choice = choices[:, frame_block].to(states.device)  # [B, F]
     gather = frame_choice[:, None, None, :, None, None].expand(-1, 1, *states.shape[2:])
@@ -160,7 +160,7 @@ def train_ode_init(config: TrainingConfig, resume: str = "auto") -> dict:
     scheduler = student_scheduler(config)
     student = load_transformer(section.init or config.teacher_path(), config, what="ode-init student")
     frames_per_block = config.model.frames_per_block
-    num_blocks = len(block_sizes(pairs.shapes["states"][2], frames_per_block))
+    num_blocks = BlockLayout(frames_per_block, pairs.shapes["states"][2]).num_blocks
     run.print(f"[ode_init] {len(pairs)} trajectories, timesteps {pairs.timesteps}, {num_blocks} blocks of "
               f"{frames_per_block} frame(s)")
 
