@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from tqdm.auto import tqdm
 
+from .checks import RequestPlan, check_finite_inputs, check_request, exclusive_use
 from .decode_overlap import SideStreamDecoder
 from .prompt_schedule import PromptSchedule
 from .rollout import RolloutBlock, block_sizes, causal_rollout, frames_to_cache
@@ -365,6 +366,8 @@ class OneForcingPipeline(DiffusionPipeline):
         width = width or self.default_video_size["width"]
         self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
                           prompt_schedule, image, video, context_latents)
+        check_finite_inputs(prompt_embeds=prompt_embeds, latents=latents, image=image, video=video,
+                            context_latents=context_latents)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         bad = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
@@ -422,6 +425,9 @@ class OneForcingPipeline(DiffusionPipeline):
                                                       relative_positions)
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
         cache_frames = 1 if window is not None else max(context_frames + frames_to_cache(generate, frames_per_block), 1)
+        check_request(self, RequestPlan(batch, total, cache_frames if window is None else sink + window, latent_h,
+                                        latent_w, frames_per_block, relative, overlap_decode and output_type != "latent"),
+                      device)
         cache_geometry, kv_cache = self._new_kv_cache(
             batch, cache_frames, latent_h, latent_w, device,
             window_frames=window, sink_frames=sink, relative_positions=relative,
@@ -580,14 +586,14 @@ class OneForcingPipeline(DiffusionPipeline):
         if num_frames is None:
             num_frames = self.default_video_size["num_frames"]  # an endless video needs stream()
         decoded = []
-        for block_latents, block_video in self._blocks(
+        for block_latents, block_video in exclusive_use(self, self._blocks(
             prompt, num_frames, height, width, frames_per_block, denoising_timesteps, first_block_timesteps,
             num_videos_per_prompt, generator, latents, prompt_embeds, output_type, max_sequence_length,
             callback_on_step_end, callback_on_step_end_tensor_inputs, image=image, video=video,
             context_latents=context_latents, prompt_schedule=prompt_schedule, keep_sink_on_switch=keep_sink_on_switch,
             window_frames=window_frames, sink_frames=sink_frames, relative_positions=relative_positions,
             overlap_decode=True,  # the whole video is returned at the end: no one waits for a block
-        ):
+        )):
             if block_video is not None:
                 decoded.append(block_video)
         if output_type == "latent":
@@ -634,13 +640,13 @@ class OneForcingPipeline(DiffusionPipeline):
         break out of the loop). It needs a rolling KV cache: by default ``sink_frames=3`` and ``window_frames=12``
         latent frames with relative positions, so memory stays flat; no latents are kept.
         """
-        for block_latents, block_video in self._blocks(
+        for block_latents, block_video in exclusive_use(self, self._blocks(
             prompt, num_frames, height, width, frames_per_block, denoising_timesteps, first_block_timesteps,
             num_videos_per_prompt, generator, latents, prompt_embeds, output_type, max_sequence_length, None, (),
             image=image, video=video, context_latents=context_latents, prompt_schedule=prompt_schedule,
             keep_sink_on_switch=keep_sink_on_switch, window_frames=window_frames, sink_frames=sink_frames,
             relative_positions=relative_positions,
-        ):
+        )):
             yield block_latents if block_video is None else self._postprocess(block_video, output_type)
 
 

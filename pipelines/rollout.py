@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .checks import check_finite_inputs, check_first_block
 from .kv_cache import KVCache
 from .scheduling_one_forcing import OneForcingScheduler
 
@@ -333,9 +334,13 @@ def causal_rollout(
                 fresh = sample_noise(tuple(x0.shape), torch.float32, x0.device).to(x0.dtype)
                 x = scheduler.add_noise(x0, fresh, values[step + 1])
         block = RolloutBlock(index=index, start_frame=start, latents=x0, timesteps=timesteps)
+        if index == 0 and not training:  # say where NaN/Inf come from, rather than make a black video
+            check_first_block(x0, transformer, prompt_embeds=prompt_embeds, context_latents=context_latents,
+                              noise=None if per_call_noise else noise)
         if on_block_denoised is not None:
             replaced = on_block_denoised(block)
             if replaced is not None:
+                check_finite_inputs(**{"the latents returned by on_block_denoised (callback_on_step_end)": replaced})
                 block.latents = replaced
         # a rolling cache that must evict for the next block would evict before this block's clean pass: keep it apart;
         # a block before a prompt switch is committed at the switch, unfused

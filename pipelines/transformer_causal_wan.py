@@ -212,14 +212,18 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     ) -> "CausalWanTransformer3DModel":
         """Load a One-Forcing/Self-Forcing ``.pt``, an original Wan2.1 or ComfyUI ``.safetensors`` file.
 
-        The config is inferred from tensor shapes unless given; ``num_attention_heads`` is needed only when the width
-        is not a multiple of 128 (head size 128 is assumed otherwise). Never unpickles code.
+        The config is read from tensor shapes, and what shapes cannot show (the head count, the block size) from the
+        config the file records (:func:`.loading.read_recorded_config`), unless ``config`` is given. A file that
+        records no head count needs ``num_attention_heads`` unless it is a released Wan2.1 model; the count is never
+        guessed. Weights holding NaN or Inf are refused. Never unpickles code.
         """
-        from .loading import check_state_dict_matches, infer_transformer_config, load_transformer_state_dict
+        from .loading import (
+            check_state_dict_matches, infer_transformer_config, load_transformer_state_dict, read_recorded_config,
+        )
 
         state_dict = load_transformer_state_dict(path, prefer_ema=prefer_ema)
         model_config = dict(config) if config else infer_transformer_config(
-            state_dict, num_attention_heads=num_attention_heads
+            state_dict, num_attention_heads=num_attention_heads, recorded=read_recorded_config(path), path=path
         )
         if frames_per_block is not None:
             model_config["frames_per_block"] = frames_per_block

@@ -66,7 +66,7 @@ def _raises(problem: str, path, fn, /, *args, **kwargs) -> CheckpointError:
 # -- transformer layouts -------------------------------------------------------------------------------------------
 def _write_transformer_layouts(folder: Path, sd: dict) -> dict[str, Path]:
     original = to_original_names(sd)
-    paths = {"one_forcing_pt": export_reference_checkpoint(sd, folder / "one_forcing.pt")}
+    paths = {"one_forcing_pt": export_reference_checkpoint(sd, folder / "one_forcing.pt", config=TINY_TRANSFORMER)}
 
     paths["self_forcing_generator_pt"] = folder / "self_forcing_generator.pt"
     torch.save({"generator": {f"model.{k}": v for k, v in original.items()}, "critic": {"model.x": torch.zeros(1)}},
@@ -194,7 +194,7 @@ def test_inferred_config_rebuilds_an_identical_model(reference):
         _assert_same(to_diffusers_names(original), model.state_dict())
 
 
-def test_heads_follow_head_size_128_or_the_caller():
+def test_heads_come_from_the_caller_the_file_or_a_released_model():
     for heads, ffn, layers in ((12, 8960, 30), (40, 13824, 40)):  # Wan2.1 1.3B and 14B, shapes only
         with torch.device("meta"):
             real = WanTransformer3DModel(
@@ -205,6 +205,14 @@ def test_heads_follow_head_size_128_or_the_caller():
         assert geometry == (heads, 128, layers)
         assert config["ffn_dim"] == ffn and config["text_dim"] == 4096
         assert infer_transformer_config(real.state_dict(), num_attention_heads=2 * heads)["attention_head_dim"] == 64
+    # the demo's geometry: 4 heads x 64 and 2 x 128 have the same weights, so without a record it is refused
+    demo = _wan(num_attention_heads=4, attention_head_dim=64).state_dict()
+    _raises("records no number of attention heads", "demo.pt", infer_transformer_config, demo, path="demo.pt")
+    recorded = {"num_attention_heads": 4, "frames_per_block": 3}
+    config = infer_transformer_config(demo, recorded=recorded)
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["frames_per_block"]) == (4, 64, 3)
+    _raises("records num_attention_heads=4, but 2", "demo.pt", infer_transformer_config, demo,
+            num_attention_heads=2, recorded=recorded, path="demo.pt")
     tiny = _wan().state_dict()
     _raises("num_attention_heads", "tiny.pt", infer_transformer_config, tiny, path="tiny.pt")  # width 64
     _raises("does not divide", "tiny.pt", infer_transformer_config, tiny, num_attention_heads=3, path="tiny.pt")
@@ -233,9 +241,10 @@ def test_reference_fixture_loads_with_every_key_consumed():
 
 
 def test_export_round_trip(tmp_path, reference):
-    path = export_reference_checkpoint(reference, tmp_path / "out" / "x.pt", entry="generator")
+    path = export_reference_checkpoint(reference, tmp_path / "out" / "x.pt", entry="generator", config=TINY_TRANSFORMER)
     raw = torch.load(path, weights_only=True)
-    assert list(raw) == ["generator"] and len(raw["generator"]) == len(reference)
+    assert list(raw) == ["generator", "config"] and len(raw["generator"]) == len(reference)
+    assert raw["config"]["num_attention_heads"] == TINY_TRANSFORMER["num_attention_heads"]
     keys = raw["generator"]
     assert {"model.blocks.0.self_attn.q.weight", "model.head.modulation", "model.blocks.1.norm3.weight",
             "model.blocks.0.modulation", "model.time_projection.1.bias", "model.blocks.0.ffn.2.weight"} <= set(keys)
@@ -243,7 +252,10 @@ def test_export_round_trip(tmp_path, reference):
     _assert_same(load_transformer_state_dict(path), reference)
     model = _wan()
     _assert_same(load_transformer_state_dict(export_reference_checkpoint(model, tmp_path / "m.pt")), model.state_dict())
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.partial*"))
+    _raises("records no number of attention heads", "h.pt", export_reference_checkpoint, reference, tmp_path / "h.pt")
+    _raises("is a folder", "out", export_reference_checkpoint, reference, tmp_path / "out", config=TINY_TRANSFORMER)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.pt"]
     _raises("entry must be one of", "y.pt", export_reference_checkpoint, reference, tmp_path / "y.pt", entry="critic")
     _raises("not a diffusers Wan transformer", "z.pt", export_reference_checkpoint,
             to_original_names(reference), tmp_path / "z.pt")
