@@ -11,6 +11,7 @@ or ``--prompt-schedule schedule.json``), and a video can start from an image (``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -126,6 +127,7 @@ def _load_pipeline(args):
         if args.model is None:
             raise SystemExit(f"error: the demo model is not installed at {DEMO_MODEL_DIR}; pass --model DIR")
         raise SystemExit(f"error: --model {model_dir} is not a folder")
+    _check_model_index(Path(model_dir) / "model_index.json")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     extra = {}
     if args.transformer is not None:
@@ -145,6 +147,18 @@ def _load_pipeline(args):
         source = args.transformer if name == "transformer" and args.transformer is not None else model_dir
         check_finite_weights(getattr(pipe, name), f"the {name} ({source})")
     return pipe.to(args.device)
+
+
+def _check_model_index(path: Path) -> None:
+    """A pipeline folder's ``model_index.json`` must be a JSON object (diffusers fails obscurely otherwise)."""
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: --model {path.parent} is not a pipeline folder (no model_index.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: {path} is not valid JSON ({error})") from None
+    if not isinstance(index, dict):
+        raise SystemExit(f"error: {path} must hold a JSON object, got a {type(index).__name__}")
 
 
 def _load_tiny_vae(path: Path, dtype: torch.dtype):

@@ -29,27 +29,26 @@ def is_partial(path: str | os.PathLike) -> bool:
     return name.startswith(".") and PARTIAL_MARK in name
 
 
-def sync(path: str | os.PathLike) -> None:
-    """Flush a file, or a folder's files and the folder itself, to disk (so a rename never exposes unwritten data)."""
-    path = Path(path)
-    paths = [p for p in path.rglob("*") if p.is_file()] + [path] if path.is_dir() else [path]
-    for item in paths:
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _fsync(path: Path) -> None:
+    """Flush one file, or one folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish(partial: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Flush ``partial`` and rename it to ``path``, replacing a file there (a folder there is removed first: a crash
-    between the two leaves no folder, never a torn one)."""
+    """Flush ``partial`` (a file, or a folder and everything in it) and rename it to ``path``, replacing what is
+    there (a folder there is removed first: a crash between the two leaves no folder, never a torn one)."""
     partial, path = Path(partial), Path(path)
-    sync(partial)
+    written = [*partial.rglob("*"), partial] if partial.is_dir() else [partial]
+    for item in written:  # so that the rename never exposes data still in the page cache
+        _fsync(item)
     if partial.is_dir() and path.is_dir():
         shutil.rmtree(path)
     os.replace(partial, path)
-    sync(path.parent)
+    _fsync(path.parent)  # the rename itself
     return path
 
 

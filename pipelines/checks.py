@@ -84,6 +84,49 @@ def check_first_block(latents: torch.Tensor, transformer: torch.nn.Module, **inp
     raise NonFiniteError(f"the first block's latents hold non-finite values (NaN or Inf): {cause}")
 
 
+# -- argument types ---------------------------------------------------------------------------------------------------
+def check_arguments(
+    *,
+    prompt=None,
+    num_frames=None,
+    height=None,
+    width=None,
+    frames_per_block=None,
+    num_videos_per_prompt=1,
+    generator=None,
+    max_sequence_length=None,
+    window_frames=None,
+    sink_frames=None,
+    **tensors,
+) -> None:
+    """A request's arguments have the types and ranges they must have, before any default fills in (0 is never
+    "the default"): ``ValueError`` / ``TypeError`` naming the argument and the value otherwise. ``tensors``
+    (``prompt_embeds``, ``latents``, ``image``, ...) must be finite where given as tensors or arrays."""
+    if prompt is not None and not (isinstance(prompt, str) or (
+            isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {_short(prompt)}")
+    for name, value, low in (("num_frames", num_frames, 1), ("height", height, 1), ("width", width, 1),
+                             ("frames_per_block", frames_per_block, 1), ("max_sequence_length", max_sequence_length, 1),
+                             ("window_frames", window_frames, 1), ("sink_frames", sink_frames, 0),
+                             ("num_videos_per_prompt", num_videos_per_prompt, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"{name} must be an integer >= {low} (or None for the default), got {_short(value)}")
+    generators = generator if isinstance(generator, list) else [generator]
+    if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {_short(generator)} (for a "
+                        "seed, pass torch.Generator().manual_seed(seed))")
+    for name in ("prompt_embeds", "latents", "context_latents"):
+        value = tensors.get(name)
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_finite_inputs(**tensors)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # -- size and length --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RequestPlan:

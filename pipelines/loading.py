@@ -557,7 +557,7 @@ def export_reference_checkpoint(
         raise CheckpointError(path, f"not a diffusers Wan transformer state dict (e.g. {', '.join(unknown[:3])})")
     if config is None:
         config = infer_transformer_config(state_dict, path=path)
-    recorded = {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
+    recorded = json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
     if not isinstance(recorded.get("num_attention_heads"), int):
         raise CheckpointError(path, f"the model config gives no num_attention_heads (keys: {sorted(recorded)[:8]})")
     original = to_original_names(state_dict, path)

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from tqdm.auto import tqdm
 
-from .checks import RequestPlan, check_finite_inputs, check_request, exclusive_use
+from .checks import RequestPlan, check_arguments, check_request, exclusive_use
 from .decode_overlap import SideStreamDecoder
 from .prompt_schedule import PromptSchedule
 from .rollout import RolloutBlock, block_sizes, causal_rollout, frames_to_cache
@@ -362,12 +362,15 @@ class OneForcingPipeline(DiffusionPipeline):
         ``overlap_decode``: decode each block on a second CUDA stream beside the next block's transformer passes
         (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
         the same order without a second stream)."""
+        check_arguments(prompt=prompt, num_frames=num_frames, height=height, width=width,
+                        frames_per_block=frames_per_block, num_videos_per_prompt=num_videos_per_prompt,
+                        generator=generator, max_sequence_length=max_sequence_length, window_frames=window_frames,
+                        sink_frames=sink_frames, prompt_embeds=prompt_embeds, latents=latents, image=image,
+                        video=video, context_latents=context_latents)
         height = height or self.default_video_size["height"]
         width = width or self.default_video_size["width"]
         self.check_inputs(prompt, prompt_embeds, num_frames, height, width, frames_per_block, output_type,
                           prompt_schedule, image, video, context_latents)
-        check_finite_inputs(prompt_embeds=prompt_embeds, latents=latents, image=image, video=video,
-                            context_latents=context_latents)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         bad = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
