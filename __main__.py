@@ -2,8 +2,8 @@
 
 The video is written to the mp4 block by block as it is generated, under a temporary name that replaces ``--out``
 once the file is finished: an interrupted run (Ctrl-C, SIGTERM) leaves a playable file of what was made so far, a
-killed one leaves ``--out`` as it was, and memory stays flat however long the video. ``--num-frames endless`` streams until
-interrupted (with a rolling KV cache). Prompts can switch during the video (``--prompt "0:a cat" --prompt "40:a dog"``
+killed one leaves ``--out`` as it was, and memory stays flat however long the video. ``--num-frames endless`` streams
+until interrupted (with a rolling KV cache). Prompts can switch during the video (``--prompt "0:a cat" --prompt "40:a dog"``
 or ``--prompt-schedule schedule.json``), and a video can start from an image (``--image``) or continue a clip
 (``--video``).
 """
@@ -321,7 +321,8 @@ def generate(args, on_block=None) -> Path:
             stream.close()
     seconds = max(time.perf_counter() - start, 1e-9)
     if args.interrupted:
-        print(f"interrupted ({signal.Signals(args.interrupted).name}): {args.out} holds the {written} frames made so far")
+        name = signal.Signals(args.interrupted).name
+        print(f"interrupted ({name}): {args.out} holds the {written} frames made so far")
     print(f"wrote {written} frames ({width}x{height}) to {args.out} in {seconds:.1f} s "
           f"({written / seconds:.1f} frames/s)")
     return args.out

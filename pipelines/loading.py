@@ -453,7 +453,7 @@ def infer_transformer_config(
     heads = _head_count(dim, config["num_layers"], num_attention_heads, recorded, path)
     head_dim = recorded.get("attention_head_dim", dim // heads)
     if heads * head_dim != dim:
-        raise CheckpointError(path, f"its recorded config gives {heads} heads x {head_dim}, but the model width is {dim}")
+        raise CheckpointError(path, f"its recorded config gives {heads} heads x {head_dim}, but the width is {dim}")
     return {**config, **recorded, "num_attention_heads": heads, "attention_head_dim": head_dim}
 
 

@@ -428,9 +428,9 @@ class OneForcingPipeline(DiffusionPipeline):
                                                       relative_positions)
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
         cache_frames = 1 if window is not None else max(context_frames + frames_to_cache(generate, frames_per_block), 1)
+        keeps_video = overlap_decode and output_type != "latent"  # __call__ returns the whole decoded video
         check_request(self, RequestPlan(batch, total, cache_frames if window is None else sink + window, latent_h,
-                                        latent_w, frames_per_block, relative, overlap_decode and output_type != "latent"),
-                      device)
+                                        latent_w, frames_per_block, relative, keeps_video), device)
         cache_geometry, kv_cache = self._new_kv_cache(
             batch, cache_frames, latent_h, latent_w, device,
             window_frames=window, sink_frames=sink, relative_positions=relative,

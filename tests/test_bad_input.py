@@ -49,8 +49,8 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
 
 CLI_CASES = [
     # (case, arguments after `generate --prompt "a cat"` ({root}: the fixture's folder), expected message)
-    ("demo transformer with no recorded head count", ["--model", str(DEMO_MODEL_DIR), "--transformer", "{root}/bare.pt"],
-     "records no number of attention heads.*--num-attention-heads"),
+    ("demo transformer with no recorded head count",
+     ["--model", str(DEMO_MODEL_DIR), "--transformer", "{root}/bare.pt"], "records no number of attention heads.*--num-attention-heads"),
     ("--num-frames 0 is not the default", ["--num-frames", "0"], "expected a frame count"),
     ("--height 0 is not the default", ["--height", "0"], "--height: expected a positive integer"),
     ("--seed 2**70", ["--seed", str(2**70)], "seed below 2\\*\\*64"),
@@ -61,7 +61,8 @@ CLI_CASES = [
      "needs about .* GiB .*kv cache .* GiB are free"),
     ("a length whose latents cannot fit", ["--num-frames", "400000001", "--window-frames", "4"],
      "needs about .* GiB .*latents .* GiB are free"),
-    ("a duplicate key in a prompt schedule", ["--prompt-schedule", "{root}/duplicate.json"], "frame '?0'? is given twice"),
+    ("a duplicate key in a prompt schedule", ["--prompt-schedule", "{root}/duplicate.json"],
+     "frame '?0'? is given twice"),
     ("a JSON list as model_index.json", ["--model", "{root}/list_model"], "must hold a JSON object, got a list"),
 ]
 
@@ -137,18 +138,22 @@ def test_one_request_at_a_time(pipe):
 
 
 TRAINING_CASES = [
-    # (case, config file text or None, overrides, expected message)
-    ("a JSON list as training config", "[]", [], "must hold a JSON object / TOML table, got a list"),
-    ("teacher.lr=Infinity", "{}", ["teacher.lr=Infinity"], "teacher.lr must be a finite number"),
+    # (case, config file text (None: no --config), overrides, expected message)
+    ("a JSON list as training config", "[]", ["output_dir={run}"], "must hold a JSON object / TOML table, got a list"),
+    ("teacher.lr=Infinity", "{}", ["output_dir={run}", "teacher.lr=Infinity"], "teacher.lr must be a finite number"),
+    ("a stage without --config", None, [], "give --config FILE .* would write into runs/default/"),
 ]
 
 
 @pytest.mark.parametrize("case, text, overrides, message", TRAINING_CASES, ids=[c[0] for c in TRAINING_CASES])
-def test_training_command(case, text, overrides, message, tmp_path):
+def test_training_command(case, text, overrides, message, tmp_path, monkeypatch):
     from oneforcing.training.__main__ import main as training_main
 
-    config = tmp_path / "config.json"
-    config.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    argv = ["teacher", *(o.format(run=tmp_path / "run") for o in overrides)]
+    if text is not None:
+        (tmp_path / "config.json").write_text(text)
+        argv += ["--config", str(tmp_path / "config.json")]
     with pytest.raises(SystemExit, match=message):
-        training_main(["teacher", "--config", str(config), f"output_dir={tmp_path / 'run'}", *overrides])
-    assert not (tmp_path / "run").exists()
+        training_main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if text is None else ["config.json"])

@@ -565,15 +565,17 @@ def test_every_written_layout_makes_the_same_video(tmp_path, capsys):
     demo = OneForcingPipeline.from_pretrained(DEMO_MODEL_DIR)
 
     def video(transformer=None):
-        pipe = demo if transformer is None else OneForcingPipeline.from_pretrained(DEMO_MODEL_DIR, transformer=transformer)
+        pipe = demo if transformer is None else OneForcingPipeline.from_pretrained(DEMO_MODEL_DIR,
+                                                                                   transformer=transformer)
         return pipe("a yellow circle moves right on a black background", num_frames=9, output_type="latent",
                     generator=torch.Generator().manual_seed(0)).frames
 
     expected = video()
-    training(["export", "--source", str(DEMO_MODEL_DIR / "transformer"), "--out", str(tmp_path / "x" / "one_forcing.pt")])
+    exported_path = tmp_path / "x" / "one_forcing.pt"
+    training(["export", "--source", str(DEMO_MODEL_DIR / "transformer"), "--out", str(exported_path)])
     demo.save_pretrained(tmp_path / "saved")
     layouts = {
-        "export .pt": tmp_path / "x" / "one_forcing.pt",
+        "export .pt": exported_path,
         "save_pretrained transformer/ folder": tmp_path / "saved" / "transformer",
         "its weights file": tmp_path / "saved" / "transformer" / "diffusion_pytorch_model.safetensors",
     }

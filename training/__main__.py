@@ -46,6 +46,9 @@ def run_stage(args) -> dict:
     from .config import ConfigError, load_config
 
     overrides = list(args.overrides)
+    if args.config is None and args.stage != "export" and not any(o.startswith("output_dir=") for o in overrides):
+        sys.exit("error: give --config FILE (or output_dir=DIR): without either the stage would write into "
+                 "runs/default/ under the current folder")
     if args.no_gan:
         overrides.append("distill.gan.enabled=false")
     try:
