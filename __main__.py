@@ -1,8 +1,9 @@
 """Command line: ``python -m oneforcing generate --prompt "..." --out clip.mp4`` (also the ``oneforcing`` script).
 
-The video is written to the mp4 block by block as it is generated, so an interrupted run (Ctrl-C) leaves a playable
-file of what was made so far, and memory stays flat however long the video. ``--num-frames endless`` streams until
-interrupted (with a rolling KV cache). Prompts can switch during the video (``--prompt "0:a cat" --prompt "40:a dog"``
+The video is written to the mp4 block by block as it is generated, under a temporary name that replaces ``--out``
+once the file is finished: an interrupted run (Ctrl-C, SIGTERM) leaves a playable file of what was made so far, a
+killed one leaves ``--out`` as it was, and memory stays flat however long the video. ``--num-frames endless`` streams
+until interrupted (with a rolling KV cache). Prompts can switch during the video (``--prompt "0:a cat" --prompt "40:a dog"``
 or ``--prompt-schedule schedule.json``), and a video can start from an image (``--image``) or continue a clip
 (``--video``).
 """
@@ -10,7 +11,11 @@ or ``--prompt-schedule schedule.json``), and a video can start from an image (``
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,25 +53,28 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiny-vae", type=Path, default=None,
                      help="decode with a tiny TAEHV VAE for fast previews: taew2_1.pth or taew2_1.safetensors from "
                           "madebyollin/taehv (default: the full Wan VAE)")
+    gen.add_argument("--num-attention-heads", type=_positive, default=None,
+                     help="attention heads of a --transformer file that does not record them (files written by "
+                          "export do; released Wan2.1 models are recognised); never guessed")
     gen.add_argument("--num-frames", type=_frame_count, default=None,
                      help="video frames, 1 + 4k, a start image or clip included (default: the model's); 'endless' "
                           "streams until interrupted")
-    gen.add_argument("--window-frames", type=int, default=None,
+    gen.add_argument("--window-frames", type=_positive, default=None,
                      help="rolling KV cache: keep the latest N latent frames (default: all; 12 when endless)")
-    gen.add_argument("--sink-frames", type=int, default=None,
+    gen.add_argument("--sink-frames", type=_non_negative, default=None,
                      help="rolling KV cache: first latent frames never evicted (default 3)")
     gen.add_argument("--image", type=Path, default=None, help="image-to-video: the first frame")
     gen.add_argument("--video", type=Path, default=None,
                      help="video extension: a clip of 1 + 4k frames to continue (the output begins with it)")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--frames-per-block", type=int, default=None, help="1 = frame-wise, 3 = chunk-wise")
+    gen.add_argument("--height", type=_positive, default=None, help="pixels (default: the model's)")
+    gen.add_argument("--width", type=_positive, default=None, help="pixels (default: the model's)")
+    gen.add_argument("--frames-per-block", type=_positive, default=None, help="1 = frame-wise, 3 = chunk-wise")
     gen.add_argument("--independent-first-frame", action="store_true",
                      help="the checkpoint was trained with latent frame 0 as a block of its own "
                           "(blocks [1, 3, 3, ...]); default: what the transformer's config says")
     gen.add_argument("--timesteps", choices=sorted(TIMESTEP_PRESETS), default="one-step")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--seed", type=_seed, default=0, help="0 .. 2**64 - 1")
+    gen.add_argument("--fps", type=_positive, default=16)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="default: bfloat16 on CUDA, float32 on CPU")
@@ -80,12 +88,40 @@ def _frame_count(text: str) -> int | str:
     if text.strip().lower() in (ENDLESS, "inf", "infinite"):
         return ENDLESS
     try:
-        return int(text)
+        count = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a frame count (1 + 4k) or 'endless', got {text!r}") from None
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a frame count (1 + 4k) or 'endless', got {text!r}")
+    return count
+
+
+def _integer_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive = _integer_at_least(1, "a positive integer")
+_non_negative = _integer_at_least(0, "an integer >= 0")
+
+
+def _seed(text: str) -> int:
+    value = _non_negative(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**64, got {text!r}")
+    return value
 
 
 def _load_pipeline(args):
+    from .pipelines.checks import check_finite_weights
     from .pipelines.pipeline_one_forcing import OneForcingPipeline
     from .pipelines.transformer_causal_wan import CausalWanTransformer3DModel
 
@@ -94,20 +130,40 @@ def _load_pipeline(args):
         if args.model is None:
             raise SystemExit(f"error: the demo model is not installed at {DEMO_MODEL_DIR}; pass --model DIR")
         raise SystemExit(f"error: --model {model_dir} is not a folder")
+    _check_model_index(Path(model_dir) / "model_index.json")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     extra = {}
     if args.transformer is not None:
         path = args.transformer
-        if path.is_dir():
+        if not path.exists():
+            raise SystemExit(f"error: --transformer {path} does not exist")
+        if path.is_dir() and (path / "config.json").is_file():
             extra["transformer"] = CausalWanTransformer3DModel.from_pretrained(path, dtype=dtype)
         else:
-            extra["transformer"] = CausalWanTransformer3DModel.from_single_file(path, dtype=dtype)
+            extra["transformer"] = CausalWanTransformer3DModel.from_single_file(
+                path, dtype=dtype, num_attention_heads=args.num_attention_heads
+            )
     pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
     if args.independent_first_frame:
         pipe.transformer.register_to_config(independent_first_frame=True)
     if args.tiny_vae is not None:
         pipe.set_preview_decoder(_load_tiny_vae(args.tiny_vae, dtype))
+    for name in ("transformer", "text_encoder", "vae"):
+        source = args.transformer if name == "transformer" and args.transformer is not None else model_dir
+        check_finite_weights(getattr(pipe, name), f"the {name} ({source})")
     return pipe.to(args.device)
+
+
+def _check_model_index(path: Path) -> None:
+    """A pipeline folder's ``model_index.json`` must be a JSON object (diffusers fails obscurely otherwise)."""
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: --model {path.parent} is not a pipeline folder (no model_index.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: {path} is not valid JSON ({error})") from None
+    if not isinstance(index, dict):
+        raise SystemExit(f"error: {path} must hold a JSON object, got a {type(index).__name__}")
 
 
 def _load_tiny_vae(path: Path, dtype: torch.dtype):
@@ -167,29 +223,72 @@ def _read_video(path: Path):
     return np.stack(frames)
 
 
+def _check_arguments(args) -> None:
+    """What can be checked before the model loads: one line and exit status 2 for each problem."""
+    if args.out.suffix.lower() != ".mp4":
+        raise SystemExit(f"error: --out must end in .mp4, got {args.out}")
+    if args.image is not None and args.video is not None:
+        raise SystemExit("error: give --image or --video, not both")
+    for flag in ("video", "image", "prompt_schedule", "transformer", "tiny_vae"):
+        source = getattr(args, flag)
+        if source is not None and _same_path(source, args.out):
+            raise SystemExit(f"error: --out {args.out} is the --{flag.replace('_', '-')} input; choose another file")
+    if args.keep_sink and args.window_frames is None and args.num_frames != ENDLESS:
+        raise SystemExit("error: --keep-sink needs a rolling cache: pass --window-frames (or --num-frames endless)")
+    if args.sink_frames is not None and args.window_frames is None and args.num_frames != ENDLESS:
+        raise SystemExit("error: --sink-frames needs a rolling cache: pass --window-frames (or --num-frames endless)")
+    if args.num_attention_heads is not None and args.transformer is None:
+        raise SystemExit("error: --num-attention-heads applies to a --transformer file; a model folder records it")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM: finish the video made so far, then exit with 128 + the signal's number."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _stop(signum, frame):
+    for name in STOP_SIGNALS:  # a second signal while the file is being finished must not tear it
+        signal.signal(name, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def generate(args, on_block=None) -> Path:
-    """Run ``generate`` for parsed ``args``; ``on_block(frames_written)`` is called after each block is written."""
+    """Run ``generate`` for parsed ``args``; ``on_block(frames_written)`` is called after each block is written.
+
+    The mp4 is written under a temporary name and replaces ``--out`` once finished (also when interrupted: the frames
+    made so far). ``args.interrupted`` is the signal number that stopped the run, or 0.
+    """
     from tqdm import tqdm
 
     from .pipelines.layout import latent_frame_count, video_frame_of_latent
     from .pipelines.video_io import Mp4Writer
 
+    _check_arguments(args)
     schedule = _schedule(args)
-    if args.out.suffix.lower() != ".mp4":
-        raise SystemExit(f"error: --out must end in .mp4, got {args.out}")
-    if args.image is not None and args.video is not None:
-        raise SystemExit("error: give --image or --video, not both")
+    context = {}
+    if args.image is not None:
+        context["image"] = _read_image(args.image)
+    if args.video is not None:
+        context["video"] = _read_video(args.video)
+    args.interrupted = 0
     pipe = _load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.default_video_size
     num_frames = None if args.num_frames == ENDLESS else (args.num_frames or size["num_frames"])
     height, width = args.height or size["height"], args.width or size["width"]
     steps, first = TIMESTEP_PRESETS[args.timesteps]
-    context = {}
-    if args.image is not None:
-        context["image"] = _read_image(args.image)
-    if args.video is not None:
-        context["video"] = _read_video(args.video)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(schedule) > 1:
         try:
@@ -211,7 +310,6 @@ def generate(args, on_block=None) -> Path:
     )
     start = time.perf_counter()
     written = 0
-    interrupted = False
     with Mp4Writer(args.out, fps=args.fps) as writer, tqdm(total=num_frames, unit="frame", desc="generating") as bar:
         try:
             for frames in stream:  # [1, T_block, H, W, 3] floats in 0..1
@@ -220,26 +318,44 @@ def generate(args, on_block=None) -> Path:
                 bar.update(frames.shape[1])
                 if on_block is not None:
                     on_block(written)
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as stop:
+            args.interrupted = getattr(stop, "signum", int(signal.SIGINT))
         finally:
             stream.close()
     seconds = max(time.perf_counter() - start, 1e-9)
-    args.interrupted = interrupted
-    if interrupted:
-        print(f"interrupted: {args.out} holds the {written} frames made so far")
+    if args.interrupted:
+        name = signal.Signals(args.interrupted).name
+        print(f"interrupted ({name}): {args.out} holds the {written} frames made so far")
     print(f"wrote {written} frames ({width}x{height}) to {args.out} in {seconds:.1f} s "
           f"({written / seconds:.1f} frames/s)")
     return args.out
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``oneforcing`` command. Bad arguments and inputs, and failed writes, end with one ``error:`` line (exit
+    status 1 or 2); SIGINT and SIGTERM finish the video made so far and exit with 128 + the signal number."""
     args = _parser().parse_args(argv)
-    if args.command == "generate":
+    if args.command != "generate":
+        return 0
+    handlers = {name: signal.getsignal(name) for name in STOP_SIGNALS}
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            signal.signal(name, _stop)
+        if hasattr(signal, "SIGXFSZ"):  # over a file-size limit a write fails (and is reported) instead of killing
+            handlers[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
         generate(args)
-        if args.interrupted:
-            return 130  # the shell's code for Ctrl-C; the mp4 is complete up to the interruption
-    return 0
+    except Stopped as stop:  # before the first frame: nothing to finish
+        print(f"interrupted ({signal.Signals(stop.signum).name}) before any frame was written", file=sys.stderr)
+        return 128 + stop.signum
+    except (ValueError, MemoryError, OSError) as error:  # CheckpointError and NonFiniteError are ValueErrors
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for name, handler in handlers.items():
+                signal.signal(name, handler)
+    return 128 + args.interrupted if args.interrupted else 0
 
 
 if __name__ == "__main__":

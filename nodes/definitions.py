@@ -38,11 +38,12 @@ def _file_fingerprint(kind: str, name):
 
 
 # -- node functions: inputs by name, one tuple entry per output ------------------------------------------------------
-def model_loader(model_name: str, dtype: str, frames_per_block: str, attention_backend: str) -> tuple:
+def model_loader(model_name: str, dtype: str, frames_per_block: str, attention_backend: str,
+                 num_attention_heads: int = 0) -> tuple:
     if frames_per_block not in FRAMES_PER_BLOCK_CHOICES:
         raise ValueError(f"frames_per_block must be one of {FRAMES_PER_BLOCK_CHOICES}, got {frames_per_block!r}")
     blocks = 0 if frames_per_block == FRAMES_PER_BLOCK_CHOICES[0] else int(frames_per_block.split()[0])
-    return (load_transformer(model_name, dtype, blocks, attention_backend),)
+    return (load_transformer(model_name, dtype, blocks, attention_backend, num_attention_heads),)
 
 
 def text_encode(text_encoder_name: str, prompt: str, dtype: str) -> tuple:
@@ -91,6 +92,10 @@ MODEL_LOADER = NodeSpec(
                   default=FRAMES_PER_BLOCK_CHOICES[0], options=FRAMES_PER_BLOCK_CHOICES),
         InputSpec("attention_backend", "COMBO", "PyTorch attention backend; auto lets PyTorch choose.",
                   default="auto", options=ATTENTION_BACKENDS),
+        InputSpec("num_attention_heads", "INT",
+                  "Attention heads of a single file that does not record them; 0 = read from the file (a file "
+                  "that records none and is no released Wan2.1 model is refused).",
+                  optional=True, default=0, min=0, max=1024),
     ),
     outputs=(OutputSpec("ONEFORCING_MODEL", "model", "The causal transformer, managed by ComfyUI."),),
     function=model_loader,

@@ -90,7 +90,8 @@ def _latent_stats_of(folder: Path | None) -> tuple[list[float], list[float]]:
 
 
 def load_transformer(
-    model_name: str, dtype: str = "default", frames_per_block: int = 0, attention_backend: str = "auto"
+    model_name: str, dtype: str = "default", frames_per_block: int = 0, attention_backend: str = "auto",
+    num_attention_heads: int = 0,
 ) -> OneForcingModel:
     """The causal transformer from the ``diffusion_models`` folder.
 
@@ -101,6 +102,7 @@ def load_transformer(
         frames_per_block: 0 keeps the model's own setting (its config; 1 for single files, which do not record it),
             1 = frame-wise, 3 = chunk-wise, or any positive count.
         attention_backend: see ``pipelines.attention.ATTENTION_BACKENDS``.
+        num_attention_heads: 0 reads the head count from the file; a count for single files that record none.
     """
     if frames_per_block < 0:
         raise ValueError(f"frames_per_block must be 0 (model default) or positive, got {frames_per_block}")
@@ -111,7 +113,9 @@ def load_transformer(
         if component.is_dir():
             transformer = CausalWanTransformer3DModel.from_pretrained(component, dtype=torch_dtype)
         else:
-            transformer = CausalWanTransformer3DModel.from_single_file(component, dtype=torch_dtype)
+            transformer = CausalWanTransformer3DModel.from_single_file(
+                component, dtype=torch_dtype, num_attention_heads=num_attention_heads or None
+            )
     except (OSError, ValueError) as err:
         if isinstance(err, CheckpointError):
             raise

@@ -29,6 +29,9 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
+from .atomic import replaced_on_success
+from .checks import non_finite_names, shown_names
+
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -42,6 +45,14 @@ TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # fp8 transformer weights are widened to this dtype (exact for e4m3/e5m2; the model normally runs in bf16)
 TRANSFORMER_FP8_DTYPE = torch.bfloat16
+# the model config a file records beside its weights: an entry of a ``.pt`` (what export writes), JSON text in the
+# metadata of a ``.safetensors`` or in a sharded index's "metadata"
+CONFIG_ENTRY = "config"
+# settings shapes cannot show; a recorded config gives them (the rest is read from shapes, which it must agree with)
+RECORDED_TRANSFORMER_KEYS = ("num_attention_heads", "attention_head_dim", "frames_per_block", "rope_max_seq_len")
+# the released Wan2.1 transformers, recognised by (width, blocks): their head count (head size 128). A file that
+# records no head count and is none of these is refused: shapes do not show the head count.
+RELEASED_HEAD_COUNTS = {(1536, 30): 12, (5120, 40): 40}
 
 _DIFFUSERS_TRANSFORMER_KEY = re.compile(
     r"""^(?:
@@ -245,6 +256,53 @@ def _read_sharded(index_path: Path, prefer_ema: bool) -> dict[str, torch.Tensor]
     return tensors
 
 
+def read_recorded_config(path: str | os.PathLike) -> dict | None:
+    """The model config a checkpoint records beside its weights, or None when it records none.
+
+    Read from: the ``config.json`` of a diffusers model folder (or beside its ``diffusion_pytorch_model`` weights),
+    the ``"config"`` entry of a ``.pt`` written by :func:`export_reference_checkpoint`, the ``"config"`` metadata
+    (JSON text) of a ``.safetensors`` file or of a sharded index.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (path.is_dir() or path.name.startswith("diffusion_pytorch_model")) and (folder / "config.json").is_file():
+        return _parse_config(folder / "config.json", (folder / "config.json").read_text())
+    if path.is_dir():
+        path = _weights_file_in_folder(path)
+    name = path.name.lower()
+    if name.endswith(".index.json"):
+        try:
+            text = (json.loads(path.read_text()).get("metadata") or {}).get(CONFIG_ENTRY)
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
+            raise CheckpointError(path, f"not a sharded-checkpoint index ({err})") from err
+        return None if text is None else _parse_config(path, text)
+    if name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as handle:
+                text = (handle.metadata() or {}).get(CONFIG_ENTRY)
+        except Exception as err:  # safetensors raises its own error types for damaged headers
+            raise CheckpointError(path, f"not a readable safetensors file ({err})") from err
+        return None if text is None else _parse_config(path, text)
+    if name.endswith(PICKLE_SUFFIXES):
+        obj = _torch_load(path)
+        recorded = obj.get(CONFIG_ENTRY) if isinstance(obj, Mapping) else None
+        return None if recorded is None else _parse_config(path, recorded)
+    return None
+
+
+def _parse_config(path: Path, recorded) -> dict:
+    """A recorded config (JSON text or a dict) -> dict; anything else is a :class:`CheckpointError`."""
+    try:
+        config = json.loads(recorded) if isinstance(recorded, str) else recorded
+    except json.JSONDecodeError as err:
+        raise CheckpointError(path, f"its recorded model config is not valid JSON ({err})") from err
+    if not isinstance(config, Mapping):
+        raise CheckpointError(path, f"its recorded model config is a {type(config).__name__}, expected a JSON object")
+    return dict(config)
+
+
 # -- key clean-up shared by all models -----------------------------------------------------------------------------
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=TRANSFORMER_PREFIXES, path="<state dict>"):
     """Drop wrapper segments (``_fsdp_wrapped_module``...) anywhere in each key, then the leading ``prefixes``."""
@@ -333,16 +391,31 @@ def load_transformer_state_dict(path: str | os.PathLike, *, prefer_ema: bool = T
         prefer_ema: take ``generator_ema`` before ``generator`` in training checkpoints (False: the reverse).
     """
     path = Path(path)
-    return to_diffusers_names(read_checkpoint_tensors(path, prefer_ema=prefer_ema), path)
+    return check_finite(to_diffusers_names(read_checkpoint_tensors(path, prefer_ema=prefer_ema), path), path)
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], path="<state dict>") -> Mapping[str, torch.Tensor]:
+    """``state_dict`` itself, or a :class:`CheckpointError` naming the tensors that hold NaN or Inf values (a damaged
+    or diverged checkpoint would otherwise make black or noisy videos without a word)."""
+    bad = non_finite_names(state_dict.items())
+    if bad:
+        raise CheckpointError(path, f"holds non-finite weights (NaN or Inf) in {shown_names(bad)}")
+    return state_dict
 
 
 def infer_transformer_config(
-    state_dict: Mapping[str, torch.Tensor], *, num_attention_heads: int | None = None, path="<state dict>"
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    num_attention_heads: int | None = None,
+    recorded: Mapping | None = None,
+    path="<state dict>",
 ) -> dict:
     """The ``WanTransformer3DModel`` config of a diffusers-named state dict, read from tensor shapes.
 
-    The number of heads is not visible in shapes: ``num_attention_heads`` if given, else head size 128 (every
-    released Wan2.1 model: 1.3B width 1536 -> 12 heads, 14B width 5120 -> 40).
+    The number of heads is not visible in shapes: ``num_attention_heads`` if given, else the one the file records
+    (``recorded``: :func:`read_recorded_config`, which also gives ``frames_per_block`` and ``rope_max_seq_len``),
+    else that of a released Wan2.1 model of the same width and depth (1.3B: 1536 x 30 blocks -> 12 heads, 14B:
+    5120 x 40 -> 40); otherwise a :class:`CheckpointError`. A given count that contradicts the file's is refused.
     """
     try:
         patch = state_dict["patch_embedding.weight"]  # [dim, in_channels, pt, ph, pw]
@@ -376,19 +449,34 @@ def infer_transformer_config(
         config["added_kv_proj_dim"] = int(state_dict["blocks.0.attn2.add_k_proj.weight"].shape[1])
     if "condition_embedder.image_embedder.pos_embed" in state_dict:
         config["pos_embed_seq_len"] = int(state_dict["condition_embedder.image_embedder.pos_embed"].shape[1])
-    if num_attention_heads is None:
-        if dim % 128:
-            raise CheckpointError(
-                path,
-                f"the model width {dim} is not a multiple of 128, so the number of attention heads cannot be "
-                "assumed (head size 128): pass num_attention_heads",
-            )
-        num_attention_heads = dim // 128
-    if num_attention_heads <= 0 or dim % num_attention_heads:
-        raise CheckpointError(path, f"num_attention_heads={num_attention_heads} does not divide the model width {dim}")
-    config["num_attention_heads"] = int(num_attention_heads)
-    config["attention_head_dim"] = dim // int(num_attention_heads)
-    return config
+    recorded = {k: v for k, v in (recorded or {}).items() if k in RECORDED_TRANSFORMER_KEYS}
+    heads = _head_count(dim, config["num_layers"], num_attention_heads, recorded, path)
+    head_dim = recorded.get("attention_head_dim", dim // heads)
+    if heads * head_dim != dim:
+        raise CheckpointError(path, f"its recorded config gives {heads} heads x {head_dim}, but the width is {dim}")
+    return {**config, **recorded, "num_attention_heads": heads, "attention_head_dim": head_dim}
+
+
+def _head_count(dim: int, layers: int, given: int | None, recorded: Mapping, path) -> int:
+    """The number of attention heads: given, else recorded in the file, else a released Wan2.1 model's; never
+    guessed (shapes do not show it: 4 heads x 64 and 2 x 128 have the same weights)."""
+    in_file = recorded.get("num_attention_heads")
+    for value, origin in ((given, "num_attention_heads"), (in_file, "the recorded num_attention_heads")):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0
+                                  or dim % value):
+            raise CheckpointError(path, f"{origin}={value!r} does not divide the model width {dim}")
+    if given is not None and in_file is not None and given != in_file:
+        raise CheckpointError(path, f"records num_attention_heads={in_file}, but {given} was asked for")
+    heads = given or in_file or RELEASED_HEAD_COUNTS.get((dim, layers))
+    if heads is None:
+        released = ", ".join(f"width {w} x {n} blocks" for w, n in RELEASED_HEAD_COUNTS)
+        raise CheckpointError(
+            path,
+            f"records no number of attention heads, and its shape (width {dim}, {layers} blocks) is no released "
+            f"Wan2.1 model's ({released}), so the head count is unknown: pass num_attention_heads (CLI "
+            "--num-attention-heads, the loader node's num_attention_heads input); it is never guessed",
+        )
+    return int(heads)
 
 
 def check_state_dict_matches(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path) -> None:
@@ -446,23 +534,37 @@ def export_reference_checkpoint(
     path: str | os.PathLike,
     *,
     entry: str = "generator_ema",
+    config: Mapping | None = None,
 ) -> Path:
-    """Write the reference ``.pt`` layout, ``{entry: {"model.<original Wan2.1 key>": tensor}}`` with ``torch.save``,
-    readable by the One-Forcing / Self-Forcing code and by :func:`load_transformer_state_dict`."""
+    """Write the reference ``.pt`` layout, ``{entry: {"model.<original Wan2.1 key>": tensor}, "config": {...}}`` with
+    ``torch.save``, readable by the One-Forcing / Self-Forcing code (which reads ``entry`` only) and by
+    :func:`load_transformer_state_dict`.
+
+    ``config``: the model's config, recorded so that loaders read the head count and block size instead of guessing
+    them (default: the module's own when ``state_dict`` is a module, else what :func:`infer_transformer_config`
+    knows, which refuses shapes of unknown head count).
+    """
     path = Path(path)
     if entry not in CHECKPOINT_ENTRIES:
         raise CheckpointError(path, f"entry must be one of {', '.join(CHECKPOINT_ENTRIES)}, got {entry!r}")
     if isinstance(state_dict, torch.nn.Module):
+        config = config if config is not None else getattr(state_dict, "config", None)
         state_dict = state_dict.state_dict()
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder; the reference checkpoint is one file (e.g. one_forcing.pt)")
     unknown = [k for k in state_dict if not _DIFFUSERS_TRANSFORMER_KEY.match(k)]
     if unknown:
         raise CheckpointError(path, f"not a diffusers Wan transformer state dict (e.g. {', '.join(unknown[:3])})")
+    if config is None:
+        config = infer_transformer_config(state_dict, path=path)
+    recorded = json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+    if not isinstance(recorded.get("num_attention_heads"), int):
+        raise CheckpointError(path, f"the model config gives no num_attention_heads (keys: {sorted(recorded)[:8]})")
     original = to_original_names(state_dict, path)
     payload = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in original.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({entry: payload}, partial)
-    partial.replace(path)  # never leave a half-written checkpoint under the final name
+    with replaced_on_success(path) as partial:  # never a half-written checkpoint under the final name
+        torch.save({entry: payload, CONFIG_ENTRY: recorded}, partial)
     return path
 
 
@@ -537,6 +639,7 @@ def load_wan_vae_single_file(path: str | os.PathLike, dtype: torch.dtype | None 
         raise CheckpointError(
             path, f"has {z_dim} latent channels, the Wan2.1 VAE 16 (pass latents_mean and latents_std to override)"
         )
+    check_finite(tensors, path)
     config = {**infer_wan_vae_config(tensors, path), **config_overrides}
     with torch.device("meta"):
         vae = AutoencoderKLWan(**config)
@@ -662,7 +765,7 @@ def load_umt5_encoder_single_file(path: str | os.PathLike, dtype: torch.dtype | 
     if path.is_dir() and (path / "config.json").is_file():
         return _cast(UMT5EncoderModel.from_pretrained(path), dtype, keep_fp32).eval()
     tensors = _umt5_names(read_checkpoint_tensors(path), path)
-    tensors = dequantize_fp8(tensors, dtype or torch.float32, path)
+    tensors = check_finite(dequantize_fp8(tensors, dtype or torch.float32, path), path)
     config = infer_umt5_config(tensors, path)
     embed = tensors.get("shared.weight", tensors.get("encoder.embed_tokens.weight"))
     tensors.setdefault("shared.weight", embed)

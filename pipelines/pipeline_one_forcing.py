@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from tqdm.auto import tqdm
 
+from .checks import RequestPlan, check_arguments, check_finite_inputs, check_request, exclusive_use
 from .decode_overlap import SideStreamDecoder
 from .prompt_schedule import PromptSchedule
 from .block_steps import PromptHandle, RolloutBlock
@@ -354,8 +355,9 @@ class OneForcingPipeline(DiffusionPipeline):
 
         return handle
 
-    def _start(self, request: GenerationRequest) -> _Run:
-        """Encode the prompts and the context, lay the video out and start its session."""
+    def _start(self, request: GenerationRequest, keeps_video: bool) -> _Run:
+        """Encode the prompts and the context, lay the video out, check what it will need (``keeps_video``: the whole
+        decoded video is kept) and start its session."""
         r, device = request, self._execution_device
         schedule = None if r.prompt_schedule is None else PromptSchedule.coerce(r.prompt_schedule)
         handle = self._prompts(r, device)
@@ -374,6 +376,7 @@ class OneForcingPipeline(DiffusionPipeline):
             prompts.append((frame, embeds))
         policy = self._cache_policy(layout, r.window_frames, r.sink_frames, r.relative_positions)
         latent_size = (r.height // self.vae_scale_factor_spatial, r.width // self.vae_scale_factor_spatial)
+        check_request(self, RequestPlan.of(layout, policy, batch, latent_size, keeps_video), device)
         geometry, kv_cache = self._new_kv_cache(policy, layout, batch, latent_size, device)
         noise = self._noise(r, layout, batch, latent_size, device)
         sampling = SamplingSettings(r.denoising_timesteps, r.first_block_timesteps)
@@ -420,6 +423,7 @@ class OneForcingPipeline(DiffusionPipeline):
         kwargs = {name: local[name] for name in request.callback_on_step_end_tensor_inputs}
         result = request.callback_on_step_end(self, block.index, block.timesteps[-1], kwargs) or {}
         if "latents" in result:
+            check_finite_inputs(**{"the latents returned by callback_on_step_end": result["latents"]})
             run.latents.copy_(result["latents"])
 
     def _decoded(self, items: Iterator[tuple[torch.Tensor, bool]], output_type: str, overlap: bool, device):
@@ -443,10 +447,11 @@ class OneForcingPipeline(DiffusionPipeline):
         ``overlap_decode``: decode each block on a second CUDA stream beside the next block's transformer passes
         (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
         the same order without a second stream)."""
+        check_arguments(**request.checked_arguments())
         request = request.with_defaults(self.default_video_size)
         self.check_inputs(request)
         self._interrupt = False
-        run = self._run = self._start(request)
+        run = self._run = self._start(request, keeps_video=overlap_decode and request.output_type != "latent")
         generated = self._generated_blocks(run, request)
         items = ((latents, True) for latents in generated)
         if run.context is not None:
@@ -558,7 +563,7 @@ class OneForcingPipeline(DiffusionPipeline):
             request = replace(request, num_frames=self.default_video_size["num_frames"])  # endless needs stream()
         decoded, kept = [], None
         # the whole video is returned at the end: no one waits for a block, so decoding overlaps the next block
-        for _, block_video in self._blocks(request, overlap_decode=True):
+        for _, block_video in exclusive_use(self, self._blocks(request, overlap_decode=True)):
             if block_video is not None:
                 decoded.append(block_video)
             kept = self.latents if self.latents is not None else kept
@@ -604,7 +609,7 @@ class OneForcingPipeline(DiffusionPipeline):
         latent frames with relative positions, so memory stays flat; no latents are kept.
         """
         request = GenerationRequest.of(locals())
-        for block_latents, block_video in self._blocks(request):
+        for block_latents, block_video in exclusive_use(self, self._blocks(request)):
             yield block_latents if block_video is None else self._postprocess(block_video, output_type)
 
 
@@ -646,6 +651,13 @@ class GenerationRequest:
         if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
             request = replace(request, callback_on_step_end_tensor_inputs=tuple(callback.tensor_inputs))
         return request
+
+    def checked_arguments(self) -> dict:
+        """The arguments whose types and ranges :func:`.checks.check_arguments` checks."""
+        names = ("prompt", "num_frames", "height", "width", "frames_per_block", "num_videos_per_prompt", "generator",
+                 "max_sequence_length", "window_frames", "sink_frames", "prompt_embeds", "latents", "image", "video",
+                 "context_latents")
+        return {name: getattr(self, name) for name in names}
 
     def with_defaults(self, size: dict) -> "GenerationRequest":
         """Height and width default to ``size`` (the pipeline's recorded video size)."""

@@ -152,14 +152,16 @@ class PromptSchedule:
         ``{"0": "...", "40": "..."}``."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         except FileNotFoundError:
             raise FileNotFoundError(f"prompt schedule {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"prompt schedule {path} is not valid JSON: {error}") from None
+        except ValueError as error:  # a key given twice
+            raise ValueError(f"prompt schedule {path}: {error}") from None
         try:
             if isinstance(data, dict):
-                return cls.from_switches({_frame_key(k): v for k, v in data.items()})
+                return cls.from_switches(_unique_keys([(_frame_key(k), v) for k, v in data.items()]))
             if isinstance(data, list):
                 return cls(data)
             raise ValueError("expected a list of {start, end?, prompt} objects or a {frame: prompt} object")
@@ -270,3 +272,13 @@ def _frame_key(key: str) -> int:
         return int(key)
     except ValueError:
         raise ValueError(f"keys must be frame numbers, got {key!r}") from None
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A dict of ``pairs``, refusing a key given twice (JSON keeps the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"frame {key!r} is given twice")
+        out[key] = value
+    return out

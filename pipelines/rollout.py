@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from .block_steps import PromptHandle, RolloutBlock, commit_context, recache
+from .checks import check_finite_inputs
 from .kv_cache import KVCache
 from .layout import BlockLayout
 from .scheduling_one_forcing import OneForcingScheduler
@@ -112,6 +113,7 @@ def causal_rollout(
         if opts.on_block_denoised is not None:
             replaced = opts.on_block_denoised(block)
             if replaced is not None:
+                check_finite_inputs(**{"the latents returned by on_block_denoised (callback_on_step_end)": replaced})
                 block.latents = replaced
         session.finalize(block)
         yield block

@@ -9,6 +9,7 @@ x0 = x_t - sigma * v, and the next step's input is (1 - sigma') x0 + sigma' * fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,21 +61,36 @@ class OneForcingScheduler(SchedulerMixin, ConfigMixin):
 
     def warp(self, timesteps) -> torch.Tensor:
         """Map a list of timesteps (each in (0, num_train_timesteps]) onto the shifted training grid."""
-        t = torch.as_tensor(list(timesteps), dtype=torch.float64)
+        t = self._as_numbers(timesteps)
         n = self.config.num_train_timesteps
         if t.numel() == 0:
             raise ValueError("a timestep list needs at least one entry")
         if (t <= 0).any() or (t > n).any():
             raise ValueError(f"timesteps must lie in (0, {n}], got {t.tolist()}")
+        index = (n - t).round().long()
+        if (index[1:] <= index[:-1]).any():
+            raise ValueError(f"timesteps must decrease by at least one step of the {n}-step grid, got {t.tolist()}")
         grid = torch.cat([self.grid_timesteps.double(), torch.zeros(1, dtype=torch.float64)])
-        return grid[(n - t).round().long()].float()
+        return grid[index].float()
+
+    @staticmethod
+    def _as_numbers(timesteps) -> torch.Tensor:
+        """A timestep list -> float64 [S]; anything but a list of finite real numbers is a ``ValueError``."""
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.tolist() if timesteps.ndim == 1 else [timesteps]
+        if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
+            raise ValueError(f"timesteps must be a list of numbers, got {timesteps!r}")
+        values = list(timesteps)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"timesteps must be finite numbers, got {values!r}")
+        return torch.tensor(values, dtype=torch.float64)
 
     def prepare_timesteps(self, timesteps) -> torch.Tensor:
         """A user timestep list as the model sees it (warped when the config says so), float32 [S]."""
         if self.config.warp_timesteps:
             out = self.warp(timesteps)
         else:
-            out = torch.as_tensor(list(timesteps), dtype=torch.float32)
+            out = self._as_numbers(timesteps).float()
             if out.numel() == 0 or (out <= 0).any() or (out > self.config.num_train_timesteps).any():
                 raise ValueError(f"timesteps must be a non-empty list in (0, 1000], got {out.tolist()}")
         if (out[1:] >= out[:-1]).any():

@@ -35,6 +35,7 @@ from .block_steps import (
     denoise_forward,
     recache,
 )
+from .checks import check_first_block
 from .kv_cache import KVCache, KVCacheState
 from .layout import Block, BlockLayout
 from .scheduling_one_forcing import OneForcingScheduler
@@ -288,11 +289,13 @@ class GenerationSession:
             raise RuntimeError("the video is complete: every block of the layout was generated")
         timesteps = self._timesteps[min(block.index, 1)]
         values = timesteps.tolist()
-        x = self.noise.initial(block, self.prompt.batch_size)
+        x = noise = self.noise.initial(block, self.prompt.batch_size)
         for step, t in enumerate(values):
             x0 = self.scheduler.x0_from_flow(x, self._flow(x, t, block).to(x.dtype), t)
             if step + 1 < len(values):
                 x = self.scheduler.add_noise(x0, self.noise.fresh(x0), values[step + 1])
+        if block.index == 0:  # say where NaN/Inf come from, rather than make a black video
+            check_first_block(x0, self.transformer, prompt_embeds=self.prompt.embeds, noise=noise)
         return RolloutBlock(index=block.index, start_frame=block.start, latents=x0, timesteps=timesteps)
 
     def finalize(self, block: RolloutBlock) -> None:

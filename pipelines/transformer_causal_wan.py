@@ -297,14 +297,19 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     ) -> "CausalWanTransformer3DModel":
         """Load a One-Forcing/Self-Forcing ``.pt``, an original Wan2.1 or ComfyUI ``.safetensors`` file.
 
-        The config is inferred from tensor shapes unless given; ``num_attention_heads`` is needed only when the width
-        is not a multiple of 128 (head size 128 is assumed otherwise). Never unpickles code.
+        The config is read from tensor shapes, and what shapes cannot show (the head count, the block size) from the
+        config the file records (:func:`.loading.read_recorded_config`), unless ``config`` is given. A file that
+        records no head count needs ``num_attention_heads`` unless it is a released Wan2.1 model; the count is never
+        guessed. Weights holding NaN or Inf are refused. float32 unless ``dtype`` (the modules diffusers keeps in
+        float32 stay float32 either way). Never unpickles code.
         """
-        from .loading import check_state_dict_matches, infer_transformer_config, load_transformer_state_dict
+        from .loading import (
+            check_state_dict_matches, infer_transformer_config, load_transformer_state_dict, read_recorded_config,
+        )
 
         state_dict = load_transformer_state_dict(path, prefer_ema=prefer_ema)
         model_config = dict(config) if config else infer_transformer_config(
-            state_dict, num_attention_heads=num_attention_heads
+            state_dict, num_attention_heads=num_attention_heads, recorded=read_recorded_config(path), path=path
         )
         if frames_per_block is not None:
             model_config["frames_per_block"] = frames_per_block
@@ -313,8 +318,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         check_state_dict_matches(model, state_dict, path)
         model.load_state_dict(state_dict, strict=True, assign=True)
         model._rebuild_rope_buffers()
-        if dtype is not None:
-            model._cast_keeping_fp32_modules(dtype)
+        model._cast_keeping_fp32_modules(dtype or torch.float32)  # float32 by default, as from_pretrained
         return model.eval()
 
     # -- forward ------------------------------------------------------------------------------------------------------
@@ -549,8 +553,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         ).to(self.proj_out.weight.device)
 
     def _cast_keeping_fp32_modules(self, dtype: torch.dtype) -> None:
-        """Cast like diffusers' ``from_pretrained(dtype=...)``: norms, modulation tables, time embedder stay float32."""
+        """Cast like diffusers' ``from_pretrained(dtype=...)``: norms, modulation tables, time embedder in float32
+        (also when the file holds them narrower), every other parameter in ``dtype``."""
         keep = tuple(self._keep_in_fp32_modules or ())
         for name, param in self.named_parameters():
-            if not any(k in name.split(".") for k in keep):
-                param.data = param.data.to(dtype)
+            wide = any(k in name.split(".") for k in keep)
+            param.data = param.data.to(torch.float32 if wide else dtype)

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_TRANSFORMER, make_tiny_text_encoder, make_tiny_vae
@@ -66,7 +67,7 @@ def _raises(problem: str, path, fn, /, *args, **kwargs) -> CheckpointError:
 # -- transformer layouts -------------------------------------------------------------------------------------------
 def _write_transformer_layouts(folder: Path, sd: dict) -> dict[str, Path]:
     original = to_original_names(sd)
-    paths = {"one_forcing_pt": export_reference_checkpoint(sd, folder / "one_forcing.pt")}
+    paths = {"one_forcing_pt": export_reference_checkpoint(sd, folder / "one_forcing.pt", config=TINY_TRANSFORMER)}
 
     paths["self_forcing_generator_pt"] = folder / "self_forcing_generator.pt"
     torch.save({"generator": {f"model.{k}": v for k, v in original.items()}, "critic": {"model.x": torch.zeros(1)}},
@@ -194,7 +195,7 @@ def test_inferred_config_rebuilds_an_identical_model(reference):
         _assert_same(to_diffusers_names(original), model.state_dict())
 
 
-def test_heads_follow_head_size_128_or_the_caller():
+def test_heads_come_from_the_caller_the_file_or_a_released_model():
     for heads, ffn, layers in ((12, 8960, 30), (40, 13824, 40)):  # Wan2.1 1.3B and 14B, shapes only
         with torch.device("meta"):
             real = WanTransformer3DModel(
@@ -205,6 +206,14 @@ def test_heads_follow_head_size_128_or_the_caller():
         assert geometry == (heads, 128, layers)
         assert config["ffn_dim"] == ffn and config["text_dim"] == 4096
         assert infer_transformer_config(real.state_dict(), num_attention_heads=2 * heads)["attention_head_dim"] == 64
+    # the demo's geometry: 4 heads x 64 and 2 x 128 have the same weights, so without a record it is refused
+    demo = _wan(num_attention_heads=4, attention_head_dim=64).state_dict()
+    _raises("records no number of attention heads", "demo.pt", infer_transformer_config, demo, path="demo.pt")
+    recorded = {"num_attention_heads": 4, "frames_per_block": 3}
+    config = infer_transformer_config(demo, recorded=recorded)
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["frames_per_block"]) == (4, 64, 3)
+    _raises("records num_attention_heads=4, but 2", "demo.pt", infer_transformer_config, demo,
+            num_attention_heads=2, recorded=recorded, path="demo.pt")
     tiny = _wan().state_dict()
     _raises("num_attention_heads", "tiny.pt", infer_transformer_config, tiny, path="tiny.pt")  # width 64
     _raises("does not divide", "tiny.pt", infer_transformer_config, tiny, num_attention_heads=3, path="tiny.pt")
@@ -233,9 +242,10 @@ def test_reference_fixture_loads_with_every_key_consumed():
 
 
 def test_export_round_trip(tmp_path, reference):
-    path = export_reference_checkpoint(reference, tmp_path / "out" / "x.pt", entry="generator")
+    path = export_reference_checkpoint(reference, tmp_path / "out" / "x.pt", entry="generator", config=TINY_TRANSFORMER)
     raw = torch.load(path, weights_only=True)
-    assert list(raw) == ["generator"] and len(raw["generator"]) == len(reference)
+    assert list(raw) == ["generator", "config"] and len(raw["generator"]) == len(reference)
+    assert raw["config"]["num_attention_heads"] == TINY_TRANSFORMER["num_attention_heads"]
     keys = raw["generator"]
     assert {"model.blocks.0.self_attn.q.weight", "model.head.modulation", "model.blocks.1.norm3.weight",
             "model.blocks.0.modulation", "model.time_projection.1.bias", "model.blocks.0.ffn.2.weight"} <= set(keys)
@@ -243,7 +253,10 @@ def test_export_round_trip(tmp_path, reference):
     _assert_same(load_transformer_state_dict(path), reference)
     model = _wan()
     _assert_same(load_transformer_state_dict(export_reference_checkpoint(model, tmp_path / "m.pt")), model.state_dict())
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.partial*"))
+    _raises("records no number of attention heads", "h.pt", export_reference_checkpoint, reference, tmp_path / "h.pt")
+    _raises("is a folder", "out", export_reference_checkpoint, reference, tmp_path / "out", config=TINY_TRANSFORMER)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.pt"]
     _raises("entry must be one of", "y.pt", export_reference_checkpoint, reference, tmp_path / "y.pt", entry="critic")
     _raises("not a diffusers Wan transformer", "z.pt", export_reference_checkpoint,
             to_original_names(reference), tmp_path / "z.pt")
@@ -538,3 +551,50 @@ def test_umt5_bad_files(tmp_path, encoder):
     torch.save({"generator": {"w": torch.zeros(1)}, "x": _Payload()}, tmp_path / "umt5_code.pth")
     _raises("refusing to unpickle code", tmp_path / "umt5_code.pth", load_umt5_encoder_single_file,
             tmp_path / "umt5_code.pth")
+
+
+def test_every_written_layout_makes_the_same_video(tmp_path, capsys):
+    """Train -> export -> load, the path the README describes, with the shipped model (4 heads x 64, which shapes
+    cannot tell from 2 x 128): every layout the project writes loads back to the same video."""
+    import cv2
+
+    from oneforcing import DEMO_MODEL_DIR, OneForcingPipeline
+    from oneforcing.__main__ import main as cli
+    from oneforcing.training.__main__ import main as training
+
+    demo = OneForcingPipeline.from_pretrained(DEMO_MODEL_DIR)
+
+    def video(transformer=None):
+        pipe = demo if transformer is None else OneForcingPipeline.from_pretrained(DEMO_MODEL_DIR,
+                                                                                   transformer=transformer)
+        return pipe("a yellow circle moves right on a black background", num_frames=9, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    expected = video()
+    exported_path = tmp_path / "x" / "one_forcing.pt"
+    training(["export", "--source", str(DEMO_MODEL_DIR / "transformer"), "--out", str(exported_path)])
+    demo.save_pretrained(tmp_path / "saved")
+    layouts = {
+        "export .pt": exported_path,
+        "save_pretrained transformer/ folder": tmp_path / "saved" / "transformer",
+        "its weights file": tmp_path / "saved" / "transformer" / "diffusion_pytorch_model.safetensors",
+    }
+    for layout, path in layouts.items():
+        loaded = CausalWanTransformer3DModel.from_single_file(path)
+        assert (loaded.config.num_attention_heads, loaded.config.attention_head_dim) == (4, 64), layout
+        # the same weights and config; CPU matrix products may differ in the last bits with the weights' alignment
+        torch.testing.assert_close(video(loaded), expected, rtol=0, atol=1e-4, msg=layout)
+    torch.testing.assert_close(video(OneForcingPipeline.from_pretrained(tmp_path / "saved").transformer), expected,
+                               rtol=0, atol=1e-4)
+
+    # the issue's commands: the exported file through the CLI makes the same mp4 frames as the demo itself
+    def frames(out, *extra):
+        assert cli(["generate", "--prompt", "a yellow circle moves right on a black background", "--out", str(out),
+                    "--num-frames", "9", *extra]) == 0
+        capture, read = cv2.VideoCapture(str(out)), []
+        while (item := capture.read())[0]:
+            read.append(item[1])
+        return np.stack(read)
+
+    exported = frames(tmp_path / "b.mp4", "--transformer", str(layouts["export .pt"]))
+    assert np.array_equal(frames(tmp_path / "a.mp4"), exported)

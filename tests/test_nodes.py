@@ -32,7 +32,7 @@ from oneforcing.pipelines.vae_streaming import WanStreamingDecoder, normalize_la
 from oneforcing.pipelines.loading import CheckpointError, export_reference_checkpoint, to_original_names
 
 DEMO = BUNDLED_DEMO
-HEAD128 = dict(num_attention_heads=1, attention_head_dim=128, ffn_dim=128)  # single files assume head size 128
+HEAD128 = dict(num_attention_heads=1, attention_head_dim=128, ffn_dim=128)
 
 
 # -- tiny model tree -----------------------------------------------------------------------------------------------
@@ -209,8 +209,12 @@ def test_loader_reads_every_layout_and_the_frames_per_block_default(roots):
     for name, param in roots["pt_model"].state_dict().items():
         torch.testing.assert_close(pt_model.transformer.state_dict()[name], param)
     assert pt_model.frames_per_block == 1 and pt_model.transformer.attention_backend == "math"
-    comfy_model, = definitions.model_loader("sub/tiny_comfy.safetensors", "bfloat16", "3 (chunk-wise)", "auto")
+    # a ComfyUI single file records no head count: refused unless the node's num_attention_heads gives it
+    with pytest.raises(CheckpointError, match="records no number of attention heads"):
+        definitions.model_loader("sub/tiny_comfy.safetensors", "bfloat16", "3 (chunk-wise)", "auto")
+    comfy_model, = definitions.model_loader("sub/tiny_comfy.safetensors", "bfloat16", "3 (chunk-wise)", "auto", 1)
     assert comfy_model.frames_per_block == 3 and comfy_model.transformer.proj_out.weight.dtype == torch.bfloat16
+    assert comfy_model.transformer.config.num_attention_heads == HEAD128["num_attention_heads"]
     folder_model, = definitions.model_loader("tiny_diffusers/", "default", "model default", "auto")
     assert folder_model.frames_per_block == 3
     assert type(folder_model.patcher.model).__name__ == "ModelHolder"  # what ComfyUI's ModelPatcher manages

@@ -93,11 +93,12 @@ def test_every_stage_writes_loadable_outputs(recipe):
     assert summary["gan"] and "g_adv" in summary["last"]
 
     # the reference export holds the EMA weights under Wan2.1 names and loads back as the same model
-    exported = CausalWanTransformer3DModel.from_single_file(final / "one_forcing.pt", num_attention_heads=2)
+    exported = CausalWanTransformer3DModel.from_single_file(final / "one_forcing.pt")  # heads read from the file
     ema = load_file(str(final / "generator_ema" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(exported.state_dict()[k].float(), v) for k, v in ema.items())
     raw = torch.load(final / "one_forcing.pt", weights_only=True)
-    assert list(raw) == ["generator_ema"] and "model.blocks.0.self_attn.q.weight" in raw["generator_ema"]
+    assert list(raw) == ["generator_ema", "config"] and "model.blocks.0.self_attn.q.weight" in raw["generator_ema"]
+    assert raw["config"]["num_attention_heads"] == TINY_TRANSFORMER["num_attention_heads"]
 
     # the distilled generator drops into the inference pipeline
     pipe = make_tiny_pipeline()
@@ -158,7 +159,7 @@ def test_distill_without_gan_and_export_command(recipe, capsys):
     target = root / "exported.pt"
     main(["export", "--config", str(path), "--source", str(final / "generator"), "--out", str(target)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"exported": str(target)}
-    exported = CausalWanTransformer3DModel.from_single_file(target, num_attention_heads=2)
+    exported = CausalWanTransformer3DModel.from_single_file(target)
     generator = CausalWanTransformer3DModel.from_pretrained(str(final / "generator"))
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), generator.state_dict().values()))
 

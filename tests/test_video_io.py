@@ -107,12 +107,13 @@ def test_interrupted_streams_leave_playable_files(tmp_path):
     assert _read(path)[0].shape[0] == 3
     # a process that ends with an unhandled error while the writer is still referenced
     path = tmp_path / "crashed.mp4"
-    script = (  # loads video_io.py alone: importing the whole package (torch, diffusers) would be slow
-        "import importlib.util, sys\n"
+    script = (  # loads pipelines/ as a bare package: importing the whole package (torch, diffusers) would be slow
+        "import os, sys, types\n"
         "import numpy as np\n"
-        "spec = importlib.util.spec_from_file_location('video_io', sys.argv[2])\n"
-        "video_io = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(video_io)\n"
+        "package = types.ModuleType('bare')\n"
+        "package.__path__ = [os.path.dirname(sys.argv[2])]\n"
+        "sys.modules['bare'] = package\n"
+        "from bare import video_io\n"
         "writer = video_io.Mp4Writer(sys.argv[1])\n"
         "writer.write(np.full((4, 32, 32, 3), 200, np.uint8))\n"
         "raise SystemExit('stream stopped')\n"

@@ -31,10 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_intermixed_args(argv)
+    """Run one stage; a bad config, a damaged checkpoint or a non-finite loss ends with one ``error:`` line and exit
+    status 1 (the checkpoints on disk stay the last good ones)."""
+    from ..pipelines.loading import CheckpointError
+    from .runner import NonFiniteTrainingError
+
+    try:
+        return run_stage(build_parser().parse_intermixed_args(argv))
+    except (CheckpointError, NonFiniteTrainingError) as error:
+        sys.exit(f"error: {error}")
+
+
+def run_stage(args) -> dict:
     from .config import ConfigError, load_config
 
     overrides = list(args.overrides)
+    if args.config is None and args.stage != "export" and not any(o.startswith("output_dir=") for o in overrides):
+        sys.exit("error: give --config FILE (or output_dir=DIR): without either the stage would write into "
+                 "runs/default/ under the current folder")
     if args.no_gan:
         overrides.append("distill.gan.enabled=false")
     try:

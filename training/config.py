@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -246,6 +247,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingC
             raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper() or 'JSON'}: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object / TOML table, got a {type(raw).__name__}")
         raw.pop("_comment", None)
     for item in overrides:
         _apply_override(raw, item)
@@ -297,6 +300,8 @@ def _check_type(value, hint, source: str, name: str):
         if option is type(None) and value is None:
             return None
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: {name} must be a finite number, got {value!r}")
             return float(value)
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -318,6 +323,7 @@ def _validate(config: TrainingConfig, source: str) -> None:
         need(section.steps >= 0 and section.batch_size >= 1, f"{name}.steps must be >= 0 and batch_size >= 1")
         need(len(section.betas) == 2, f"{name}.betas must have two entries")
         need(0.0 <= section.ema_decay < 1.0, f"{name}.ema_decay must be in [0, 1)")
+        need(section.lr > 0, f"{name}.lr must be > 0")
     for name in ("teacher", "distill"):
         section = getattr(config, name)
         need(

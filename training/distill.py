@@ -362,6 +362,7 @@ def export_generator(run: StageRun, ema_state: dict | None, generator: torch.nn.
     state = gathered_state(ema_state) if ema_state is not None else run.accelerator.get_state_dict(generator)
     path = None
     if run.is_main:
-        path = export_reference_checkpoint(state, run.dir / "final" / "one_forcing.pt", entry="generator_ema")
+        path = export_reference_checkpoint(state, run.dir / "final" / "one_forcing.pt", entry="generator_ema",
+                                           config=run.unwrap(generator).config)
     run.accelerator.wait_for_everyone()
     return path

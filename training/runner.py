@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -19,12 +20,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..pipelines.atomic import discard, is_partial, replaced_on_success
+from ..pipelines.checks import non_finite_names, shown_names
+from ..pipelines.loading import CheckpointError
 from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
 from .config import TrainingConfig
 from .ema import ExponentialMovingAverage
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 STATE_NAME = "state.pt"
+CHECKPOINT_NAME = re.compile(r"step_\d+")
 
 
 # -- models -----------------------------------------------------------------------------------------------------------
@@ -75,8 +80,63 @@ def load_model_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Load a folder written by :func:`save_model_folder` into ``model`` (strict; cast to the model's dtypes)."""
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint weights {path} are missing")
-    model.load_state_dict(load_file(str(path)), strict=True)
+        raise CheckpointError(path, "checkpoint weights are missing")
+    try:
+        model.load_state_dict(read_weights(path), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+        raise CheckpointError(path, f"does not fit the model: {err}") from err
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file; a :class:`CheckpointError` naming it when it is damaged."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(path, f"not a readable safetensors file ({err})") from err
+
+
+def read_training_state(folder: Path) -> dict:
+    """``state.pt`` of a checkpoint (weights only); a :class:`CheckpointError` naming it when it is damaged."""
+    path = folder / STATE_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated zip, a damaged pickle stream...
+        raise CheckpointError(path, f"not a readable training state ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or not {"step", "optimizers", "torch_rng", "cuda_rng"} <= set(state):
+        raise CheckpointError(path, "not a training state (expected step, optimizers and RNG states)")
+    return state
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What makes a checkpoint folder unreadable ("<file> (<cause>)"), or None when its state and every weights file
+    read back whole."""
+    try:
+        read_training_state(folder)
+        for weights in sorted(folder.glob(f"*/{WEIGHTS_NAME}")):
+            expected = _safetensors_size(weights)
+            if weights.stat().st_size != expected:
+                raise CheckpointError(weights, f"is truncated ({weights.stat().st_size} of {expected} bytes)")
+    except CheckpointError as err:
+        return f"{err.path} ({err.problem})"
+    return None
+
+
+def _safetensors_size(path: Path) -> int:
+    """The size a safetensors file must have: 8 + its header's length + the end of its last tensor (read from the
+    header alone, so a checkpoint is checked without reading its weights)."""
+    try:
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:  # JSON errors are ValueErrors
+        raise CheckpointError(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from err
+    return 8 + header_length + max(ends, default=0)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced NaN or Inf (a loss, or weights about to be saved); the run stops, the checkpoints on disk
+    are the last finite ones."""
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
@@ -150,6 +210,8 @@ class StageRun:
         if reduce and self.world_size > 1:
             local = self.accelerator.reduce(local, reduction="mean")
         row = {"stage": self.stage, "step": step, **{k: v for k, v in zip(names, local.tolist())}}
+        if reduce:  # the same averaged losses on every rank: all ranks stop together
+            self.refuse_non_finite(f"step {step}", {k: row[k] for k in names if "loss" in k})
         row["seconds"] = round(time.time() - self.started, 3)
         self.history.append(row)
         if self.is_main or not reduce:
@@ -173,10 +235,24 @@ class StageRun:
     def checkpoint_dir(self, step: int) -> Path:
         return self.dir / "checkpoints" / f"step_{step:07d}"
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoints(self) -> list[Path]:
+        """The stage's complete checkpoints, oldest first: folders ``step_<n>`` renamed into place when whole (a
+        temporary folder of a save that was cut short never counts)."""
         root = self.dir / "checkpoints"
-        found = sorted(p for p in root.glob("step_*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
-        return found[-1] if found else None
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / STATE_NAME).is_file())
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint that reads back whole; a damaged newer one is skipped with a message naming both."""
+        found = self.checkpoints()
+        for newest, previous in zip(reversed(found), [*reversed(found[:-1]), None]):
+            problem = checkpoint_problem(newest)
+            if problem is None:
+                return newest
+            self.print(f"[{self.stage}] skipping the damaged checkpoint {problem}; "
+                       f"{f'resuming from {previous} instead' if previous else 'no earlier checkpoint: starting anew'}")
+        return None
 
     def resume_from(self) -> Path | None:
         if self.resume == "never":
@@ -185,7 +261,10 @@ class StageRun:
             return self.latest_checkpoint()
         path = Path(self.resume)
         if not (path / STATE_NAME).is_file():
-            raise FileNotFoundError(f"--resume {path}: no {STATE_NAME} there")
+            raise FileNotFoundError(f"--resume {path}: no {STATE_NAME} there (not a complete checkpoint)")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(path, f"--resume: cannot read {problem}")
         return path
 
     def save_checkpoint(
@@ -203,27 +282,43 @@ class StageRun:
         sharded = self.is_fsdp
         if sharded:
             self.print(f"[{self.stage}] FSDP: optimizer states are not saved; a resume restarts the AdamW moments")
+        self.refuse_non_finite(f"the weights to save at step {step}", {**states, **ema_states})
         if self.is_main:
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            for name, model in models.items():
-                save_model_folder(self.unwrap(model), tmp / name, states[name])
-            for name, (_, model) in (emas or {}).items():
-                save_model_folder(self.unwrap(model), tmp / name, ema_states[name])
-            state = {
-                "step": step,
-                "optimizers": {} if sharded else {name: opt.state_dict() for name, opt in optimizers.items()},
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }
-            torch.save(state, tmp / STATE_NAME)
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
-            old = sorted(p for p in folder.parent.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for stale in old[:-keep] if keep > 0 else []:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with replaced_on_success(folder) as tmp:  # whole or not at all: a kill mid-save leaves the older ones
+                for name, model in models.items():
+                    save_model_folder(self.unwrap(model), tmp / name, states[name])
+                for name, (_, model) in (emas or {}).items():
+                    save_model_folder(self.unwrap(model), tmp / name, ema_states[name])
+                state = {
+                    "step": step,
+                    "optimizers": {} if sharded else {name: opt.state_dict() for name, opt in optimizers.items()},
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                }
+                torch.save(state, tmp / STATE_NAME)
+            for stale in self.checkpoints()[:-keep] if keep > 0 else []:
                 shutil.rmtree(stale, ignore_errors=True)
+            for torn in (p for p in folder.parent.iterdir() if is_partial(p)):  # saves killed earlier
+                discard(torn)
         self.accelerator.wait_for_everyone()
         return folder
+
+    def refuse_non_finite(self, what: str, values: dict[str, dict[str, torch.Tensor] | float]) -> None:
+        """Stop the run with :class:`NonFiniteTrainingError` when any of ``values`` (numbers, or model states) holds
+        NaN or Inf on any rank (a collective call: every rank stops), naming them and the last checkpoint."""
+        bad = [name for name, value in values.items()
+               if (non_finite_names(value.items()) if isinstance(value, dict) else not math.isfinite(value))]
+        flag = torch.tensor([float(bool(bad))], device=self.device)
+        if self.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        if flag.item():
+            latest = self.checkpoints()
+            raise NonFiniteTrainingError(
+                f"[{self.stage}] {what}: non-finite values (NaN or Inf) in {shown_names(bad) or 'another rank'}; "
+                f"stopped without saving them. The last checkpoint, {latest[-1] if latest else 'none yet'}, holds "
+                "the last finite weights (lower the learning rate, or enable gradient clipping)."
+            )
 
     def load_model_states(
         self, folder: Path, models: dict[str, torch.nn.Module], emas: dict[str, ExponentialMovingAverage] | None = None
@@ -232,17 +327,20 @@ class StageRun:
         for name, model in models.items():
             load_model_weights(model, folder / name)
         for name, ema in (emas or {}).items():
-            ema.load_state_dict(load_file(str(folder / name / WEIGHTS_NAME)))
+            ema.load_state_dict(read_weights(folder / name / WEIGHTS_NAME))
 
     def load_training_state(self, folder: Path, optimizers: dict[str, torch.optim.Optimizer]) -> int:
         """Load optimizer and RNG states (after ``prepare``); returns the step the checkpoint was taken at."""
-        state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+        state = read_training_state(folder)
         for name, opt in optimizers.items():
             if not state["optimizers"] and self.is_fsdp:
                 continue  # written under FSDP without optimizer states
             if name not in state["optimizers"]:
-                raise KeyError(f"{folder / STATE_NAME} has no optimizer state {name!r}")
-            opt.load_state_dict(state["optimizers"][name])
+                raise CheckpointError(folder / STATE_NAME, f"has no optimizer state {name!r}")
+            try:
+                opt.load_state_dict(state["optimizers"][name])
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise CheckpointError(folder / STATE_NAME, f"optimizer state {name!r} does not fit: {err}") from err
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -254,6 +352,7 @@ class StageRun:
         final = self.dir / "final"
         states = {name: self.accelerator.get_state_dict(model) for name, model in models.items()}
         states.update({name: gathered_state(state) for name, state in (state_dicts or {}).items()})
+        self.refuse_non_finite("the final weights", states)
         if self.is_main:
             for name, model in models.items():
                 save_model_folder(self.unwrap(model), final / name, states[name])
