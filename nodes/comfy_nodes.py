@@ -5,10 +5,13 @@ Importing this module needs ComfyUI's ``comfy_api``; the rest of the package doe
 
 from __future__ import annotations
 
+import inspect
+
 from comfy_api.latest import ComfyExtension, io
 
 from .definitions import NODE_SPECS
 from .spec import InputSpec, NodeSpec, OutputSpec
+from .workflow_inputs import install_workflow_inputs
 
 _SOCKETS = {
     "CONDITIONING": io.Conditioning,
@@ -67,7 +70,26 @@ def comfy_node(spec: NodeSpec) -> type[io.ComfyNode]:
     if spec.fingerprint is not None:
         fingerprint = spec.fingerprint
         namespace["fingerprint_inputs"] = classmethod(lambda cls, **inputs: fingerprint(**inputs))
+    if spec.validate is not None:
+        namespace["validate_inputs"] = classmethod(queue_time_check(spec.validate))
     return type(spec.node_id, (io.ComfyNode,), namespace)
+
+
+def queue_time_check(validate):
+    """``validate`` as ComfyUI's ``validate_inputs(cls, ...)``: True, or the reason as a string.
+
+    ComfyUI reads which inputs to pass from the signature, and skips its own range checks for every input when the
+    hook takes ``**kwargs``; the hook therefore carries ``validate``'s named parameters.
+    """
+
+    def validate_inputs(cls, **inputs):
+        problem = validate(**inputs)
+        return True if problem is None else problem
+
+    params = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += list(inspect.signature(validate).parameters.values())
+    validate_inputs.__signature__ = inspect.Signature(params)
+    return validate_inputs
 
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [comfy_node(spec) for spec in NODE_SPECS]
@@ -79,4 +101,5 @@ class OneForcingExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> OneForcingExtension:
+    install_workflow_inputs()  # the image-to-video workflow's start image, into ComfyUI's input/
     return OneForcingExtension()

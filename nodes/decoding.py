@@ -38,13 +38,15 @@ def decode_video(
         mean, std = wan_vae_latent_stats(vae_name, vae)
         patcher = load_tiny_vae(tiny_vae)
         device = runtime.load(patcher)
-        return _stream(raw, TinyWanStreamingDecoder(patcher.model.tiny_vae), normaliser(mean, std, raw, device),
-                       on_progress, should_stop)
+        with runtime.cpu_threads(device):
+            return _stream(raw, TinyWanStreamingDecoder(patcher.model.tiny_vae), normaliser(mean, std, raw, device),
+                           on_progress, should_stop)
     patcher = vae_from_comfy(vae) if vae is not None else load_vae(vae_name)
     device = runtime.load(patcher)
     model = patcher.model.vae
     normalise = normaliser(model.config.latents_mean, model.config.latents_std, raw, device)
-    return _stream(raw, WanStreamingDecoder(model), normalise, on_progress, should_stop)
+    with runtime.cpu_threads(device):
+        return _stream(raw, WanStreamingDecoder(model), normalise, on_progress, should_stop)
 
 
 def _stream(raw: torch.Tensor, decoder, normalise: Callable[[torch.Tensor], torch.Tensor], on_progress,

@@ -14,7 +14,7 @@ from functools import partial
 from ..pipelines.attention import ATTENTION_BACKENDS
 from .decoding import decode_video
 from .encoding import encode_images
-from .folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, resolve_model
+from .folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, missing_model, resolve_model
 from .model_loading import DTYPE_CHOICES, load_transformer
 from .sampling import TIMESTEP_PRESETS, encode_text, generate_latents, schedule_conditioning
 from .spec import InputSpec, NodeSpec, OutputSpec
@@ -69,6 +69,24 @@ def decode(samples, vae_name: str, vae=None, tiny_vae: str = NO_TINY_VAE) -> tup
     return (decode_video(samples, vae_name, vae, tiny_vae),)
 
 
+# -- queue-time checks: a model that is not there is named when the prompt is queued, not when its node runs ----------
+def _check_transformer(model_name) -> str | None:
+    return missing_model("diffusion_models", model_name)
+
+
+def _check_text_encoder(text_encoder_name) -> str | None:
+    return missing_model("text_encoders", text_encoder_name)
+
+
+def _check_vae(vae_name) -> str | None:
+    # the bundled demo's VAE is checked when it runs: a connected VAE (unknown at queue time) replaces it
+    return None if vae_name == BUNDLED_DEMO else missing_model("vae", vae_name)
+
+
+def _check_decoders(vae_name, tiny_vae=NO_TINY_VAE) -> str | None:
+    return _check_vae(vae_name) or (None if tiny_vae == NO_TINY_VAE else missing_model("vae_approx", tiny_vae))
+
+
 def _decode_fingerprint(vae_name=None, tiny_vae=NO_TINY_VAE, **_):
     wan = _file_fingerprint("vae", vae_name)
     return wan if tiny_vae == NO_TINY_VAE else (wan, _file_fingerprint("vae_approx", tiny_vae))
@@ -100,6 +118,7 @@ MODEL_LOADER = NodeSpec(
     outputs=(OutputSpec("ONEFORCING_MODEL", "model", "The causal transformer, managed by ComfyUI."),),
     function=model_loader,
     fingerprint=lambda model_name=None, **_: _file_fingerprint("diffusion_models", model_name),
+    validate=_check_transformer,
 )
 
 # shared by the two nodes that run the UMT5 text encoder
@@ -129,6 +148,7 @@ TEXT_ENCODE = NodeSpec(
     outputs=(OutputSpec("CONDITIONING", "conditioning", "UMT5 embeddings [1, 512, dim], zero after the prompt."),),
     function=text_encode,
     fingerprint=_text_encoder_fingerprint,
+    validate=_check_text_encoder,
 )
 
 PROMPT_SCHEDULE = NodeSpec(
@@ -151,6 +171,7 @@ PROMPT_SCHEDULE = NodeSpec(
                         "with its frames; only the One-Forcing rollout reads the schedule."),),
     function=prompt_schedule,
     fingerprint=_text_encoder_fingerprint,
+    validate=_check_text_encoder,
 )
 
 ENCODE = NodeSpec(
@@ -164,16 +185,17 @@ ENCODE = NodeSpec(
         InputSpec("images", "IMAGE", "One image, or a clip of 1 + 4k frames (1, 5, 9, ...)."),
         InputSpec("vae_name", "COMBO", "A Wan2.1 VAE in models/vae, or the bundled demo's; ignored when a VAE is "
                   "connected.", default=BUNDLED_DEMO, options=partial(list_models, "vae")),
-        InputSpec("width", "INT", "Width to resize to, in pixels (the video's width).", default=832, min=16,
-                  max=MAX_SIZE, step=16),
-        InputSpec("height", "INT", "Height to resize to, in pixels (the video's height).", default=480, min=16,
-                  max=MAX_SIZE, step=16),
+        InputSpec("width", "INT", "Width to resize to, in pixels, a multiple of 16 (the video's width).",
+                  default=832, min=16, max=MAX_SIZE, step=16),
+        InputSpec("height", "INT", "Height to resize to, in pixels, a multiple of 16 (the video's height).",
+                  default=480, min=16, max=MAX_SIZE, step=16),
         InputSpec("vae", "VAE", "Optional: ComfyUI's Wan2.1 VAE (from VAELoader) instead of vae_name.",
                   optional=True),
     ),
     outputs=(OutputSpec("LATENT", "latent", "Wan2.1 latents [1, 16, 1 + (T-1)/4, H/8, W/8], raw VAE space."),),
     function=encode,
     fingerprint=lambda vae_name=None, **_: _file_fingerprint("vae", vae_name),
+    validate=_check_vae,
 )
 
 ROLLOUT = NodeSpec(
@@ -191,10 +213,12 @@ ROLLOUT = NodeSpec(
                   "CLIP) or a prompt schedule (One-Forcing Prompt Schedule)."),
         InputSpec("seed", "INT", "Seed of the initial and re-noising noise.", default=0, min=0,
                   max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-        InputSpec("width", "INT", "Video width in pixels, a multiple of 16.", default=832, min=16, max=MAX_SIZE,
-                  step=16),
-        InputSpec("height", "INT", "Video height in pixels, a multiple of 16.", default=480, min=16, max=MAX_SIZE,
-                  step=16),
+        InputSpec("width", "INT", "Video width in pixels, a multiple of 16; 0 = the model's own size (what its "
+                  "pipeline recorded: 128 for the bundled demo; 832 for Wan2.1 single files).", default=0, min=0,
+                  max=MAX_SIZE, step=16),
+        InputSpec("height", "INT", "Video height in pixels, a multiple of 16; 0 = the model's own size (what its "
+                  "pipeline recorded: 128 for the bundled demo; 480 for Wan2.1 single files).", default=0, min=0,
+                  max=MAX_SIZE, step=16),
         InputSpec("length", "INT", "Video frames, 1 + 4k (81 = 21 latent frames), a context's frames included.",
                   default=81, min=1, max=MAX_LENGTH, step=4),
         InputSpec("frames_per_block", "INT", "Latent frames per block; 0 = the loader's setting.", default=0, min=0,
@@ -244,6 +268,7 @@ DECODE = NodeSpec(
     outputs=(OutputSpec("IMAGE", "images", "Frames [T, H, W, 3] in 0..1 (batch videos one after another)."),),
     function=decode,
     fingerprint=_decode_fingerprint,
+    validate=_check_decoders,
 )
 
 NODE_SPECS: tuple[NodeSpec, ...] = (MODEL_LOADER, TEXT_ENCODE, PROMPT_SCHEDULE, ROLLOUT, ENCODE, DECODE)

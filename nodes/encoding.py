@@ -13,7 +13,7 @@ from ..pipelines.pipeline_one_forcing import OneForcingPipeline
 from . import runtime
 from .latents import to_raw
 from .model_loading import load_vae, vae_from_comfy
-from .sampling import VAE_SPATIAL, VAE_TEMPORAL
+from .sampling import SIZE_MULTIPLE, VAE_TEMPORAL
 
 
 def check_images(images) -> torch.Tensor:
@@ -36,10 +36,12 @@ def check_images(images) -> torch.Tensor:
 
 def encode_images(images, vae_name: str, width: int, height: int, vae=None) -> dict:
     """IMAGE ``[T, H, W, C]`` (one image or a clip of 1 + 4k frames) -> LATENT ``{"samples": [1, 16, 1 + (T-1)/4,
-    height/8, width/8]}`` in raw VAE space. Frames are resized to ``width`` x ``height`` (multiples of 8)."""
+    height/8, width/8]}`` in raw VAE space. Frames are resized to ``width`` x ``height``, multiples of
+    :data:`~.sampling.SIZE_MULTIPLE` as the rollout needs (a Wan2.1 model's patches span 2 x 2 latent pixels)."""
     for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value <= 0 or value % VAE_SPATIAL:
-            raise ValueError(f"{name} must be a positive multiple of {VAE_SPATIAL}, got {value}")
+        if not isinstance(value, int) or value <= 0 or value % SIZE_MULTIPLE:
+            raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE} (what the rollout makes), "
+                             f"got {value}")
     frames = check_images(images)
     patcher = vae_from_comfy(vae) if vae is not None else load_vae(vae_name)
     device = runtime.load(patcher)

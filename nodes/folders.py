@@ -145,6 +145,16 @@ def resolve_model(kind: str, name: str) -> Path:
     raise FileNotFoundError(f"{kind} model {name!r}: not found in {searched}")
 
 
+def missing_model(kind: str, name) -> str | None:
+    """Why choice ``name`` of ``kind`` cannot be loaded (malformed, or no such file or folder), or None when it can be
+    found: what the nodes check when a prompt is queued, before anything runs."""
+    try:
+        resolve_model(kind, name)
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return None
+
+
 def component_path(kind: str, path: Path) -> Path:
     """For a pipeline folder (``model_index.json``), its component subfolder for ``kind``; else ``path``."""
     if path.is_dir() and (path / "model_index.json").is_file():

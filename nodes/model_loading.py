@@ -66,19 +66,18 @@ class OneForcingModel:
     latents_std: list[float]
     source: str
     text_length: int = 512
+    video_size: dict | None = None
 
     @property
     def transformer(self) -> CausalWanTransformer3DModel:
         return self.patcher.model.transformer
 
 
-def _text_length_of(folder: Path | None) -> int:
-    """Prompt tokens the model was trained with: its pipeline's recorded ``max_sequence_length``, else Wan's 512."""
+def _model_index(folder: Path | None) -> dict:
+    """What the model's pipeline folder records in ``model_index.json`` (empty for single files)."""
     if folder is not None and (folder / "model_index.json").is_file():
-        length = json.loads((folder / "model_index.json").read_text()).get("max_sequence_length")
-        if length:
-            return int(length)
-    return 512
+        return json.loads((folder / "model_index.json").read_text())
+    return {}
 
 
 def _latent_stats_of(folder: Path | None) -> tuple[list[float], list[float]]:
@@ -123,6 +122,7 @@ def load_transformer(
     transformer.set_attention_backend(attention_backend)
     transformer.eval().requires_grad_(False)
     folder = pipeline_folder("diffusion_models", path)
+    recorded = _model_index(folder)
     mean, std = _latent_stats_of(folder)
     scheduler = OneForcingScheduler()
     if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
@@ -135,7 +135,8 @@ def load_transformer(
         latents_mean=mean,
         latents_std=std,
         source=model_name,
-        text_length=_text_length_of(folder),
+        text_length=int(recorded.get("max_sequence_length") or 512),
+        video_size=recorded.get("default_video_size"),
     )
 
 

@@ -7,8 +7,11 @@ itself: importing ``comfy.*`` outside the server has side effects (device probin
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
 import torch
 
@@ -105,6 +108,50 @@ def free_cache() -> None:
         mm.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def idle_cpus(window_s: float = 0.05) -> int:
+    """CPUs of this process's affinity that other processes leave idle, from ``/proc/stat`` over ``window_s`` (at
+    least 1); without ``/proc/stat``, every CPU of the affinity."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def sample():
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait (jiffies over all CPUs)
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return usable
+    if total1 <= total0:
+        return usable
+    machine = os.cpu_count() or usable
+    idle = round(machine * (idle1 - idle0) / (total1 - total0))
+    return max(1, min(usable, idle))
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device) -> Iterator[int]:
+    """On the CPU, run the block with as many torch threads as there are idle CPUs, then restore the setting.
+
+    torch's default (one thread per core) makes every operator wait at a barrier for all its threads; when another
+    busy process holds a core, the thread on it runs late each time and the whole rollout slows many times over
+    (benchmarks/cpu_contention.py measures it). Fewer threads than cores only lose the busy cores' share. GPU work
+    is left alone. Yields the thread count used.
+    """
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu":
+        yield before
+        return
+    threads = min(before, idle_cpus())
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_interrupted(extra: Callable[[], bool] | None = None) -> None:

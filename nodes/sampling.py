@@ -28,6 +28,9 @@ TIMESTEP_PRESETS = {
 }
 MAX_SEQUENCE_LENGTH = 512
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+# pixels per Wan2.1 patch side (8 per latent pixel, 2 x 2 latent pixels per patch): frame sizes come in its multiples;
+# the rollout reads the loaded model's patch size, the encoder (no model at hand) assumes Wan2.1's
+SIZE_MULTIPLE = VAE_SPATIAL * 2
 # a CONDITIONING entry's dict keys marking it as one range of a prompt schedule: (start, end or None) in video
 # frames, and the prompt's text (for error messages)
 SCHEDULE_KEY = "oneforcing_frames"
@@ -201,7 +204,9 @@ def generate_latents(
         model: from the loader node.
         conditioning: one prompt, or a prompt schedule (see :func:`conditioning_prompts`).
         seed: the initial and re-noising noise (CPU generator: the same video on every device).
-        width, height: pixels, multiples of 16; length: video frames, 1 + 4k, a context's frames included.
+        width, height: pixels, multiples of 16; 0 = the size the model recorded (its pipeline's
+            ``default_video_size``; Wan2.1's 832 x 480 for single files). length: video frames, 1 + 4k, a context's
+            frames included.
         frames_per_block: latent frames per block; 0 = the loader's setting.
         timesteps: a :data:`TIMESTEP_PRESETS` name.
         initial_latent: a LATENT whose shape sets batch, frames and size instead of width/height/length (as from
@@ -222,6 +227,9 @@ def generate_latents(
     if window_frames < 0 or sink_frames < 0:
         raise ValueError(f"window_frames and sink_frames must be >= 0, got {window_frames} and {sink_frames}")
     multiple = VAE_SPATIAL * transformer.config.patch_size[1]
+    pipe = OneForcingPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
+                              scheduler=model.scheduler, default_video_size=model.video_size)
+    width, height = width or pipe.default_video_size["width"], height or pipe.default_video_size["height"]
     batch = 1
     if initial_latent is not None:
         shape = latent_samples(initial_latent, "initial_latent").shape
@@ -240,6 +248,10 @@ def generate_latents(
         if context.shape[0] not in (1, batch):
             raise ValueError(f"context_latent holds {context.shape[0]} videos, the latent batch is {batch}")
     num_frames = check_video_size(width, height, length, multiple)
+    if context is not None and context.shape[2] >= num_frames:
+        raise ValueError(f"length {length} leaves no frame to generate after the context_latent's "
+                         f"{1 + VAE_TEMPORAL * (context.shape[2] - 1)} video frames: length counts the whole video, "
+                         "context included")
     prompts = conditioning_prompts(conditioning, transformer.config.text_dim)
     first = prompts.prompts[0] if isinstance(prompts, PromptSchedule) else prompts
     if first.shape[0] not in (1, batch):
@@ -253,12 +265,10 @@ def generate_latents(
     device = runtime.load(model.patcher)
     # ComfyUI runs nodes under torch.inference_mode(); the KV cache tracks its prompt through the tensor version
     # counter, which inference tensors lack: the rollout runs as plain no-grad code on plain tensors
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), runtime.cpu_threads(device):
         prompts = _fit_prompts(prompts, model.text_length)
         if context is not None:
             context = to_normalised(context.clone(), model.latents_mean, model.latents_std)
-        pipe = OneForcingPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
-                                  scheduler=model.scheduler)
         pipe.set_progress_bar_config(disable=True)  # ComfyUI shows its own progress bar
         stream = pipe.stream(
             **({"prompt_schedule": prompts} if isinstance(prompts, PromptSchedule) else {"prompt_embeds": prompts}),

@@ -57,7 +57,12 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """A node: ``function(**inputs)`` returns a tuple with one value per output."""
+    """A node: ``function(**inputs)`` returns a tuple with one value per output.
+
+    ``validate(**some_inputs)``, if given, runs when a prompt is queued (ComfyUI's ``validate_inputs``), before
+    anything executes: it takes widget inputs by name (its parameters say which) and returns None when they are fine,
+    else the reason. ComfyUI's own range and type checks still run for the other inputs.
+    """
 
     node_id: str
     display_name: str
@@ -67,6 +72,7 @@ class NodeSpec:
     outputs: tuple[OutputSpec, ...]
     function: Callable[..., tuple]
     fingerprint: Callable[..., Any] | None = None  # inputs -> value that changes when a file on disk changes
+    validate: Callable[..., str | None] | None = None
     extra: dict = field(default_factory=dict)
 
     def input(self, input_id: str) -> InputSpec:
@@ -116,6 +122,14 @@ def validate_spec(spec: NodeSpec) -> None:
             # an API prompt may leave an optional widget out: the function's default must be the declared one
             problems.append(f"optional input {item.id!r}: default {item.default!r} but {spec.function.__name__} "
                             f"defaults to {param.default!r}")
+    if spec.validate is not None:
+        checked = list(inspect.signature(spec.validate).parameters)
+        widgets = {i.id for i in spec.inputs if i.is_widget}
+        if not checked or not set(checked) <= widgets:
+            problems.append(f"validate checks {checked}: it must take some of the widget inputs {sorted(widgets)}")
+        for name, param in inspect.signature(spec.validate).parameters.items():
+            if name in widgets and spec.input(name).optional and param.default is inspect.Parameter.empty:
+                problems.append(f"validate: optional input {name!r} needs a default (a prompt may leave it out)")
     if problems:
         raise ValueError(f"{spec.node_id}: " + "; ".join(problems))
 

@@ -2,14 +2,18 @@
 
 ``COMFYUI_PYTHON`` is the interpreter with ComfyUI's requirements (default: this one). The test builds a base
 directory (``--base-directory``) with this repository symlinked into ``custom_nodes/`` and tiny models in
-``models/``, starts ``main.py --cpu``, checks ``/object_info``, POSTs every API workflow in ``workflows/api/``,
-waits for ``/history`` and checks the saved videos (frame count and size as the rollout node asks). The bundled demo
-is a tiny stand-in pipeline unless ``COMFYUI_BUNDLED_DEMO=1`` lets the workflows use the real one in
-``models/oneforcing-demo`` (then the image-to-video video must also start with its start image); that workflow's
-``example.png`` is a frame of the demo model's synthetic world. ComfyUI's ``CLIPLoader`` always builds the full
-UMT5-XXL (5.7 B parameters), which no tiny file can stand in for: unless ``COMFYUI_UMT5`` names a real ``umt5_xxl``
-file in ``COMFYUI_ROOT/models/text_encoders`` the native workflow's CLIPLoader + CLIPTextEncode pair is replaced by
-this package's text encoder (fed a tiny 4096-wide UMT5), and that is printed. The timings are printed (``-s``) and,
+``models/``, starts ``main.py --cpu --preview-method auto``, checks ``/object_info``, POSTs every API workflow in
+``workflows/api/``, waits for ``/history`` and checks the saved videos (frame count and size as the rollout node asks;
+size 0 is the model's recorded size), and that a preview per block arrives over the websocket. The bundled demo is a
+tiny stand-in pipeline unless ``COMFYUI_BUNDLED_DEMO=1`` lets the workflows use the real one in
+``models/oneforcing-demo`` (then the image-to-video video must also start with its start image, the demo world's frame
+the package copies into ``input/``).
+
+The workflow that needs downloads (``properties.models`` on its loaders) is first queued without its models and must be
+refused at queue time naming every one; then tiny stand-ins take their names. ComfyUI's ``CLIPLoader`` always builds
+the full UMT5-XXL (5.7 B parameters), which no tiny file can stand in for: unless ``COMFYUI_UMT5`` names a real
+``umt5_xxl`` file in ``COMFYUI_ROOT/models/text_encoders`` that workflow's CLIPLoader + CLIPTextEncode pair is replaced
+by this package's text encoder (fed a tiny 4096-wide UMT5), and that is printed. The timings are printed (``-s``) and,
 with ``COMFYUI_SERVER_REPORT`` set to a file, written there as JSON.
 """
 
@@ -43,6 +47,8 @@ REPO = Path(__file__).resolve().parent.parent
 CORE = {k: v for path in sorted((Path(__file__).parent / "fixtures").glob("comfyui_core_object_info*.json"))
         for k, v in json.loads(path.read_text()).items()}
 API_FILES = sorted((REPO / "workflows" / "api").glob("*.json"))
+UI = {path.name: json.loads((REPO / "workflows" / path.name).read_text()) for path in API_FILES}
+WORKFLOW_INPUTS = REPO / "workflows" / "input"
 REAL_DEMO = os.environ.get("COMFYUI_BUNDLED_DEMO") == "1"
 
 # ComfyUI's own Wan2.1 VAE class with its fixed config, randomly initialised (VAELoader accepts no smaller one)
@@ -68,18 +74,10 @@ save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, sys
 
 
 def _start_image():
-    """The first frame of a demo-world scene (what the demo model was trained on): uint8 RGB [128, 128, 3]."""
-    from oneforcing.training.world import render_clip
-
-    video, _, _ = render_clip(0, "train", num_frames=1, height=128, width=128)  # [3, 1, H, W] in -1..1
-    return ((video[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-
-
-def _write_start_image(path: Path) -> None:
+    """The image-to-video workflow's start image (a frame of the demo world): uint8 RGB [128, 128, 3]."""
     import cv2
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), _start_image()[:, :, ::-1])
+    return cv2.imread(str(WORKFLOW_INPUTS / "oneforcing_demo_start.png"))[:, :, ::-1]
 
 
 def _free_port() -> int:
@@ -89,6 +87,9 @@ def _free_port() -> int:
 
 
 class Server:
+    """``main.py`` on a free loopback port with ``base`` as its base directory (the real bundled demo when
+    ``COMFYUI_BUNDLED_DEMO=1``, else ``base/oneforcing-demo``)."""
+
     def __init__(self, base: Path, python: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -100,7 +101,7 @@ class Server:
             env["ONEFORCING_DEMO_DIR"] = str(base / "oneforcing-demo")
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:"],
+             str(base), "--database-url", "sqlite:///:memory:", "--preview-method", "auto"],
             cwd=COMFYUI_ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         self.log_path = base / "server.log"
@@ -122,17 +123,22 @@ class Server:
             return json.loads(response.read())
 
     def post(self, path: str, body: dict):
+        status, answer = self.try_post(path, body)
+        assert status == 200, f"POST {path} -> {status}: {json.dumps(answer)[:3000]}"
+        return answer
+
+    def try_post(self, path: str, body: dict) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
+                return response.status, json.loads(response.read())
         except urllib.error.HTTPError as err:
-            raise AssertionError(f"POST {path} -> {err.code}: {err.read().decode()[:3000]}") from err
+            return err.code, json.loads(err.read() or b"{}")
 
-    def run(self, prompt: dict, timeout: float = 600) -> tuple[dict, float]:
+    def run(self, prompt: dict, timeout: float = 600, client_id: str | None = None) -> tuple[dict, float]:
         start = time.perf_counter()
-        prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+        prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})["prompt_id"]
         while time.perf_counter() - start < timeout:
             history = self.get(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
@@ -152,28 +158,42 @@ class Server:
         self.log.close()
 
 
+NATIVE_MODELS = {  # the tiny stand-ins of the downloads: folder / file name -> how to make it
+    "diffusion_models/one_forcing.pt": lambda path, python: export_reference_checkpoint(
+        make_tiny_transformer(4, **HEAD128, text_dim=4096), path),  # takes 4096-wide UMT5 embeddings
+    "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors": lambda path, python: comfy_umt5_file(path, d_model=4096),
+    "vae/wan_2.1_vae.safetensors": lambda path, python: subprocess.run(
+        [python, "-c", WAN_VAE_SCRIPT, str(path)], cwd=COMFYUI_ROOT, check=True, capture_output=True),
+}
+
+
+def build_base(base: Path) -> Path:
+    """A ComfyUI base directory: this repository in ``custom_nodes/``, ``models/`` with tiny files (see
+    ``test_nodes.build_model_tree``) and a tiny stand-in demo in ``oneforcing-demo/``; none of the downloads."""
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "oneforcing").symlink_to(REPO, target_is_directory=True)
+    build_model_tree(base)
+    return base
+
+
+def add_native_models(base: Path, python: str) -> None:
+    """Tiny stand-ins named as the downloads the native-Wan workflow declares (a real UMT5 with ``COMFYUI_UMT5``)."""
+    umt5 = os.environ.get("COMFYUI_UMT5")
+    for name, make in NATIVE_MODELS.items():
+        path = base / "models" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if umt5 and name.startswith("text_encoders/"):
+            path.with_name(umt5).symlink_to(Path(COMFYUI_ROOT) / "models" / "text_encoders" / umt5)
+        else:
+            make(path, python)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    base = tmp_path_factory.mktemp("comfyui_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "oneforcing").symlink_to(REPO, target_is_directory=True)
-    build_model_tree(base)  # base/models/... and base/oneforcing-demo
-    models = base / "models"
-    # the native-Wan workflow's default names, as tiny stand-ins (the transformer takes 4096-wide UMT5 embeddings)
-    export_reference_checkpoint(make_tiny_transformer(4, **HEAD128, text_dim=4096),
-                                models / "diffusion_models" / "one_forcing.pt")
-    umt5 = os.environ.get("COMFYUI_UMT5")
-    if umt5:
-        (models / "text_encoders").mkdir(exist_ok=True)
-        (models / "text_encoders" / umt5).symlink_to(Path(COMFYUI_ROOT) / "models" / "text_encoders" / umt5)
-    else:
-        comfy_umt5_file(models / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", d_model=4096)
-    subprocess.run([python, "-c", WAN_VAE_SCRIPT, str(models / "vae" / "wan_2.1_vae.safetensors")],
-                   cwd=COMFYUI_ROOT, check=True, capture_output=True)
-    _write_start_image(base / "input" / "example.png")
+    base = build_base(tmp_path_factory.mktemp("comfyui_base"))
     instance = Server(base, python)
-    instance.base = base
+    instance.base, instance.python = base, python
     instance.report = {"startup_s": round(instance.startup_s, 1), "bundled_demo": "real" if REAL_DEMO else "tiny",
                        "workflows": {}}
     yield instance
@@ -203,7 +223,8 @@ def test_object_info_lists_the_nodes_as_declared(server):
                     else:
                         assert live_options[option] == value, (spec.node_id, name, option)
     assert "tiny_oneforcing.pt" in info["OneForcingModelLoader"]["input"]["required"]["model_name"][1]["options"]
-    assert "example.png" in info["LoadImage"]["input"]["required"]["image"][0]
+    # the package copied the image-to-video start image into ComfyUI's input folder when it loaded
+    assert "oneforcing_demo_start.png" in info["LoadImage"]["input"]["required"]["image"][0]
     server.report["nodes_listed"] = [s.node_id for s in NODE_SPECS if s.node_id in info]
     # the recorded core-node fixture the CI workflow checks rely on still matches this ComfyUI
     for name, recorded in CORE.items():
@@ -247,28 +268,90 @@ def _node(prompt: dict, class_type: str) -> tuple[str, dict]:
     return next((k, n) for k, n in prompt.items() if n["class_type"] == class_type)
 
 
-def _expected_video(prompt: dict) -> tuple[int, int, int]:
-    """(frames, height, width) the rollout node of ``prompt`` makes: its context sets the size when connected."""
+def _demo_video_size(server) -> dict:
+    """The bundled demo's recorded ``default_video_size`` (what a rollout's size 0 stands for)."""
+    demo = REPO / "models" / "oneforcing-demo" if REAL_DEMO else server.base / "oneforcing-demo"
+    return json.loads((demo / "model_index.json").read_text())["default_video_size"]
+
+
+def _expected_video(prompt: dict, server) -> tuple[int, int, int]:
+    """(frames, height, width) the rollout node of ``prompt`` makes: its context sets the size when connected, size 0
+    is the bundled demo's recorded size."""
     _, rollout = _node(prompt, "OneForcingRollout")
     inputs = rollout["inputs"]
     width, height = inputs["width"], inputs["height"]
     if "context_latent" in inputs:
         encoder = prompt[inputs["context_latent"][0]]["inputs"]
         width, height = encoder["width"], encoder["height"]
-    return inputs["length"], height, width
+    recorded = _demo_video_size(server)
+    return inputs["length"], height or recorded["height"], width or recorded["width"]
 
 
-NATIVE = "oneforcing_t2v_native_wan.json"  # needs real UMT5/VAE sizes: run small in test_native_wan_workflow_runs
+def _models_declared(workflow: dict) -> list[dict]:
+    """The downloads a UI workflow declares, as ComfyUI's templates do (``properties.models`` of its nodes)."""
+    return [model for node in workflow["nodes"] for model in node.get("properties", {}).get("models", [])]
 
 
-@pytest.mark.parametrize("path", [p for p in API_FILES if p.name != NATIVE], ids=lambda p: p.name)
+RUNS_AS_SHIPPED = [p for p in API_FILES if not _models_declared(UI[p.name])]
+NEEDS_DOWNLOADS = [p for p in API_FILES if _models_declared(UI[p.name])]
+
+
+class PreviewListener:
+    """ComfyUI's websocket for one client id, collecting the binary preview images it sends (in a thread)."""
+
+    def __init__(self, server):
+        import threading
+
+        import websocket
+
+        self.client_id = uuid.uuid4().hex
+        self.previews: list[bytes] = []
+        self.events: list[dict] = []
+        self.socket = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}",
+                                                  timeout=30)
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+        self.thread.start()
+
+    def _listen(self):
+        import websocket
+
+        while True:
+            try:
+                opcode, data = self.socket.recv_data()
+            except (websocket.WebSocketException, OSError):
+                return
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                self.previews.append(data)
+            elif opcode == websocket.ABNF.OPCODE_TEXT:
+                self.events.append(json.loads(data))
+
+    def close(self):
+        self.socket.close()
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("path", RUNS_AS_SHIPPED, ids=lambda p: p.stem)
 def test_api_workflow_runs_as_shipped(server, path):
     prompt = json.loads(path.read_text())
-    entry, seconds = server.run(prompt)
+    listener = PreviewListener(server)
+    try:
+        entry, seconds = server.run(prompt, client_id=listener.client_id)
+        time.sleep(1)  # the last messages
+    finally:
+        listener.close()
     save_id, _ = _node(prompt, "SaveVideo")
     frames = _frames(_saved_video(server, entry, save_id), keep=(0, 80))
-    assert frames[:3] == _expected_video(prompt)
-    if path.stem == "oneforcing_i2v" and REAL_DEMO:  # the tiny stand-in VAE cannot reconstruct an image
+    assert frames[:3] == _expected_video(prompt, server)
+    # a live preview per generated block, through ComfyUI's own mechanism (the server runs --preview-method auto):
+    # binary message type 1 (PREVIEW_IMAGE) = 4-byte event, 4-byte format, then the JPEG
+    rollout_id, rollout = _node(prompt, "OneForcingRollout")
+    progress = [e["data"] for e in listener.events if e["type"] == "progress" and e["data"]["node"] == rollout_id]
+    blocks = progress[-1]["max"]
+    assert [p["value"] for p in progress] == list(range(1, blocks + 1))
+    jpegs = [m for m in listener.previews if int.from_bytes(m[:4], "big") == 1 and m[8:10] == b"\xff\xd8"]
+    assert len(jpegs) >= blocks, (len(jpegs), blocks)  # the decoder's own progress adds none (it has no preview)
+    server.report.setdefault("previews over the websocket", {})[path.stem] = f"{len(jpegs)} for {blocks} blocks"
+    if "image to video" in path.stem and REAL_DEMO:  # the tiny stand-in VAE cannot reconstruct an image
         import numpy as np
 
         start = _start_image().astype(float)
@@ -279,12 +362,30 @@ def test_api_workflow_runs_as_shipped(server, path):
         round(seconds, 1)
 
 
-def test_native_wan_workflow_runs(server):
-    assert REPO / "workflows" / "api" / NATIVE in API_FILES  # with the parametrized test: every API workflow runs
-    prompt = json.loads((REPO / "workflows" / "api" / NATIVE).read_text())
+@pytest.mark.parametrize("path", NEEDS_DOWNLOADS, ids=lambda p: p.stem)
+def test_workflow_needing_downloads_is_refused_at_queue_time_naming_every_model(server, path):
+    """Nothing runs: ComfyUI's own loaders and this package's loader (validate_inputs) refuse the prompt when it is
+    queued, and every model the workflow declares is named in the answer."""
+    declared = _models_declared(UI[path.name])
+    assert {(m["directory"], m["name"]) for m in declared} == {
+        (name.split("/")[0], name.split("/")[1]) for name in NATIVE_MODELS}
+    status, answer = server.try_post("/prompt", {"prompt": json.loads(path.read_text()),
+                                                 "client_id": uuid.uuid4().hex})
+    assert status == 400 and answer["error"]["type"] == "prompt_outputs_failed_validation", answer
+    errors = json.dumps(answer["node_errors"])
+    for model in declared:
+        assert model["name"] in errors, (model["name"], errors)
+    server.report["refused at queue time"] = {
+        node["class_type"]: [e["details"][:120] for e in node["errors"]] for node in answer["node_errors"].values()}
+
+
+def test_workflow_needing_downloads_runs_once_they_are_there(server):
+    path, = NEEDS_DOWNLOADS
+    add_native_models(server.base, server.python)
+    prompt = json.loads(path.read_text())
     rollout_id, rollout = _node(prompt, "OneForcingRollout")
     rollout["inputs"].update(width=64, height=48, length=9)  # the full-size Wan VAE on 2 CPU cores: keep it small
-    label = "oneforcing_t2v_native_wan (64x48, 9 frames"
+    label = f"{path.stem} (64x48, 9 frames"
     if not os.environ.get("COMFYUI_UMT5"):
         clip_id, _ = _node(prompt, "CLIPLoader")
         text_id, text = _node(prompt, "CLIPTextEncode")

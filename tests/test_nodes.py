@@ -20,9 +20,9 @@ from conftest import WORDS, make_tiny_pipeline, make_tiny_text_encoder, make_tin
 
 import oneforcing
 from oneforcing.nodes.definitions import NODE_SPECS
-from oneforcing.nodes.folders import BUNDLED_DEMO, list_models, set_model_roots
+from oneforcing.nodes.folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, set_model_roots
 from oneforcing.nodes.spec import object_info, validate_spec
-from oneforcing.nodes import definitions, folders
+from oneforcing.nodes import definitions, folders, runtime
 from oneforcing.nodes.latents import to_normalised, to_raw
 from oneforcing.nodes.model_loading import load_tiny_vae, wan21_latent_stats
 from oneforcing.nodes.sampling import generate_latents
@@ -32,6 +32,7 @@ from oneforcing.pipelines.vae_streaming import WanStreamingDecoder, normalize_la
 from oneforcing.pipelines.loading import CheckpointError, export_reference_checkpoint, to_original_names
 
 DEMO = BUNDLED_DEMO
+REPO = Path(__file__).resolve().parent.parent
 HEAD128 = dict(num_attention_heads=1, attention_head_dim=128, ffn_dim=128)
 
 
@@ -77,6 +78,7 @@ def build_model_tree(root: Path) -> dict:
     chunk-wise tiny pipeline). Returns the paths and the models used."""
     models = root / "models"
     demo = make_tiny_pipeline(seed=0, frames_per_block=3)
+    demo.register_to_config(default_video_size={"num_frames": 9, "height": 16, "width": 32})  # what 0 stands for
     demo.save_pretrained(root / "oneforcing-demo")
     pt_model = make_tiny_transformer(1, **HEAD128)
     export_reference_checkpoint(pt_model, models / "diffusion_models" / "tiny_oneforcing.pt")
@@ -157,6 +159,11 @@ def _spec(**overrides):
     ({"inputs": (InputSpec("x", "INT", "t", default=1, min=0, max=4),
                  InputSpec("name", "COMBO", "t", default="b", options=("a", "b"), optional=True)),
       "function": lambda x, name="a": (x,)}, "default 'b' but"),
+    ({"validate": lambda name: None}, None),
+    ({"validate": lambda model: None}, r"validate checks \['model'\]: it must take some of the widget inputs"),
+    ({"inputs": (InputSpec("x", "INT", "t", default=1, min=0, max=4),
+                 InputSpec("name", "STRING", "t", default="", optional=True)),
+      "function": lambda x, name="": (x,), "validate": lambda name: None}, "optional input 'name' needs a default"),
 ])
 def test_validate_spec_reports_problems(overrides, problem):
     if problem is None:
@@ -283,6 +290,53 @@ def test_rollout_rejects_bad_sizes(roots, width, height, length, message):
     cond = [[torch.zeros(1, 512, 32), {}]]
     with pytest.raises(ValueError, match=message):
         definitions.rollout(model, cond, 0, width, height, length, 0, "one step")
+
+
+def test_size_0_is_the_size_the_model_recorded(roots):
+    rollout = object_info(definitions.ROLLOUT)["input"]["required"]
+    assert rollout["width"][1]["default"] == rollout["height"][1]["default"] == 0  # a fresh node fits its model
+    assert "0 = the model's own size" in rollout["width"][1]["tooltip"]
+    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    assert model.video_size == {"num_frames": 9, "height": 16, "width": 32}
+    cond = [[torch.zeros(1, 512, 32), {}]]
+    latent, = definitions.rollout(model, cond, 0, 0, 0, 5, 0, "one step")
+    assert latent["samples"].shape[3:] == (2, 4)
+    latent, = definitions.rollout(model, cond, 0, 16, 0, 5, 0, "one step")  # each side on its own
+    assert latent["samples"].shape[3:] == (2, 2)
+    single, = definitions.model_loader("tiny_oneforcing.pt", "default", "model default", "auto")
+    assert single.video_size is None  # a single file records nothing: Wan2.1's 832 x 480, as the pipeline's default
+    from oneforcing import OneForcingPipeline
+
+    assert OneForcingPipeline(None, None, None, None, None).default_video_size == {
+        "num_frames": 81, "height": 480, "width": 832}
+
+
+def test_missing_models_are_refused_when_the_prompt_is_queued(roots):
+    """The queue-time checks (ComfyUI's validate_inputs) name a model that is not there before anything runs."""
+    check = {spec.node_id: spec.validate for spec in NODE_SPECS}
+    assert check["OneForcingRollout"] is None
+    assert check["OneForcingModelLoader"](model_name="tiny_oneforcing.pt") is None
+    assert check["OneForcingModelLoader"](model_name=DEMO) is None
+    problem = check["OneForcingModelLoader"](model_name="one_forcing.pt")
+    assert problem.startswith("diffusion_models model 'one_forcing.pt': not found in ") and "unet" in problem
+    assert "'..' is not allowed" in check["OneForcingModelLoader"](model_name="../x.pt")
+    for node in ("OneForcingTextEncode", "OneForcingPromptSchedule"):
+        assert check[node](text_encoder_name="tiny_umt5.safetensors") is None
+        assert "text_encoders model 'umt5_xxl.safetensors': not found" in check[node](
+            text_encoder_name="umt5_xxl.safetensors")
+    assert check["OneForcingEncode"](vae_name="tiny_vae.safetensors") is None
+    assert "vae model 'wan_2.1_vae.safetensors': not found" in check["OneForcingEncode"](
+        vae_name="wan_2.1_vae.safetensors")
+    assert check["OneForcingDecode"](vae_name=DEMO, tiny_vae=NO_TINY_VAE) is None
+    assert "vae_approx model 'taew2_1.safetensors': not found" in check["OneForcingDecode"](
+        vae_name=DEMO, tiny_vae="taew2_1.safetensors")
+
+
+def test_missing_bundled_demo_is_refused_when_the_prompt_is_queued(roots, monkeypatch, tmp_path):
+    monkeypatch.setenv("ONEFORCING_DEMO_DIR", str(tmp_path / "nowhere"))
+    assert "the bundled demo model is not installed" in definitions.MODEL_LOADER.validate(model_name=DEMO)
+    # the encoder's and decoder's VAE may come from a connected VAE, unknown at queue time: checked when they run
+    assert definitions.DECODE.validate(vae_name=DEMO, tiny_vae=NO_TINY_VAE) is None
 
 
 def test_cancel_stops_between_blocks(roots):
@@ -474,9 +528,9 @@ def test_decode_fingerprint_follows_the_tiny_vae_file(tiny_roots):
 def test_shipped_workflow_decodes_with_a_tiny_vae(tiny_roots):
     import json
 
-    from test_workflows import REPO, run_prompt
+    from test_workflows import run_prompt
 
-    prompt = json.loads((REPO / "workflows/api/oneforcing_t2v.json").read_text())
+    prompt = json.loads((REPO / "workflows/api/One-Forcing text to video.json").read_text())
     decode = next(n for n in prompt.values() if n["class_type"] == "OneForcingDecode")
     assert decode["inputs"]["tiny_vae"] == "none"  # the shipped graphs keep the Wan VAE
     results = run_prompt(prompt, {"OneForcingRollout": {"width": 32, "height": 16, "length": 9},
@@ -644,7 +698,9 @@ def test_rolling_cache_with_a_schedule_and_kept_sink_reports_every_block(roots):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(context_latent={"samples": torch.zeros(1, 4, 1, 2, 2)}), "context_latent has 4 channels"),
-    (dict(context_latent={"samples": torch.zeros(1, 16, 5, 2, 2)}), "leaves nothing to generate after the context"),
+    # the widget's name, not the pipeline's (num_frames)
+    (dict(context_latent={"samples": torch.zeros(1, 16, 5, 2, 2)}), "^length 17 leaves no frame to generate after "
+     "the context_latent's 17 video frames"),
     (dict(context_latent={"samples": torch.zeros(1, 16, 1, 3, 2)}), "context_latent is 16x24 pixels; the model "
      "makes videos whose width and height are multiples of 16"),
     (dict(window_frames=2), r"window_frames=2 must hold a whole block \(3 latent frames\)"),
@@ -660,8 +716,51 @@ def test_rollout_rejects_bad_context_and_cache_settings(roots, kwargs, message):
 @pytest.mark.parametrize("images, width, message", [
     (torch.rand(3, 16, 16, 3), 16, "images holds 3 frames; the Wan VAE encodes 1 \\+ 4k frames .*use 1 or 5 frames"),
     (torch.rand(16, 16, 3), 16, "images must be a ComfyUI IMAGE"),
-    (torch.rand(1, 16, 16, 3), 12, "width must be a positive multiple of 8, got 12"),
+    (torch.rand(1, 16, 16, 3), 12, "width must be a positive multiple of 16 .what the rollout makes., got 12"),
+    (torch.rand(1, 16, 16, 3), 24, "width must be a positive multiple of 16"),  # the VAE's 8 is not enough
 ])
 def test_encoder_rejects_bad_images(roots, images, width, message):
     with pytest.raises(ValueError, match=message):
         definitions.encode(images, DEMO, width, 16)
+
+
+def test_workflow_inputs_are_copied_into_comfyui_input_folder_without_overwriting(tmp_path):
+    from oneforcing.nodes.workflow_inputs import WORKFLOW_INPUTS, install_workflow_inputs
+
+    assert install_workflow_inputs() == []  # outside ComfyUI, with no folder given: nothing
+    shipped = sorted(p.name for p in WORKFLOW_INPUTS.iterdir())
+    assert "oneforcing_demo_start.png" in shipped
+    copied = install_workflow_inputs(tmp_path / "input")
+    assert sorted(p.name for p in copied) == shipped
+    assert (tmp_path / "input" / shipped[0]).read_bytes() == (WORKFLOW_INPUTS / shipped[0]).read_bytes()
+    (tmp_path / "input" / shipped[0]).write_bytes(b"the user's own file")
+    assert install_workflow_inputs(tmp_path / "input") == []  # never overwrites
+    assert (tmp_path / "input" / shipped[0]).read_bytes() == b"the user's own file"
+
+
+def test_requirements_never_change_the_torch_of_a_comfyui_install():
+    """requirements.txt goes into ComfyUI's own Python: it must accept the torch there (an exact pin or an
+    instruction to install one would replace it and break the torchvision ComfyUI needs)."""
+    import tomllib
+
+    text = (REPO / "requirements.txt").read_text()
+    requirements = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert requirements == declared
+    assert "torch>=2.4" in requirements and not any(r.startswith("torchvision") for r in requirements)
+    assert "torch==" not in text and "Keep ComfyUI's torch as it is" in text
+
+
+def test_cpu_thread_policy_runs_on_the_idle_cpus_and_restores_torch_setting(monkeypatch):
+    before = torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= runtime.idle_cpus() <= usable
+    monkeypatch.setattr(runtime, "idle_cpus", lambda: 1)  # another process holds every other core
+    with runtime.cpu_threads(torch.device("cpu")) as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(runtime, "idle_cpus", lambda: 10**6)  # never more threads than torch was given
+    with runtime.cpu_threads(torch.device("cpu")) as threads:
+        assert threads == before
+    with runtime.cpu_threads(torch.device("meta")) as threads:  # not the CPU: left alone
+        assert threads == torch.get_num_threads() == before

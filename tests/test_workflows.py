@@ -2,6 +2,9 @@
 
 Node definitions come from this package's declarations and, for ComfyUI's core nodes, from
 ``fixtures/comfyui_core_object_info*.json`` (recorded from a real server; test_comfyui_server.py re-checks them).
+Each UI file is also a template of ComfyUI's Templates browser: its file name is the title, ``<name>.jpg`` beside it
+the thumbnail; a Note node on the canvas says what it needs, and nodes do not overlap (test_comfyui_browser.py checks
+the same in the real frontend).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from test_nodes import model_tree, roots  # noqa: F401 (fixtures)
 
 from oneforcing.nodes.definitions import NODE_SPECS
 from oneforcing.nodes.spec import object_info
-from oneforcing.nodes.folders import MODEL_KINDS, check_model_name
+from oneforcing.nodes.folders import BUNDLED_DEMO, MODEL_KINDS, NO_TINY_VAE, check_model_name
 
 REPO = Path(__file__).resolve().parent.parent
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
@@ -31,6 +34,11 @@ MODEL_COMBOS = {("OneForcingModelLoader", "model_name"): "diffusion_models",
                 ("OneForcingDecode", "vae_name"): "vae",
                 ("OneForcingDecode", "tiny_vae"): "vae_approx"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NOTE_TYPES = {"Note", "MarkdownNote"}  # the frontend's own nodes: text on the canvas, never in an API prompt
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos; its size is the body below
+T2V, I2V, LONG, NATIVE = ("One-Forcing text to video", "One-Forcing image to video",
+                          "One-Forcing long video with a prompt switch",
+                          "One-Forcing Wan2.1 1.3B text to video (downloads)")
 OUTPUT_NODES = {name for name, info in CORE.items() if isinstance(info, dict) and info.get("output_node")}
 
 
@@ -62,6 +70,24 @@ def extra_ui_values(entry) -> int:
     return int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
 
 
+def model_folder(node_type: str, name: str, entry) -> str | None:
+    """The model folder a widget picks a file from (ours, or a core loader's recorded one), else None."""
+    kind = entry[0]
+    return kind.get("model_folder") if isinstance(kind, dict) else MODEL_COMBOS.get((node_type, name))
+
+
+def widget_values(node: dict) -> list[tuple[str, list, object]]:
+    """(name, object_info entry, value) of a UI node's widgets, its UI-only values (seed control, upload) skipped."""
+    values = iter(node["widgets_values"])
+    out = []
+    for name, entry, _ in inputs_of(node_info(node["type"])):
+        if is_widget(entry):
+            out.append((name, entry, next(values)))
+            for _ in range(extra_ui_values(entry)):
+                next(values)
+    return out
+
+
 def value_problem(node_type: str, name: str, entry, value) -> str | None:
     """Why ``value`` is not acceptable for the widget ``entry``, or None."""
     kind, options = entry[0], (entry[1] if len(entry) > 1 else {})
@@ -71,7 +97,7 @@ def value_problem(node_type: str, name: str, entry, value) -> str | None:
         except ValueError as err:
             return str(err).replace("vae model", "input file")
         return None
-    folder = kind.get("model_folder") if isinstance(kind, dict) else MODEL_COMBOS.get((node_type, name))
+    folder = model_folder(node_type, name, entry)
     if folder is not None:  # a model file name: any well-formed name inside the folder
         try:
             check_model_name(folder if folder in MODEL_KINDS else "vae", value)
@@ -102,6 +128,10 @@ def check_ui(workflow: dict) -> list[str]:
         problems.append("last_node_id / last_link_id smaller than the ids in use")
     for node in workflow["nodes"]:
         label = f"node {node['id']} ({node['type']})"
+        if node["type"] in NOTE_TYPES:
+            if node["inputs"] or node["outputs"] or [type(v) for v in node["widgets_values"]] != [str]:
+                problems.append(f"{label}: a note holds one text and no sockets")
+            continue
         info = node_info(node["type"])
         declared = inputs_of(info)
         sockets = [(n, e, r) for n, e, r in declared if not is_widget(e)]
@@ -159,6 +189,39 @@ def check_ui(workflow: dict) -> list[str]:
     return problems
 
 
+def bounding_box(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) on the canvas, the title bar included (collapsed nodes: just the title)."""
+    (x, y), (width, height) = node["pos"], node["size"]
+    if node.get("flags", {}).get("collapsed"):
+        height = 0
+    return x, y - TITLE_HEIGHT, x + width, y + height
+
+
+def overlaps(workflow: dict) -> list[str]:
+    """Pairs of nodes whose boxes intersect (as drawn at any zoom: the canvas scales them alike)."""
+    return overlapping([(f"{n['type']} {n['id']}", bounding_box(n)) for n in workflow["nodes"]])
+
+
+def overlapping(boxes: list[tuple[str, tuple[float, float, float, float]]]) -> list[str]:
+    """'a overlaps b' for every two intersecting (label, (left, top, right, bottom)) boxes."""
+    found = []
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            if box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3]:
+                found.append(f"{a} overlaps {b}")
+    return found
+
+
+def declared_models(workflow: dict) -> list[dict]:
+    """The downloads a workflow declares as ComfyUI's templates do: ``properties.models`` of its nodes, each
+    {"name", "url", "directory"} (what the frontend's Missing Models dialog lists)."""
+    return [model for node in workflow["nodes"] for model in node.get("properties", {}).get("models", [])]
+
+
+def notes(workflow: dict) -> str:
+    return "\n".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in NOTE_TYPES)
+
+
 def check_api(prompt: dict) -> list[str]:
     problems = []
     if not any(node["class_type"] in OUTPUT_NODES for node in prompt.values()):
@@ -192,9 +255,8 @@ def check_api(prompt: dict) -> list[str]:
 
 def test_workflows_come_in_both_formats():
     assert {p.name for p in UI_FILES} == {p.name for p in API_FILES}
-    assert {"oneforcing_t2v.json", "oneforcing_t2v_native_wan.json", "oneforcing_long_video.json",
-            "oneforcing_i2v.json"} <= {p.name for p in UI_FILES}
-    native = json.loads((REPO / "workflows/api/oneforcing_t2v_native_wan.json").read_text())
+    assert {f"{name}.json" for name in (T2V, I2V, LONG, NATIVE)} <= {p.name for p in UI_FILES}
+    native = json.loads((REPO / f"workflows/api/{NATIVE}.json").read_text())
     assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "VAEDecode", "SaveVideo"} <= {
         n["class_type"] for n in native.values()}
     used = {n["class_type"] for path in API_FILES for n in json.loads(path.read_text()).values()}
@@ -208,23 +270,64 @@ def test_ui_workflow_is_consistent(path):
     assert check_ui(workflow) == []
 
 
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_is_a_template_laid_out_without_overlaps(path):
+    workflow = json.loads(path.read_text())
+    assert overlaps(workflow) == []
+    # the Templates browser shows the file name as the title and <name>.jpg as the thumbnail
+    assert path.stem.startswith("One-Forcing ") and path.with_suffix(".jpg").is_file()
+    assert workflow["extra"]["title"] == path.stem
+    assert path.with_suffix(".jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG
+    text = notes(workflow)
+    models = declared_models(workflow)
+    if models:  # the canvas says it needs downloads, and which, and where from
+        assert "(downloads)" in path.stem and text.startswith("NEEDS DOWNLOADS")
+        for model in models:
+            assert f"models/{model['directory']}/{model['name']}" in text and model["url"] in text
+    else:
+        assert "Runs as shipped: no download." in text
+
+
+def test_overlap_check_counts_the_title_bar():
+    workflow = json.loads((REPO / f"workflows/{T2V}.json").read_text())
+    decode, create = (next(n for n in workflow["nodes"] if n["type"] == t) for t in ("OneForcingDecode", "CreateVideo"))
+    create["pos"] = [decode["pos"][0], decode["pos"][1] + decode["size"][1] + TITLE_HEIGHT - 1]  # its title on it
+    assert overlaps(workflow) == [f"OneForcingDecode {decode['id']} overlaps CreateVideo {create['id']}"]
+    create["pos"][1] += 1
+    assert overlaps(workflow) == []
+
+
+def test_every_model_a_workflow_needs_is_bundled_or_declared_with_its_download():
+    """What a fresh install has: the bundled demo, ComfyUI's input/ (plus the files workflows/input/ puts there).
+    Every other file a workflow names must be declared on its node, so the Missing Models dialog lists it."""
+    for path in UI_FILES:
+        workflow = json.loads(path.read_text())
+        declared = {(m["directory"], m["name"]) for m in declared_models(workflow)}
+        for model in declared_models(workflow):
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+        for node in workflow["nodes"]:
+            if node["type"] in NOTE_TYPES:
+                continue
+            for name, entry, value in widget_values(node):
+                folder = model_folder(node["type"], name, entry)
+                if isinstance(entry[0], dict) and "input_folder" in entry[0]:
+                    assert (REPO / "workflows" / "input" / value).is_file(), (path.name, value)
+                elif folder is not None and value not in (BUNDLED_DEMO, NO_TINY_VAE):
+                    assert (folder, value) in declared, f"{path.name}: {node['type']}.{name} = {value!r} undeclared"
+
+
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
 def test_api_workflow_is_valid_and_matches_the_ui_file(path):
     prompt = json.loads(path.read_text())
     assert check_api(prompt) == []
     ui = json.loads((REPO / "workflows" / path.name).read_text())
-    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in prompt.items()}
-    for node in ui["nodes"]:
+    graph = [n for n in ui["nodes"] if n["type"] not in NOTE_TYPES]
+    assert {str(n["id"]): n["type"] for n in graph} == {k: v["class_type"] for k, v in prompt.items()}
+    for node in graph:
         api_inputs = prompt[str(node["id"])]["inputs"]
         widgets = [n for n, e, _ in inputs_of(node_info(node["type"])) if is_widget(e) and n in api_inputs]
-        seeds = iter(node["widgets_values"])
-        values = []
-        for name, entry, _ in inputs_of(node_info(node["type"])):
-            if is_widget(entry):
-                values.append((name, next(seeds)))
-                for _ in range(extra_ui_values(entry)):
-                    next(seeds)
-        assert dict(values) == {n: api_inputs[n] for n in widgets}, node["type"]
+        values = {name: value for name, _, value in widget_values(node)}
+        assert values == {n: api_inputs[n] for n in widgets}, node["type"]
         for socket in node["inputs"]:
             if socket["link"] is not None:
                 link = next(l for l in ui["links"] if l[0] == socket["link"])
@@ -232,25 +335,27 @@ def test_api_workflow_is_valid_and_matches_the_ui_file(path):
 
 
 def test_the_checks_catch_broken_workflows():
-    prompt = json.loads((REPO / "workflows/api/oneforcing_t2v.json").read_text())
+    prompt = json.loads((REPO / f"workflows/api/{T2V}.json").read_text())
     rollout = next(n for n in prompt.values() if n["class_type"] == "OneForcingRollout")
-    rollout["inputs"].update(width=8, typo=1, timesteps="ten steps")
+    rollout["inputs"].update(width=-16, typo=1, timesteps="ten steps")
     rollout["inputs"]["model"] = ["99", 0]
     problems = "\n".join(check_api(prompt))
-    for expected in ("width: 8 outside", "unknown input 'typo'", "'ten steps' is not one of", "model must link"):
+    for expected in ("width: -16 outside", "unknown input 'typo'", "'ten steps' is not one of", "model must link"):
         assert expected in problems
     loader = next(n for n in prompt.values() if n["class_type"] == "OneForcingModelLoader")
     loader["inputs"]["model_name"] = "../../x"
     assert "'..' is not allowed" in "\n".join(check_api(prompt))
-    ui = json.loads((REPO / "workflows/oneforcing_t2v.json").read_text())
+    ui = json.loads((REPO / f"workflows/{T2V}.json").read_text())
     ui["links"][0][4] = 5
-    ui["nodes"][0]["widgets_values"].pop()
+    next(n for n in ui["nodes"] if n["type"] == "OneForcingModelLoader")["widgets_values"].pop()
+    next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"] = []
     problems = "\n".join(check_ui(ui))
-    assert "widget values for widgets" in problems and "does not exist on its nodes" in problems
-    i2v = json.loads((REPO / "workflows/api/oneforcing_i2v.json").read_text())
+    for expected in ("widget values for widgets", "does not exist on its nodes", "a note holds one text"):
+        assert expected in problems
+    i2v = json.loads((REPO / f"workflows/api/{I2V}.json").read_text())
     next(n for n in i2v.values() if n["class_type"] == "LoadImage")["inputs"]["image"] = "../secret.png"
     assert "input file '../secret.png': '..' is not allowed" in "\n".join(check_api(i2v))
-    i2v_ui = json.loads((REPO / "workflows/oneforcing_i2v.json").read_text())
+    i2v_ui = json.loads((REPO / f"workflows/{I2V}.json").read_text())
     next(n for n in i2v_ui["nodes"] if n["type"] == "LoadImage")["widgets_values"] = ["example.png"]  # no upload value
     assert "1 widget values for widgets ['image', 'image:upload']" in "\n".join(check_ui(i2v_ui))
 
@@ -279,10 +384,10 @@ def run_prompt(prompt: dict, overrides: dict | None = None, core_outputs: dict |
 
 
 def test_api_workflow_runs_through_the_nodes_with_tiny_models(roots):
-    prompt = json.loads((REPO / "workflows/api/oneforcing_t2v.json").read_text())
+    prompt = json.loads((REPO / f"workflows/api/{T2V}.json").read_text())
     rollout = next(n for n in prompt.values() if n["class_type"] == "OneForcingRollout")["inputs"]
-    assert (rollout["width"], rollout["height"], rollout["length"]) == (128, 128, 81)  # the demo model's size
-    small = {"OneForcingRollout": {"width": 32, "height": 16, "length": 9}}  # same graph, CPU-sized video
+    assert (rollout["width"], rollout["height"], rollout["length"]) == (0, 0, 81)  # size 0: the model's own
+    small = {"OneForcingRollout": {"length": 9}}  # same graph; the tiny stand-in demo records 32 x 16
     results = run_prompt(prompt, small)
     by_type = {prompt[k]["class_type"]: v for k, v in results.items()}
     latent = by_type["OneForcingRollout"][0]["samples"]
@@ -299,10 +404,10 @@ def _by_type(prompt: dict, class_type: str) -> dict:
 
 
 def test_long_video_workflow_runs_past_the_trained_length_with_a_schedule(roots):
-    prompt = json.loads((REPO / "workflows/api/oneforcing_long_video.json").read_text())
+    prompt = json.loads((REPO / f"workflows/api/{LONG}.json").read_text())
     rollout = _by_type(prompt, "OneForcingRollout")
     # the demo model is trained on 81 frames = 21 latent frames: the window + sink hold that many, the video is longer
-    assert (rollout["width"], rollout["height"], rollout["length"]) == (128, 128, 161)
+    assert (rollout["width"], rollout["height"], rollout["length"]) == (0, 0, 161)
     assert rollout["window_frames"] + rollout["sink_frames"] == 21 and rollout["length"] > 81
     from oneforcing.nodes.sampling import parse_schedule_text
 
@@ -317,22 +422,28 @@ def test_long_video_workflow_runs_past_the_trained_length_with_a_schedule(roots)
 
 
 def test_long_video_workflow_with_a_bad_schedule_fails_clearly(roots):
-    prompt = json.loads((REPO / "workflows/api/oneforcing_long_video.json").read_text())
+    prompt = json.loads((REPO / f"workflows/api/{LONG}.json").read_text())
     _by_type(prompt, "OneForcingPromptSchedule")["schedule"] = "0: a cat\n200: a corgi"
     with pytest.raises(ValueError, match=r"prompt switch at frame 200 .'a corgi'. is past the end of the video"):
         run_prompt(prompt, {"OneForcingRollout": {"width": 16, "height": 16}})
 
 
 def test_image_to_video_workflow_runs_and_starts_from_the_image(roots):
-    prompt = json.loads((REPO / "workflows/api/oneforcing_i2v.json").read_text())
-    assert _by_type(prompt, "LoadImage")["image"] == "example.png"  # ComfyUI ships input/example.png
+    prompt = json.loads((REPO / f"workflows/api/{I2V}.json").read_text())
+    # a frame of the demo model's world, shipped in workflows/input/ and copied into ComfyUI's input/ on load
+    name = _by_type(prompt, "LoadImage")["image"]
+    assert name == "oneforcing_demo_start.png"
     encode = _by_type(prompt, "OneForcingEncode")
     rollout = _by_type(prompt, "OneForcingRollout")
-    assert (encode["width"], encode["height"]) == (rollout["width"], rollout["height"]) == (128, 128)
-    image = torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(0))  # what LoadImage hands on
+    assert (encode["width"], encode["height"]) == (128, 128) and (rollout["width"], rollout["height"]) == (0, 0)
+    import cv2
+
+    pixels = cv2.imread(str(REPO / "workflows" / "input" / name))[None, :, :, ::-1].copy()
+    assert pixels.shape == (1, 128, 128, 3)  # the demo model's frame size
+    image = torch.from_numpy(pixels).float() / 255  # what LoadImage hands on
     results = run_prompt(prompt, {"OneForcingEncode": {"width": 16, "height": 16},
                                   "OneForcingRollout": {"length": 9}},
-                         core_outputs={"LoadImage": (image, torch.zeros(1, 40, 56))})
+                         core_outputs={"LoadImage": (image, torch.zeros(1, 128, 128))})
     by_type = {prompt[k]["class_type"]: v for k, v in results.items()}
     context = by_type["OneForcingEncode"][0]["samples"]
     latent = by_type["OneForcingRollout"][0]["samples"]
