@@ -15,7 +15,7 @@ import torch
 
 from ..pipelines.pipeline_one_forcing import OneForcingPipeline
 from ..pipelines.prompt_schedule import PromptRange, PromptSchedule
-from ..pipelines.rollout import block_sizes
+from ..pipelines.layout import BlockLayout
 from . import runtime
 from .latents import latent_samples, to_normalised, to_raw
 from .model_loading import OneForcingModel, load_text_encoder
@@ -279,8 +279,8 @@ def generate_latents(
             window_frames=window_frames or None, sink_frames=sink_frames if window_frames else None,
             keep_sink_on_switch=keep_sink_on_switch,
         )
-        return _collect(model, stream, batch, num_frames, height, width, frames_per_block,
-                        0 if context is None else context.shape[2], device, on_progress, should_stop)
+        layout = pipe.block_layout(length, frames_per_block, 0 if context is None else context.shape[2])
+        return _collect(model, stream, (batch, height, width), layout, device, on_progress, should_stop)
 
 
 def _fit_prompts(prompts, text_length: int):
@@ -291,13 +291,15 @@ def _fit_prompts(prompts, text_length: int):
     return fit_text_length(prompts.clone(), text_length)
 
 
-def _collect(model, stream, batch, num_frames, height, width, frames_per_block, context_frames, device,
-             on_progress, should_stop) -> dict:
-    """Run the pipeline's block stream into a raw-space LATENT, with progress, previews and cancel per block."""
+def _collect(model, stream, size: tuple[int, int, int], layout: BlockLayout, device, on_progress,
+             should_stop) -> dict:
+    """Run the pipeline's block stream of a video laid out as ``layout`` into a raw-space LATENT of ``size``
+    (batch, height, width), with progress, previews and cancel per block."""
+    batch, height, width = size
+    num_frames, context_frames = layout.total_frames, layout.context_frames
     shape = (batch, model.transformer.config.in_channels, num_frames, height // VAE_SPATIAL, width // VAE_SPATIAL)
     out = torch.zeros(shape, dtype=torch.float32, device=runtime.intermediate_device())
-    blocks = len(block_sizes(num_frames - context_frames, frames_per_block)) if num_frames > context_frames else 0
-    progress = runtime.Progress(blocks, on_progress)
+    progress = runtime.Progress(layout.num_blocks, on_progress)
     preview = runtime.latent_previewer(device)
     start, done = 0, 0
     try:
