@@ -1,11 +1,14 @@
 """The benchmark scripts still run against the library (their GPU-only parts are exercised on the device): the VAE
-benchmark end to end on CPU with a tiny saved VAE, and the rollout benchmark's FLOP count."""
+benchmark end to end on CPU with a tiny saved VAE, the rollout benchmark's FLOP count, and the comparison with the
+public reference code (when ONEFORCING_REFERENCE_ROOT names a work tree of it)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import make_tiny_vae
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -48,3 +51,30 @@ def test_rollout_flops_count_every_forward():
     gemm4, _ = rollout_flops(21, 1, tokens, WAN_1_3B, steps_first=4)
     assert gemm4 - gemm1 == 3 * tokens * per_token
     assert attn1 > 0
+
+
+REFERENCE_ROOT = os.environ.get("ONEFORCING_REFERENCE_ROOT")
+
+
+@pytest.mark.skipif(not REFERENCE_ROOT, reason="set ONEFORCING_REFERENCE_ROOT to a work tree of Aurora-edu/One-Forcing")
+def test_reference_compare_agrees_with_the_reference_code(tmp_path):
+    """The comparison script drives the public reference pipeline and ours on the same weights and noise (tiny model,
+    CPU, bfloat16: the only dtype the reference's SDPA path runs in): every variant's latents agree to bfloat16
+    rounding, far below the latents' own size."""
+    out = tmp_path / "compare.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "reference_compare.py"), "--reference-root", REFERENCE_ROOT, "--tiny",
+         "--transformer-only", "--height", "32", "--width", "32", "--repeats", "1", "--device", "cpu",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["reference_attention"] == "sdpa" and result["dtype"] == "bfloat16"
+    assert set(result["variants"]) == {"framewise", "framewise_first4", "chunkwise", "chunkwise_4steps"}
+    for name, row in result["variants"].items():
+        assert row["reference"]["transformer_s"] > 0 and row["ours"]["transformer_s"] > 0, name
+        assert row["latents_mean_abs"] > 0.3, name  # real latents, not zeros
+        # bfloat16 rounding (measured: mean 0.0025, max 0.012-0.02); a different function differs by the latents' size
+        assert row["latents_mean_abs_diff"] < 0.01 * row["latents_mean_abs"], name
+        assert row["latents_max_abs_diff"] < 0.1, name
