@@ -21,6 +21,10 @@ import torch
 GIB = 1024**3
 
 
+TENSOR_ARGUMENTS = ("prompt_embeds", "latents", "image", "video", "context_latents")
+"""The request's arguments that must hold finite values where given as tensors or arrays."""
+
+
 class ConcurrentUseError(RuntimeError):
     """A pipeline was asked for a second video while one is still being generated (another thread, or an unfinished
     ``stream()``)."""
@@ -85,41 +89,29 @@ def check_first_block(latents: torch.Tensor, transformer: torch.nn.Module, **inp
 
 
 # -- argument types ---------------------------------------------------------------------------------------------------
-def check_arguments(
-    *,
-    prompt=None,
-    num_frames=None,
-    height=None,
-    width=None,
-    frames_per_block=None,
-    num_videos_per_prompt=1,
-    generator=None,
-    max_sequence_length=None,
-    window_frames=None,
-    sink_frames=None,
-    **tensors,
-) -> None:
-    """A request's arguments have the types and ranges they must have, before any default fills in (0 is never
-    "the default"): ``ValueError`` / ``TypeError`` naming the argument and the value otherwise. ``tensors``
-    (``prompt_embeds``, ``latents``, ``image``, ...) must be finite where given as tensors or arrays."""
-    if prompt is not None and not (isinstance(prompt, str) or (
-            isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))):
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {_short(prompt)}")
-    for name, value, low in (("num_frames", num_frames, 1), ("height", height, 1), ("width", width, 1),
-                             ("frames_per_block", frames_per_block, 1), ("max_sequence_length", max_sequence_length, 1),
-                             ("window_frames", window_frames, 1), ("sink_frames", sink_frames, 0),
-                             ("num_videos_per_prompt", num_videos_per_prompt, 1)):
+def check_arguments(request) -> None:
+    """A request's arguments (a ``GenerationRequest``) have the types and ranges they must have, before any default
+    fills in (0 is never "the default"): ``ValueError`` / ``TypeError`` naming the argument and the value otherwise.
+    Its tensors (``prompt_embeds``, ``latents``, ``image``, ...) must be finite where given as tensors or arrays."""
+    r = request
+    if r.prompt is not None and not (isinstance(r.prompt, str) or (
+            isinstance(r.prompt, (list, tuple)) and r.prompt and all(isinstance(p, str) for p in r.prompt))):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {_short(r.prompt)}")
+    for name, low in (("num_frames", 1), ("height", 1), ("width", 1), ("frames_per_block", 1),
+                      ("max_sequence_length", 1), ("window_frames", 1), ("sink_frames", 0),
+                      ("num_videos_per_prompt", 1)):
+        value = getattr(r, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise ValueError(f"{name} must be an integer >= {low} (or None for the default), got {_short(value)}")
-    generators = generator if isinstance(generator, list) else [generator]
+    generators = r.generator if isinstance(r.generator, list) else [r.generator]
     if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-        raise TypeError(f"generator must be a torch.Generator or a list of them, got {_short(generator)} (for a "
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {_short(r.generator)} (for a "
                         "seed, pass torch.Generator().manual_seed(seed))")
     for name in ("prompt_embeds", "latents", "context_latents"):
-        value = tensors.get(name)
+        value = getattr(r, name)
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    check_finite_inputs(**tensors)
+    check_finite_inputs(**{name: getattr(r, name) for name in TENSOR_ARGUMENTS})
 
 
 def _short(value) -> str:

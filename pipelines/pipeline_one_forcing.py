@@ -447,7 +447,7 @@ class OneForcingPipeline(DiffusionPipeline):
         ``overlap_decode``: decode each block on a second CUDA stream beside the next block's transformer passes
         (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
         the same order without a second stream)."""
-        check_arguments(**request.checked_arguments())
+        check_arguments(request)
         request = request.with_defaults(self.default_video_size)
         self.check_inputs(request)
         self._interrupt = False
@@ -651,13 +651,6 @@ class GenerationRequest:
         if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
             request = replace(request, callback_on_step_end_tensor_inputs=tuple(callback.tensor_inputs))
         return request
-
-    def checked_arguments(self) -> dict:
-        """The arguments whose types and ranges :func:`.checks.check_arguments` checks."""
-        names = ("prompt", "num_frames", "height", "width", "frames_per_block", "num_videos_per_prompt", "generator",
-                 "max_sequence_length", "window_frames", "sink_frames", "prompt_embeds", "latents", "image", "video",
-                 "context_latents")
-        return {name: getattr(self, name) for name in names}
 
     def with_defaults(self, size: dict) -> "GenerationRequest":
         """Height and width default to ``size`` (the pipeline's recorded video size)."""
