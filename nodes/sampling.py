@@ -8,6 +8,7 @@ blocks and converts the result back to a ComfyUI LATENT (raw VAE space).
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable
 
@@ -19,6 +20,8 @@ from ..pipelines.layout import BlockLayout
 from . import runtime
 from .latents import latent_samples, to_normalised, to_raw
 from .model_loading import OneForcingModel, load_text_encoder
+
+logger = logging.getLogger(__name__)
 
 TIMESTEP_PRESETS = {
     # name -> (denoising_timesteps of every block, first_block_timesteps or None); un-warped, as the scheduler takes
@@ -43,6 +46,9 @@ def encode_texts(text_encoder_name: str, prompts: list[str], dtype: str = "defau
     for prompt in prompts:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError("the prompt is empty: write what the video should show (a distilled model has no "
+                             "classifier-free guidance that an empty prompt could serve)")
     tokenizer, patcher = load_text_encoder(text_encoder_name, dtype)
     device = runtime.load(patcher)
     encoder = OneForcingPipeline(
@@ -256,6 +262,9 @@ def generate_latents(
     first = prompts.prompts[0] if isinstance(prompts, PromptSchedule) else prompts
     if first.shape[0] not in (1, batch):
         raise ValueError(f"conditioning batch {first.shape[0]} does not match the latent batch {batch}")
+    if frames_per_block and frames_per_block != model.frames_per_block:
+        logger.warning("frames_per_block=%d, but the model was trained with %d latent frames per block: its videos "
+                       "may degrade (0 = the model's own setting)", frames_per_block, model.frames_per_block)
     frames_per_block = frames_per_block or model.frames_per_block
     if isinstance(prompts, PromptSchedule) and any(p.shape[0] != first.shape[0] for p in prompts.prompts):
         raise ValueError("the prompts of the schedule have different batch sizes")

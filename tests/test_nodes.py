@@ -290,6 +290,23 @@ def test_rollout_runs_a_model_trained_with_an_independent_first_frame(roots):
     torch.testing.assert_close(normalised, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_an_empty_prompt_is_refused(roots):
+    for prompt in ("", "   "):
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            definitions.text_encode(DEMO, prompt, "default")
+
+
+def test_a_frames_per_block_the_model_was_not_trained_for_is_said(roots, caplog):
+    model, = definitions.model_loader(DEMO, "default", "model default", "auto")  # chunk-wise: 3 latent frames
+    cond, = definitions.text_encode(DEMO, "a red circle moves left", "default")
+    with caplog.at_level("WARNING", logger="oneforcing"):
+        generate_latents(model, cond, 0, 16, 16, 5, 3, "one step")
+    assert not [r for r in caplog.records if "frames_per_block" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        generate_latents(model, cond, 0, 16, 16, 5, 1, "one step")
+    assert any("trained with 3 latent frames per block" in r.getMessage() for r in caplog.records)
+
+
 def test_rollout_accepts_native_conditioning_and_initial_latent_shape(roots):
     model, = definitions.model_loader(DEMO, "default", "1 (frame-wise)", "auto")
     native = [[torch.randn(1, 512, 32), {"pooled_output": None}]]
