@@ -16,18 +16,10 @@ import torch
 from .block_steps import PromptHandle, RolloutBlock, commit_context, recache
 from .checks import check_finite_inputs
 from .kv_cache import KVCache
-from .layout import BlockLayout
 from .scheduling_one_forcing import OneForcingScheduler
 from .session import BlockNoise, CachePolicy, GenerationSession, NoiseSampler, NoiseSource, SamplingSettings
 
-__all__ = ["RolloutBlock", "RolloutOptions", "block_sizes", "causal_rollout", "commit_context", "recache"]
-
-
-def block_sizes(num_frames: int, frames_per_block: int) -> list[int]:
-    """Split ``num_frames`` latent frames into blocks of ``frames_per_block`` (the last one may be shorter).
-
-    Kept for callers of the uniform split (the ComfyUI nodes); new code asks a :class:`BlockLayout`."""
-    return BlockLayout(frames_per_block, num_frames).block_sizes()
+__all__ = ["RolloutBlock", "RolloutOptions", "causal_rollout", "commit_context", "recache"]
 
 
 @dataclass(frozen=True)

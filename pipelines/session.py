@@ -215,6 +215,7 @@ class GenerationSession:
         # the first block's timesteps and every later block's, warped and checked once, not per block
         self._timesteps = [scheduler.block_timesteps(i, sampling.denoising_timesteps, sampling.first_block_timesteps)
                            for i in (0, 1)]
+        self._timestep_values = [t.tolist() for t in self._timesteps]  # the loop's Python numbers, read once
         self._pending: RolloutBlock | None = None  # denoised, its clean-context pass fused into the next block's
         self._next: Block | None = layout.first_block()
         if context is not None:
@@ -287,8 +288,7 @@ class GenerationSession:
         block = self._next
         if block is None:
             raise RuntimeError("the video is complete: every block of the layout was generated")
-        timesteps = self._timesteps[min(block.index, 1)]
-        values = timesteps.tolist()
+        timesteps, values = self._timesteps[min(block.index, 1)], self._timestep_values[min(block.index, 1)]
         x = noise = self.noise.initial(block, self.prompt.batch_size)
         for step, t in enumerate(values):
             x0 = self.scheduler.x0_from_flow(x, self._flow(x, t, block).to(x.dtype), t)
