@@ -8,7 +8,8 @@ launch.
 A graph bakes in host decisions and memory addresses; whatever it bakes in selects it:
 - the key: the forward's plan (frames, committed frames, the cache slot and cached frames, the rotary position),
   the input shapes and dtypes, the attention and kernel backends;
-- the binding: the addresses of the model's parameters and buffers (read when a video begins) and of the KV cache's
+- the binding: the addresses of the model's parameters and buffers and the state of its LoRA adapters (active,
+  merged, scales: see ``lora.adapter_state``), read when a video begins, and the addresses of the KV cache's
   buffers (the cache keeps its cross-attention tensors across prompts for this). A different binding (another cache,
   the model moved or reloaded between videos) drops every graph. The rotary tables a graph reads are held by the graph.
 Inputs (latents, timesteps) are copied into the graph's own tensors before a replay and the output is copied out
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 
 from ..kernels import ops
+from .lora import adapter_state
 
 CAPTURE_MODES = ("cuda", "eager")
 
@@ -121,7 +123,7 @@ class CudaGraphForwards:
         if self._weights is None or kv_cache.committed_frames == 0:
             model = self.model
             self._weights = (tuple(p.data_ptr() for p in model.parameters()),
-                             tuple(b.data_ptr() for b in model.buffers()))
+                             tuple(b.data_ptr() for b in model.buffers()), adapter_state(model))
         binding = (self._weights, kv_cache.buffer_addresses())
         if binding != self._binding:
             self.reset()

@@ -32,6 +32,7 @@ from .prompt_schedule import PromptSchedule
 from .block_steps import PromptHandle, RolloutBlock
 from .kv_cache import KVCache
 from .layout import BlockLayout, latent_frame_count
+from .lora import OneForcingLoraLoaderMixin
 from .session import CachePolicy, GenerationSession, NoiseSource, SamplingSettings
 from .scheduling_one_forcing import OneForcingScheduler
 from .tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
@@ -57,7 +58,7 @@ def _clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
-class OneForcingPipeline(DiffusionPipeline):
+class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
     """Autoregressive text-to-video with a causal Wan2.1 transformer and a KV cache.
 
     Components: ``tokenizer`` (T5/UMT5), ``text_encoder`` (``UMT5EncoderModel``), ``transformer``

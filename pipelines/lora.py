@@ -1,0 +1,106 @@
+"""LoRA adapters for the causal Wan transformer: diffusers' Wan LoRA loader with PEFT underneath.
+
+:class:`OneForcingLoraLoaderMixin` is diffusers' ``WanLoraLoaderMixin`` (its key converters read the diffusers/PEFT,
+original Wan ``diffusion_model.``, kohya/musubi ``lora_unet_`` and ComfyUI layouts) for a pipeline with one transformer,
+plus a check before anything is injected: every key must name a linear layer this transformer has, with matching
+shapes and one rank per layer, else the file is refused naming the first key that does not fit.
+
+The causal forward calls each linear layer as a module, so PEFT's wrapped layers (unfused adapters, any strength) run
+in it; the fused kernels of ``kernels/ops.py`` only do elementwise and norm work. :func:`adapter_state` is what a
+recorded forward (``cuda_graphs``) bakes in of the adapters, so graphs are dropped when it changes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from diffusers.loaders import WanLoraLoaderMixin
+
+TRANSFORMER_PREFIX = "transformer."
+_LORA_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
+
+
+class OneForcingLoraLoaderMixin(WanLoraLoaderMixin):
+    """``load_lora_weights`` / ``set_adapters`` / ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights`` /
+    ``save_lora_weights`` as diffusers' Wan pipelines have them, for the pipeline's single ``transformer``."""
+
+    _lora_loadable_modules = ["transformer"]
+
+    @classmethod
+    def load_lora_into_transformer(cls, state_dict, transformer, adapter_name=None, _pipeline=None,
+                                   low_cpu_mem_usage=False, hotswap: bool = False, metadata=None):
+        """diffusers' loader, after :func:`check_lora_matches` (``state_dict``: diffusers layout, converted)."""
+        check_lora_matches(transformer, state_dict)
+        super().load_lora_into_transformer(state_dict, transformer, adapter_name=adapter_name, _pipeline=_pipeline,
+                                           low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap, metadata=metadata)
+
+
+def _linear_layer(model: torch.nn.Module, name: str) -> torch.nn.Linear | None:
+    """The linear layer called ``name`` (the base layer if PEFT already wraps it), or None."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    module = getattr(module, "base_layer", module)
+    return module if isinstance(module, torch.nn.Linear) else None
+
+
+def _lora_rank(key: str, tensor: torch.Tensor, layer: torch.nn.Linear, part: str) -> int | None:
+    """The rank ``tensor`` (lora_A [r, in], lora_B [out, r] or a bias [out]) gives its layer; raises if it does not
+    fit ``layer``. None for a bias."""
+    if part == ".lora_B.bias":
+        expected, rank = (layer.out_features,), None
+    elif part == ".lora_A.weight":
+        rank = tensor.shape[0] if tensor.ndim == 2 else -1
+        expected = (rank, layer.in_features)
+    else:
+        rank = tensor.shape[1] if tensor.ndim == 2 else -1
+        expected = (layer.out_features, rank)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(
+            f"LoRA key {key!r} has shape {tuple(tensor.shape)}, but the layer it adapts is {layer.in_features} -> "
+            f"{layer.out_features} (expected {expected}): this LoRA was made for another model"
+        )
+    return rank
+
+
+def check_lora_matches(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                       prefix: str = TRANSFORMER_PREFIX) -> None:
+    """Refuse (ValueError naming the first key that does not fit) a LoRA state dict in diffusers layout whose keys
+    name layers ``model`` lacks, whose shapes do not fit them, or whose lora_A and lora_B disagree on a layer's rank."""
+    if not state_dict:
+        raise ValueError("the LoRA holds no weights")
+    ranks: dict[str, tuple[str, int]] = {}
+    for key, tensor in state_dict.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        part = next((p for p in _LORA_PARTS if key.endswith(p)), None)
+        if name is None or part is None:
+            raise ValueError(f"LoRA key {key!r} is not a {prefix}<layer>.lora_A/lora_B key of a Wan transformer LoRA "
+                             "(or of any layout diffusers converts to one)")
+        layer_name = name[: -len(part)]
+        layer = _linear_layer(model, layer_name)
+        if layer is None:
+            raise ValueError(f"LoRA key {key!r} adapts {layer_name!r}, which is not a linear layer of this "
+                             f"{type(model).__name__}: this LoRA was made for another model")
+        rank = _lora_rank(key, tensor, layer, part)
+        if rank is None:
+            continue
+        seen = ranks.setdefault(layer_name, (key, rank))
+        if seen[1] != rank:
+            raise ValueError(f"LoRA key {key!r} has rank {rank}, but {seen[0]!r} of the same layer has rank "
+                             f"{seen[1]}")
+
+
+def adapter_state(model: torch.nn.Module) -> tuple:
+    """What a recorded forward bakes in of ``model``'s PEFT adapters: per adapted layer its active, merged and
+    disabled adapters and their scales (Python numbers a CUDA graph captures as constants). () without PEFT."""
+    if "peft" not in sys.modules:  # nothing can be adapted before PEFT is imported
+        return ()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return tuple(
+        (name, tuple(m.active_adapters), tuple(m.merged_adapters), m.disable_adapters,
+         tuple(sorted(getattr(m, "scaling", {}).items())))
+        for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)
+    )
