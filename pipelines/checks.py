@@ -43,6 +43,8 @@ def non_finite_names(named_values) -> list[str]:
 
 def _finite(value) -> bool:
     if isinstance(value, torch.Tensor):
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # no isfinite for fp8: widen (exact)
+            value = value.to(torch.bfloat16)
         return not value.is_floating_point() or bool(torch.isfinite(value).all())
     if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
         return bool(np.isfinite(value).all())

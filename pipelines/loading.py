@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from .atomic import replaced_on_success
 from .checks import non_finite_names, shown_names
+from .fp8 import FP8_STORAGE_DTYPE, SCALE_SUFFIX, UMT5_FP8_LAYERS, enable_fp8_storage, fp8_state_dict, fp8_weight_keys
 
 logger = logging.getLogger(__name__)
 
@@ -321,10 +322,10 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=TRANSFORMER_
     return out
 
 
-def dequantize_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype, path="<state dict>"):
-    """Widen fp8 weights to ``dtype``, applying per-tensor scales (ComfyUI's ``scaled_fp8`` files keep a
-    ``<layer>.scale_weight`` scalar, the newer quantized format a ``<layer>.weight_scale``); drop the other
-    quantization bookkeeping (``scaled_fp8`` marker, input scales, ``comfy_quant`` descriptions)."""
+def split_fp8_scales(state_dict: Mapping[str, torch.Tensor], path="<state dict>"):
+    """(tensors, scales): per-tensor fp8 scales taken out (ComfyUI's ``scaled_fp8`` files keep a
+    ``<layer>.scale_weight`` scalar, the newer quantized format a ``<layer>.weight_scale``) as {weight key: scale},
+    the other quantization bookkeeping dropped (``scaled_fp8`` marker, input scales, ``comfy_quant`` descriptions)."""
     out = dict(state_dict)
     out.pop("scaled_fp8", None)
     for key in [k for k in out if k.endswith((".scale_input", ".input_scale", ".comfy_quant"))]:
@@ -332,6 +333,7 @@ def dequantize_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype, p
     unsupported = [k for k in out if k.endswith((".weight_scale_2", ".pre_quant_scale"))]
     if unsupported:
         raise CheckpointError(path, f"uses a block-wise/fp4 quantization this loader does not read ({unsupported[0]})")
+    scales = {}
     for key in [k for k in out if k.endswith((".scale_weight", ".weight_scale"))]:
         scale = out.pop(key)
         weight_key = key.rsplit(".", 1)[0] + ".weight"
@@ -339,22 +341,40 @@ def dequantize_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype, p
             raise CheckpointError(path, f"scale {key!r} has no weight {weight_key!r}")
         if scale.numel() != 1:
             raise CheckpointError(path, f"scale {key!r} is not per-tensor (shape {tuple(scale.shape)}); unsupported")
-        out[weight_key] = (out[weight_key].float() * scale.float().reshape(())).to(dtype)
-    for key, value in out.items():
-        if value.dtype in FP8_DTYPES:
-            out[key] = value.to(dtype)
+        scales[weight_key] = scale.float().reshape(())
+    return out, scales
+
+
+def widen_fp8(tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], dtype: torch.dtype,
+              path="<state dict>", keep: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """fp8 tensors times their scale, widened to ``dtype``; those named in ``keep`` stay fp8 with their scale as
+    ``<layer>.scale_weight`` (see ``fp8.py``). Integer-quantized weights are refused."""
+    out = dict(tensors)
+    for key, value in tensors.items():
+        if value.dtype in FP8_DTYPES and key in keep and value.dtype == FP8_STORAGE_DTYPE:
+            out[key[: -len(".weight")] + SCALE_SUFFIX] = scales.get(key, torch.ones(()))
+        elif value.dtype in FP8_DTYPES:
+            scale = scales.get(key)
+            out[key] = value.to(dtype) if scale is None else (value.float() * scale).to(dtype)
         elif value.dtype in (torch.int8, torch.uint8) and value.ndim > 1:
             raise CheckpointError(path, f"{key!r} is an integer-quantized weight ({value.dtype}); unsupported")
     return out
 
 
+def dequantize_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype, path="<state dict>"):
+    """Every fp8 weight widened to ``dtype`` with its per-tensor scale applied (:func:`split_fp8_scales`)."""
+    return widen_fp8(*split_fp8_scales(state_dict, path), dtype, path)
+
+
 # -- transformer ---------------------------------------------------------------------------------------------------
-def to_diffusers_names(state_dict: Mapping[str, torch.Tensor], path="<state dict>") -> dict[str, torch.Tensor]:
+def to_diffusers_names(state_dict: Mapping[str, torch.Tensor], path="<state dict>",
+                       keep_fp8: re.Pattern | None = None) -> dict[str, torch.Tensor]:
     """Any supported Wan transformer state dict (prefixed, wrapped, original or diffusers names) -> diffusers
-    ``WanTransformer3DModel`` names. Every key must be accounted for."""
+    ``WanTransformer3DModel`` names. Every key must be accounted for. fp8 weights are widened, except the
+    float8_e4m3fn weights of layers ``keep_fp8`` names (diffusers names), kept with their ``scale_weight``."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    tensors = dequantize_fp8(strip_prefixes(state_dict, path=path), TRANSFORMER_FP8_DTYPE, path)
+    tensors, scales = split_fp8_scales(strip_prefixes(state_dict, path=path), path)
     for key in [k for k in tensors if k.endswith(".norm_added_q.weight")]:
         del tensors[key]  # written by some diffusers versions, never used (diffusers ignores it on load too)
     keys = list(tensors)
@@ -373,6 +393,7 @@ def to_diffusers_names(state_dict: Mapping[str, torch.Tensor], path="<state dict
         if len(converted) != len(tensors):
             raise CheckpointError(path, "two original keys map to the same diffusers key")
         tensors = converted
+        scales = convert_wan_transformer_to_diffusers(dict(scales))  # keyed by their weights' names
     unknown = [k for k in tensors if not _DIFFUSERS_TRANSFORMER_KEY.match(k)]
     if unknown:
         raise CheckpointError(
@@ -380,18 +401,22 @@ def to_diffusers_names(state_dict: Mapping[str, torch.Tensor], path="<state dict
             f"{len(unknown)} keys are not part of a Wan2.1 transformer (e.g. {', '.join(unknown[:3])}); "
             "VACE, LoRA and other add-on weights are not supported",
         )
-    return tensors
+    keep = frozenset(k for k in tensors if keep_fp8 is not None and keep_fp8.fullmatch(k.removesuffix(".weight")))
+    return widen_fp8(tensors, scales, TRANSFORMER_FP8_DTYPE, path, keep)
 
 
-def load_transformer_state_dict(path: str | os.PathLike, *, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+def load_transformer_state_dict(path: str | os.PathLike, *, prefer_ema: bool = True,
+                                keep_fp8: re.Pattern | None = None) -> dict[str, torch.Tensor]:
     """Read a Wan transformer checkpoint in any supported layout, keyed by diffusers ``WanTransformer3DModel`` names.
 
     Args:
         path: a ``.pt/.pth/.ckpt/.bin``, ``.safetensors``, ``*.safetensors.index.json``, or a folder holding one.
         prefer_ema: take ``generator_ema`` before ``generator`` in training checkpoints (False: the reverse).
+        keep_fp8: layers whose float8_e4m3fn weights stay fp8 (see :func:`to_diffusers_names`).
     """
     path = Path(path)
-    return check_finite(to_diffusers_names(read_checkpoint_tensors(path, prefer_ema=prefer_ema), path), path)
+    tensors = read_checkpoint_tensors(path, prefer_ema=prefer_ema)
+    return check_finite(to_diffusers_names(tensors, path, keep_fp8), path)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], path="<state dict>") -> Mapping[str, torch.Tensor]:
@@ -657,10 +682,11 @@ def _strip_common_prefix(state_dict: Mapping[str, torch.Tensor], prefixes) -> di
 
 
 def _cast(model: torch.nn.Module, dtype: torch.dtype | None, keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Cast floating parameters to ``dtype`` (float32 when None), leaving modules named in ``keep_fp32`` in float32."""
+    """Cast floating parameters to ``dtype`` (float32 when None), leaving modules named in ``keep_fp32`` in float32
+    and fp8-stored weights in fp8."""
     dtype = dtype or torch.float32
     for name, param in model.named_parameters():
-        if param.is_floating_point():
+        if param.is_floating_point() and param.dtype != FP8_STORAGE_DTYPE:
             wide = any(part in keep_fp32 for part in name.split("."))
             param.data = param.data.to(torch.float32 if wide else dtype)
     return model
@@ -750,29 +776,62 @@ def infer_umt5_config(state_dict: Mapping[str, torch.Tensor], path="<state dict>
     )
 
 
-def load_umt5_encoder_single_file(path: str | os.PathLike, dtype: torch.dtype | None = None):
+def load_umt5_encoder_single_file(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                                  storage_dtype: torch.dtype | None = None):
     """A UMT5 text encoder -> transformers ``UMT5EncoderModel`` (float32 unless ``dtype``), config from shapes.
 
     Reads one ``.safetensors`` with transformers names (ComfyUI ``text_encoders/umt5_xxl_*``: possibly a component
-    prefix, an embedded ``spiece_model``, fp8 or scaled-fp8 weights, which are widened to ``dtype``), the original Wan
+    prefix, an embedded ``spiece_model``, fp8 or scaled-fp8 weights), the original Wan
     ``models_t5_umt5-xxl-enc-*.pth``, or a transformers folder with ``config.json``. As transformers does, float16
     keeps the feed-forward output projections (``wo``) in float32.
+
+    ``storage_dtype``: ``torch.float8_e4m3fn`` stores the encoder's linear weights in fp8 (``fp8.py``); None keeps a
+    file's fp8 weights fp8 (no wider copy is made) and widens nothing else; any other dtype widens every fp8 weight
+    to ``dtype``.
     """
     from transformers import UMT5EncoderModel
 
     path = Path(path)
     keep_fp32 = tuple(UMT5EncoderModel._keep_in_fp32_modules or ()) if dtype == torch.float16 else ()
     if path.is_dir() and (path / "config.json").is_file():
-        return _cast(UMT5EncoderModel.from_pretrained(path), dtype, keep_fp32).eval()
-    tensors = _umt5_names(read_checkpoint_tensors(path), path)
-    tensors = check_finite(dequantize_fp8(tensors, dtype or torch.float32, path), path)
+        model = _cast(UMT5EncoderModel.from_pretrained(path), dtype, keep_fp32).eval()
+        if storage_dtype == FP8_STORAGE_DTYPE:
+            enable_fp8_storage(model, UMT5_FP8_LAYERS, dtype or torch.float32)
+        return model
+    check_storage_dtype(storage_dtype)
+    tensors, scales = split_fp8_scales(_umt5_names(read_checkpoint_tensors(path), path), path)
+    keep = frozenset() if storage_dtype not in (None, FP8_STORAGE_DTYPE) else frozenset(
+        k for k in tensors if UMT5_FP8_LAYERS.fullmatch(k.removesuffix(".weight")))
+    tensors = check_finite(widen_fp8(tensors, scales, dtype or torch.float32, path, keep), path)
     config = infer_umt5_config(tensors, path)
     embed = tensors.get("shared.weight", tensors.get("encoder.embed_tokens.weight"))
     tensors.setdefault("shared.weight", embed)
     tensors.setdefault("encoder.embed_tokens.weight", embed)
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
+    tensors = with_fp8_storage(model, tensors, UMT5_FP8_LAYERS, storage_dtype, dtype or torch.float32)
     check_state_dict_matches(model, tensors, path)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.tie_weights()
     return _cast(model, dtype, keep_fp32).eval()
+
+
+# -- fp8 storage -------------------------------------------------------------------------------------------------
+def check_storage_dtype(storage_dtype: torch.dtype | None) -> None:
+    """Refuse a weight storage dtype other than None (as the file stores it), float8_e4m3fn or a float dtype."""
+    if storage_dtype not in (None, FP8_STORAGE_DTYPE, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"storage_dtype must be None, torch.float8_e4m3fn or a float dtype, got {storage_dtype}")
+
+
+def with_fp8_storage(model: torch.nn.Module, tensors: dict[str, torch.Tensor], pattern: re.Pattern,
+                      storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Give the (meta) ``model`` fp8 storage when ``storage_dtype`` asks for it or (None) the file's layers are fp8
+    already; returns ``tensors`` in the layout the model then loads (fp8 weights + ``scale_weight``)."""
+    stored = fp8_weight_keys(model, pattern)
+    in_file = any(tensors[k].dtype == FP8_STORAGE_DTYPE for k in stored if k in tensors)
+    if storage_dtype != FP8_STORAGE_DTYPE and not (storage_dtype is None and in_file):
+        return tensors
+    if storage_dtype is None:
+        logger.info("keeping the file's fp8 weights in fp8 (weight-only storage, computed in %s)", compute_dtype)
+    enable_fp8_storage(model, pattern, compute_dtype)
+    return fp8_state_dict(tensors, stored)

@@ -17,6 +17,8 @@ import sys
 import torch
 from diffusers.loaders import WanLoraLoaderMixin
 
+from .fp8 import is_fp8_stored
+
 TRANSFORMER_PREFIX = "transformer."
 _LORA_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 
@@ -34,6 +36,15 @@ class OneForcingLoraLoaderMixin(WanLoraLoaderMixin):
         check_lora_matches(transformer, state_dict)
         super().load_lora_into_transformer(state_dict, transformer, adapter_name=adapter_name, _pipeline=_pipeline,
                                            low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap, metadata=metadata)
+
+    def fuse_lora(self, components: list[str] | None = None, *args, **kwargs):
+        """diffusers' ``fuse_lora``; refused while the transformer stores its weights in fp8 (adding the LoRA to
+        fp8 weights would lose it in rounding: keep it unfused, ``set_adapters`` sets its strength)."""
+        components = ["transformer"] if components is None else components
+        if "transformer" in components and any(is_fp8_stored(m) for m in self.transformer.modules()):
+            raise ValueError("fuse_lora needs full-precision transformer weights; with fp8 weight storage keep the "
+                             "LoRA unfused (it runs in the compute dtype; set_adapters sets its strength)")
+        super().fuse_lora(components, *args, **kwargs)
 
 
 def _linear_layer(model: torch.nn.Module, name: str) -> torch.nn.Linear | None:

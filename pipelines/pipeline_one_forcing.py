@@ -32,6 +32,8 @@ from .prompt_schedule import PromptSchedule
 from .block_steps import PromptHandle, RolloutBlock
 from .kv_cache import KVCache
 from .layout import BlockLayout, latent_frame_count
+from .fp8 import FP8_STORAGE_DTYPE, UMT5_FP8_LAYERS, enable_fp8_storage
+from .loading import check_storage_dtype
 from .lora import OneForcingLoraLoaderMixin
 from .session import CachePolicy, GenerationSession, NoiseSource, SamplingSettings
 from .scheduling_one_forcing import OneForcingScheduler
@@ -102,6 +104,31 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
     @property
     def interrupt(self) -> bool:
         return self._interrupt
+
+    # -- low memory ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, storage_dtype: torch.dtype | None = None,
+                        **kwargs):
+        """diffusers' ``DiffusionPipeline.from_pretrained``; ``storage_dtype=torch.float8_e4m3fn`` then stores the
+        transformer's and the text encoder's linear weights in fp8 (:meth:`enable_fp8_storage`), computing in
+        ``dtype``. None or a float dtype: weights as loaded."""
+        check_storage_dtype(storage_dtype)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if storage_dtype == FP8_STORAGE_DTYPE:
+            pipe.enable_fp8_storage()
+        return pipe
+
+    def enable_fp8_storage(self, components: tuple[str, ...] = ("transformer", "text_encoder")) -> None:
+        """Weight-only fp8: keep the linear weights of ``components`` in float8_e4m3fn with a per-layer scale,
+        upcast layer by layer to the component's dtype at compute (see ``pipelines/fp8.py``). Roughly halves the
+        memory of bf16 weights; not undone (reload for full precision). LoRA adapters still load and run unfused."""
+        for name in components:
+            if name == "transformer":
+                self.transformer.enable_fp8_storage()
+            elif name == "text_encoder":
+                enable_fp8_storage(self.text_encoder, UMT5_FP8_LAYERS, self.text_encoder.dtype)
+            else:
+                raise ValueError(f"fp8 storage applies to the transformer and the text_encoder, not {name!r}")
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------------
     _kept_kv_cache: tuple | None = None  # (geometry, KVCache) of the last run, kept while CUDA graphs are on

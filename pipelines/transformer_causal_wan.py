@@ -218,6 +218,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
         self._cuda_graphs = CudaGraphForwards(self, warmup=warmup, max_graphs=max_graphs, capture=capture)
 
+    def enable_fp8_storage(self, compute_dtype: torch.dtype | None = None) -> None:
+        """Keep the blocks' linear weights (nearly all of the model) in float8_e4m3fn with a per-layer scale, upcast to
+        ``compute_dtype`` (default: the model's dtype) layer by layer at compute; see ``fp8.py``. Not undone: reload
+        the model for full precision."""
+        from .fp8 import TRANSFORMER_FP8_LAYERS, enable_fp8_storage
+
+        enable_fp8_storage(self, TRANSFORMER_FP8_LAYERS, compute_dtype or self.dtype)
+
     def disable_cuda_graphs(self) -> None:
         """Drop the captured graphs (and their memory); forwards run eagerly again."""
         self._cuda_graphs = None
@@ -294,6 +302,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         frames_per_block: int | None = None,
         prefer_ema: bool = True,
         dtype: torch.dtype | None = None,
+        storage_dtype: torch.dtype | None = None,
     ) -> "CausalWanTransformer3DModel":
         """Load a One-Forcing/Self-Forcing ``.pt``, an original Wan2.1 or ComfyUI ``.safetensors`` file.
 
@@ -302,12 +311,21 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         records no head count needs ``num_attention_heads`` unless it is a released Wan2.1 model; the count is never
         guessed. Weights holding NaN or Inf are refused. float32 unless ``dtype`` (the modules diffusers keeps in
         float32 stay float32 either way). Never unpickles code.
+
+        ``storage_dtype``: ``torch.float8_e4m3fn`` keeps the blocks' linear weights in fp8 with a per-layer scale,
+        upcast to ``dtype`` per layer at compute (``fp8.py``); None (the default) does so exactly when the file's
+        are fp8 already (ComfyUI's ``*_fp8_e4m3fn`` files, scaled or not: no wider copy is made); a float dtype
+        widens them.
         """
+        from .fp8 import TRANSFORMER_FP8_LAYERS
         from .loading import (
-            check_state_dict_matches, infer_transformer_config, load_transformer_state_dict, read_recorded_config,
+            check_state_dict_matches, check_storage_dtype, infer_transformer_config, load_transformer_state_dict,
+            read_recorded_config, with_fp8_storage,
         )
 
-        state_dict = load_transformer_state_dict(path, prefer_ema=prefer_ema)
+        check_storage_dtype(storage_dtype)
+        keep_fp8 = TRANSFORMER_FP8_LAYERS if storage_dtype in (None, torch.float8_e4m3fn) else None
+        state_dict = load_transformer_state_dict(path, prefer_ema=prefer_ema, keep_fp8=keep_fp8)
         model_config = dict(config) if config else infer_transformer_config(
             state_dict, num_attention_heads=num_attention_heads, recorded=read_recorded_config(path), path=path
         )
@@ -315,6 +333,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             model_config["frames_per_block"] = frames_per_block
         with torch.device("meta"):
             model = cls(**model_config)
+        state_dict = with_fp8_storage(model, state_dict, TRANSFORMER_FP8_LAYERS, storage_dtype, dtype or torch.float32)
         check_state_dict_matches(model, state_dict, path)
         model.load_state_dict(state_dict, strict=True, assign=True)
         model._rebuild_rope_buffers()
@@ -554,8 +573,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     def _cast_keeping_fp32_modules(self, dtype: torch.dtype) -> None:
         """Cast like diffusers' ``from_pretrained(dtype=...)``: norms, modulation tables, time embedder in float32
-        (also when the file holds them narrower), every other parameter in ``dtype``."""
+        (also when the file holds them narrower), fp8-stored weights in fp8, every other parameter in ``dtype``."""
         keep = tuple(self._keep_in_fp32_modules or ())
         for name, param in self.named_parameters():
+            if param.dtype == torch.float8_e4m3fn:
+                continue
             wide = any(k in name.split(".") for k in keep)
             param.data = param.data.to(torch.float32 if wide else dtype)

@@ -520,18 +520,23 @@ def test_umt5_scaled_fp8_and_dtypes(tmp_path, encoder):
             quantized[key] = value
     quantized["scaled_fp8"] = torch.empty(0, dtype=FP8)
     save_file(quantized, tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
-    loaded = load_umt5_encoder_single_file(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    kept = load_umt5_encoder_single_file(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    assert kept.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == FP8  # by default fp8 stays fp8
+    loaded = load_umt5_encoder_single_file(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                           storage_dtype=torch.float32)
     reference = make_tiny_text_encoder(vocab_size=40)
     reference.load_state_dict(dequantized, strict=False)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in dequantized.items())
     assert torch.equal(_hidden(loaded), _hidden(reference))
     assert torch.allclose(_hidden(loaded), _hidden(encoder), atol=0.2)
 
-    half = load_umt5_encoder_single_file(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.float16)
+    half = load_umt5_encoder_single_file(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.float16,
+                                         storage_dtype=torch.float16)
     assert half.shared.weight.dtype == torch.float16
     assert half.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # as transformers does
     assert torch.isfinite(_hidden(half)).all()
-    bf16 = load_umt5_encoder_single_file(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.bfloat16)
+    bf16 = load_umt5_encoder_single_file(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.bfloat16,
+                                         storage_dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
