@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.models import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.utils import BaseOutput
 
@@ -61,6 +62,7 @@ class ForwardPlan:
     mask: torch.Tensor | None
     kv_cache: KVCache | None
     hidden_states_at: frozenset
+    attention_backend: str
 
 
 class _TensorIdentity:
@@ -98,6 +100,69 @@ class CausalWanOutput(BaseOutput):
 
     sample: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class CausalWanBlock(WanTransformerBlock):
+    """diffusers' ``WanTransformerBlock`` (the same modules and parameters) with the causal forward: per-frame time
+    modulation, the three attention modes, the KV cache. The model calls each block as a module, so hooks on blocks
+    (diffusers' block-level group offload, accelerate's) run."""
+
+    def forward(self, x, index: int, context, time_mod, plan: ForwardPlan):
+        """x: [B, L, dim] -> [B, L, dim]; ``index``: this block's layer in the KV cache; context: [B, Ltext, dim]
+        embedded prompt (None when the cache holds its keys/values); time_mod: [B, F, 6, dim] float32 (without the
+        block's table)."""
+        backend = plan.attention_backend
+        cos, sin, mask, kv_cache, commit_frames = plan.cos, plan.sin, plan.mask, plan.kv_cache, plan.commit_frames
+        eps = self.norm1.eps
+        heads = self.attn1.heads
+        batch, length, _ = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table.float()[:, None] + time_mod).unbind(2)
+
+        # self-attention
+        attn = self.attn1
+        h = ops.adaln_modulate(x, shift1, scale1, eps)
+        q, k = ops.qk_norm_rope_pair(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, cos, sin,
+                                     heads, eps)
+        v = attn.to_v(h).view(batch, length, heads, -1)
+        if kv_cache is not None:
+            # keys that record autograd stay out of the shared buffers (later writes would change what backward
+            # reads); the cache stores their values
+            carries_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+            k, v = kv_cache.attend(index, k, v, commit_frames, (k.detach(), v.detach()) if carries_grad else None)
+        if kv_cache is not None and 0 < commit_frames < time_mod.shape[1]:
+            # the clean block's queries must not see the next block: two unmasked calls instead of a mask
+            split = commit_frames * (length // time_mod.shape[1])
+            visible = k.shape[1] - length + split
+            out = torch.cat(
+                [
+                    attention(q[:, :split], k[:, :visible], v[:, :visible], None, backend),
+                    attention(q[:, split:], k, v, None, backend),
+                ],
+                dim=1,
+            )
+        else:
+            out = attention(q, k, v, mask, backend)
+        x = ops.gated_residual(x, attn.to_out[0](out.flatten(2)), gate1)
+
+        # cross-attention to the prompt (keys/values cached per prompt when a KV cache is used)
+        cross = self.attn2
+        h = self.norm2(x.float()).type_as(x)
+        q = cross.norm_q(cross.to_q(h)).view(batch, length, heads, -1)
+        entry = kv_cache.cross[index] if kv_cache is not None else None
+        if entry is None:
+            ctx_len = context.shape[1]
+            entry = CrossAttentionEntry(
+                key=cross.norm_k(cross.to_k(context)).view(batch, ctx_len, heads, -1),
+                value=cross.to_v(context).view(batch, ctx_len, heads, -1),
+            )
+            if kv_cache is not None and not torch.is_grad_enabled():
+                entry = kv_cache.store_cross_attention(index, entry)
+        out = attention(q, entry.key, entry.value, None, backend)
+        x = x + cross.to_out[0](out.flatten(2))
+
+        # feed-forward
+        h = ops.adaln_modulate(x, shift2, scale2, eps)
+        return ops.gated_residual(x, self.ffn(h), gate2)
 
 
 class CausalWanTransformer3DModel(WanTransformer3DModel):
@@ -153,6 +218,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             rope_max_seq_len=rope_max_seq_len,
             pos_embed_seq_len=pos_embed_seq_len,
         )
+        for block in self.blocks:  # the same block, with the causal forward (no new parameters, no new weights drawn)
+            block.__class__ = CausalWanBlock
         self.rotary = WanRotaryTables(attention_head_dim, rope_max_seq_len)
         self.attention_backend = "auto"
         self._cuda_graphs = None
@@ -437,7 +504,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             mask = block_causal_mask(layout.block_sizes(), grid_h * grid_w, device=hidden_states.device)
         cos, sin = self.rotary.tables(frames, grid_h, grid_w, frame_offset, device=hidden_states.device)
         return ForwardPlan(mode, grid_h, grid_w, timestep, commit_frames, frame_offset, cross_ready, cos, sin, mask,
-                           kv_cache, wanted)
+                           kv_cache, wanted, self.attention_backend)
 
     def compute_planned(self, plan: ForwardPlan, hidden_states, timestep, encoder_hidden_states):
         """The arithmetic of a forward, as planned by ``forward``: (sample [B, C, F, H, W], hidden states of the wanted
@@ -453,11 +520,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         context = None if plan.cross_ready else self.condition_embedder.text_embedder(encoder_hidden_states)
         collected = []
         for index, block in enumerate(self.blocks):
-            args = (block, index, x, context, time_mod, plan)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(self._block_forward, *args)
+                x = self._gradient_checkpointing_func(block, x, index, context, time_mod, plan)
             else:
-                x = self._block_forward(*args)
+                x = block(x, index, context, time_mod, plan)
             if index in plan.hidden_states_at:
                 collected.append(x)
 
@@ -467,60 +533,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         x = x.reshape(batch, frames, plan.grid_h, plan.grid_w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         sample = x.reshape(batch, -1, frames * pt, plan.grid_h * ph, plan.grid_w * pw)
         return sample, collected
-
-    def _block_forward(self, block, index, x, context, time_mod, plan: ForwardPlan):
-        """One transformer block. x: [B, L, dim]; time_mod: [B, F, 6, dim] float32 (without the block's table)."""
-        cos, sin, mask, kv_cache, commit_frames = plan.cos, plan.sin, plan.mask, plan.kv_cache, plan.commit_frames
-        eps = self.config.eps
-        heads = self.config.num_attention_heads
-        batch, length, _ = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = (block.scale_shift_table.float()[:, None] + time_mod).unbind(2)
-
-        # self-attention
-        attn = block.attn1
-        h = ops.adaln_modulate(x, shift1, scale1, eps)
-        q, k = ops.qk_norm_rope_pair(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, cos, sin,
-                                         heads, eps)
-        v = attn.to_v(h).view(batch, length, heads, -1)
-        if kv_cache is not None:
-            # keys that record autograd stay out of the shared buffers (later writes would change what backward
-            # reads); the cache stores their values
-            carries_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
-            k, v = kv_cache.attend(index, k, v, commit_frames, (k.detach(), v.detach()) if carries_grad else None)
-        if kv_cache is not None and 0 < commit_frames < time_mod.shape[1]:
-            # the clean block's queries must not see the next block: two unmasked calls instead of a mask
-            split = commit_frames * (length // time_mod.shape[1])
-            visible = k.shape[1] - length + split
-            out = torch.cat(
-                [
-                    attention(q[:, :split], k[:, :visible], v[:, :visible], None, self.attention_backend),
-                    attention(q[:, split:], k, v, None, self.attention_backend),
-                ],
-                dim=1,
-            )
-        else:
-            out = attention(q, k, v, mask, self.attention_backend)
-        x = ops.gated_residual(x, attn.to_out[0](out.flatten(2)), gate1)
-
-        # cross-attention to the prompt (keys/values cached per prompt when a KV cache is used)
-        cross = block.attn2
-        h = block.norm2(x.float()).type_as(x)
-        q = cross.norm_q(cross.to_q(h)).view(batch, length, heads, -1)
-        entry = kv_cache.cross[index] if kv_cache is not None else None
-        if entry is None:
-            ctx_len = context.shape[1]
-            entry = CrossAttentionEntry(
-                key=cross.norm_k(cross.to_k(context)).view(batch, ctx_len, heads, -1),
-                value=cross.to_v(context).view(batch, ctx_len, heads, -1),
-            )
-            if kv_cache is not None and not torch.is_grad_enabled():
-                entry = kv_cache.store_cross_attention(index, entry)
-        out = attention(q, entry.key, entry.value, None, self.attention_backend)
-        x = x + cross.to_out[0](out.flatten(2))
-
-        # feed-forward
-        h = ops.adaln_modulate(x, shift2, scale2, eps)
-        return ops.gated_residual(x, block.ffn(h), gate2)
 
     # -- internals ----------------------------------------------------------------------------------------------------
     def _check_spatial(self, height: int, width: int) -> None:

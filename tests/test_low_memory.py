@@ -150,3 +150,20 @@ def test_model_cpu_offload_runs_the_components_through_the_hooks():
     assert torch.equal(_latents(pipe), base)
     assert calls[0] == "text_encoder" and "transformer" in calls
     assert pipe.kv_cache is None or pipe.kv_cache.device == pipe._execution_device
+
+
+def test_block_level_group_offload_calls_each_block_through_its_hooks():
+    """Group offload moves a block's weights when the block is called: the causal forward calls every block (of the
+    transformer and of the text encoder) as a module. On CPU onload and offload devices are the same."""
+    base = _latents(make_tiny_pipeline())
+    pipe = make_tiny_pipeline()
+    pipe.enable_group_offload(torch.device("cpu"), torch.device("cpu"))
+    called = set()
+    for index, block in enumerate(pipe.transformer.blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: called.add(index))
+    assert torch.equal(_latents(pipe), base)
+    assert called == set(range(len(pipe.transformer.blocks)))
+    with pytest.raises(NotImplementedError, match="block_level"):
+        make_tiny_pipeline().enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
+    with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
+        make_tiny_pipeline().enable_sequential_cpu_offload()
