@@ -12,6 +12,7 @@ recorded forward (``cuda_graphs``) bakes in of the adapters, so graphs are dropp
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -20,6 +21,10 @@ from diffusers.loaders import WanLoraLoaderMixin
 from .fp8 import is_fp8_stored
 
 TRANSFORMER_PREFIX = "transformer."
+WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+"""The layers Wan LoRAs adapt (suffixes of diffusers module names): every attention projection and both
+feed-forward layers of each block."""
+_PEFT_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight")
 _LORA_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 
 
@@ -115,3 +120,26 @@ def adapter_state(model: torch.nn.Module) -> tuple:
          tuple(sorted(getattr(m, "scaling", {}).items())))
         for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)
     )
+
+
+def wan_lora_file_tensors(state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
+                          scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A trained adapter as a Wan LoRA file in the original Wan layout: ``diffusion_model.<original layer>.lora_A
+    .weight`` [r, in] and ``.lora_B.weight`` [out, r] in float32, with PEFT's ``scale`` (alpha / rank) folded into
+    lora_B, so every loader reads it at strength 1 without an alpha.
+
+    ``state_dict``: a PEFT-injected model's state dict (``<layer>.lora_A.<adapter>.weight``, ...).
+    """
+    from .loading import to_original_names
+
+    out = {}
+    for key, tensor in state_dict.items():
+        match = _PEFT_KEY.fullmatch(key)
+        if match is None or match["adapter"] != adapter_name:
+            continue
+        (original,) = to_original_names({f"{match['layer']}.weight": tensor})
+        value = tensor.detach().float() * (scale if match["part"] == "B" else 1.0)
+        out[f"diffusion_model.{original.removesuffix('.weight')}.lora_{match['part']}.weight"] = value.contiguous()
+    if not out:
+        raise ValueError(f"no LoRA weights of adapter {adapter_name!r} in this state dict")
+    return out

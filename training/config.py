@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..pipelines.lora import WAN_LORA_TARGETS
+
 
 @dataclass
 class ModelConfig:
@@ -78,6 +80,7 @@ class EncodeConfig:
     world_split: str = "train"
     world_two_object_prob: float = 0.3
     world_texture_prob: float = 0.3
+    world_background_rgb: list | None = None  # [r, g, b] in 0..1: every background in this colour (a style to learn)
     batch_size: int = 4
 
 
@@ -195,6 +198,18 @@ class DistillConfig(OptimConfig):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters trained instead of full weights by every stage (teacher, ode-init, distill: the models it
+    trains), ``rank`` 0 = full weights. ``targets``: module-name suffixes (PEFT ``target_modules``), by default every
+    attention projection and feed-forward layer of the blocks; ``alpha`` (default: ``rank``) scales them by
+    alpha / rank. ``export`` then writes a Wan LoRA file."""
+
+    rank: int = 0
+    alpha: float | None = None
+    targets: list = field(default_factory=lambda: list(WAN_LORA_TARGETS))
+
+
+@dataclass
 class TrainingConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -208,6 +223,7 @@ class TrainingConfig:
     ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)
     ode_init: OdeInitConfig = field(default_factory=OdeInitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     # -- default paths inside output_dir ----------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -317,6 +333,12 @@ def _validate(config: TrainingConfig, source: str) -> None:
 
     need(config.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16")
     need(config.model.frames_per_block >= 1, "model.frames_per_block must be >= 1")
+    need(config.lora.rank >= 0 and (config.lora.alpha is None or config.lora.alpha > 0),
+         "lora.rank must be >= 0 and lora.alpha > 0")
+    need(bool(config.lora.targets) and all(isinstance(t, str) for t in config.lora.targets),
+         "lora.targets must list module names")
+    need(config.encode.world_background_rgb is None or len(config.encode.world_background_rgb) == 3,
+         "encode.world_background_rgb must be [r, g, b]")
     need(config.encode.source in ("world", "videos"), "encode.source must be world or videos")
     for name in ("teacher", "ode_init", "distill"):
         section: OptimConfig = getattr(config, name)

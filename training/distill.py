@@ -222,9 +222,9 @@ def build_distill_models(config: TrainingConfig, use_gan: bool, device) -> Disti
     """Load the generator (ODE-init output), the frozen teacher and the critic (teacher weights), build the head."""
     section = config.distill
     teacher_path = section.teacher or config.teacher_path()
-    generator = load_transformer(section.generator or config.ode_init_path(), config, what="generator")
+    generator = load_transformer(section.generator or config.ode_init_path(), config, what="generator", trained=True)
     teacher = load_transformer(teacher_path, config, what="teacher").eval().requires_grad_(False).to(device)
-    critic = load_transformer(section.critic or teacher_path, config, what="critic")
+    critic = load_transformer(section.critic or teacher_path, config, what="critic", trained=True)
     discriminator = None
     if use_gan:
         layers = critic.config.num_layers
@@ -356,9 +356,16 @@ def critic_params_of(critic, discriminator):
 
 def export_generator(run: StageRun, ema_state: dict | None, generator: torch.nn.Module):
     """``final/one_forcing.pt`` in the reference layout ({"generator_ema": {"model.<Wan2.1 key>": tensor}}), from the
-    EMA weights (the generator's own weights when there is no EMA)."""
+    EMA weights (the generator's own weights when there is no EMA); a LoRA run's adapter as ``final/lora.safetensors``
+    instead (see ``export.py``)."""
     from ..pipelines.loading import export_reference_checkpoint
+    from .export import export_lora
 
+    if getattr(run.unwrap(generator), "peft_config", None):
+        source = run.dir / "final" / ("generator_ema" if ema_state is not None else "generator")
+        path = export_lora(source, run.dir / "final" / "lora.safetensors") if run.is_main else None
+        run.accelerator.wait_for_everyone()
+        return path
     state = gathered_state(ema_state) if ema_state is not None else run.accelerator.get_state_dict(generator)
     path = None
     if run.is_main:

@@ -96,6 +96,7 @@ def load_clip(config: TrainingConfig, clip) -> tuple[torch.Tensor, str]:
         video, caption, _ = world.render_clip(
             config.seed * 1_000_000 + clip, e.world_split, e.num_frames, e.height, e.width,
             e.world_two_object_prob, e.world_texture_prob,
+            background_rgb=tuple(e.world_background_rgb) if e.world_background_rgb else None,
         )
         return video, caption
     path, caption = clip

@@ -158,7 +158,8 @@ def train_ode_init(config: TrainingConfig, resume: str = "auto") -> dict:
     run = StageRun(config, "ode_init", resume, section.log_every)
     pairs = OdePairFolder(config.pairs_dir())
     scheduler = student_scheduler(config)
-    student = load_transformer(section.init or config.teacher_path(), config, what="ode-init student")
+    student = load_transformer(section.init or config.teacher_path(), config, what="ode-init student",
+                               trained=True)
     frames_per_block = config.model.frames_per_block
     num_blocks = BlockLayout(frames_per_block, pairs.shapes["states"][2]).num_blocks
     run.print(f"[ode_init] {len(pairs)} trajectories, timesteps {pairs.timesteps}, {num_blocks} blocks of "

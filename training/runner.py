@@ -28,16 +28,19 @@ from .config import TrainingConfig
 from .ema import ExponentialMovingAverage
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name for a LoRA config
 STATE_NAME = "state.pt"
 CHECKPOINT_NAME = re.compile(r"step_\d+")
 
 
 # -- models -----------------------------------------------------------------------------------------------------------
 def load_transformer(
-    path: str | Path | None, config: TrainingConfig, *, seed_offset: int = 0, what: str = "transformer"
+    path: str | Path | None, config: TrainingConfig, *, seed_offset: int = 0, what: str = "transformer",
+    trained: bool = False,
 ) -> CausalWanTransformer3DModel:
     """A transformer from a diffusers folder (or a folder with a ``transformer/`` subfolder), a single file, or -- for
-    ``path=None`` -- freshly initialised from ``model.architecture`` with the run's seed. float32, train mode."""
+    ``path=None`` -- freshly initialised from ``model.architecture`` with the run's seed. float32, train mode. A
+    ``trained`` model gets LoRA adapters when the config asks for them (:func:`add_lora`)."""
     frames_per_block = config.model.frames_per_block
     if path is None:
         if not config.model.architecture:
@@ -52,7 +55,8 @@ def load_transformer(
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{what}: {path} is not a diffusers model folder (no config.json)")
-            model = CausalWanTransformer3DModel.from_pretrained(str(path))
+            model = (load_lora_trained_folder(path) if (path / ADAPTER_CONFIG).is_file()
+                     else CausalWanTransformer3DModel.from_pretrained(str(path)))
         elif path.is_file():
             model = CausalWanTransformer3DModel.from_single_file(path)
         else:
@@ -63,7 +67,31 @@ def load_transformer(
         model.set_attention_backend(config.model.attention_backend)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if trained and config.lora.rank:
+        add_lora(model, config.lora)
     return model
+
+
+def load_lora_trained_folder(folder: Path) -> CausalWanTransformer3DModel:
+    """A folder a LoRA run saved (base + adapter, PEFT names, ``adapter_config.json``) as a plain model with the
+    adapter merged, the next stage's starting point."""
+    from peft import LoraConfig
+
+    model = CausalWanTransformer3DModel.from_config(CausalWanTransformer3DModel.load_config(str(folder)))
+    model.add_adapter(LoraConfig.from_pretrained(str(folder)))
+    load_model_weights(model, folder)
+    model.fuse_lora()
+    model.unload_lora()
+    return model
+
+
+def add_lora(model: CausalWanTransformer3DModel, settings) -> None:
+    """Train a LoRA adapter ("default") of ``settings`` (a :class:`.config.LoraSettings`) instead of the model's
+    weights, which PEFT freezes. Its checkpoints and final folders hold the base and the adapter (PEFT names)."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
+                                 target_modules=list(settings.targets)))
 
 
 def save_model_folder(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -71,6 +99,9 @@ def save_model_folder(model, folder: str | Path, state_dict: dict[str, torch.Ten
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(str(folder))
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config:  # a LoRA run: the adapter's settings (rank, alpha, targets) beside its weights
+        peft_config["default"].save_pretrained(str(folder))
     tensors = state_dict if state_dict is not None else model.state_dict()
     save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
     return folder

@@ -42,7 +42,7 @@ def train_teacher(config: TrainingConfig, resume: str = "auto") -> dict:
     run = StageRun(config, "teacher", resume, section.log_every)
     data = LatentFolder(config.latents_dir())
     negative = data.negative_prompt_embeds().to(run.device, torch.float32) if section.caption_dropout > 0 else None
-    model = load_transformer(section.init, config, what="teacher")
+    model = load_transformer(section.init, config, what="teacher", trained=True)
     run.print(f"[teacher] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(data)} clips, "
               f"{run.world_size} process(es) on {run.device}")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ class Scene:
     objects: tuple[ObjectSpec, ...]
     background: str
     texture: str = "plain"
+    background_rgb: tuple[float, float, float] | None = None  # drawn instead of the named colour (a restyled world)
 
     @property
     def caption(self) -> str:
@@ -299,7 +300,7 @@ def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: torch.Te
 
 def _background(scene: Scene, height: int, width: int) -> torch.Tensor:
     """[3, H, W] in 0..1."""
-    colour = torch.tensor(BACKGROUNDS[scene.background], dtype=torch.float32).view(3, 1, 1)
+    colour = torch.tensor(scene.background_rgb or BACKGROUNDS[scene.background], dtype=torch.float32).view(3, 1, 1)
     ys = torch.arange(height).view(-1, 1) // TEXTURE_PERIOD
     xs = torch.arange(width).view(1, -1) // TEXTURE_PERIOD
     if scene.texture == "checkered":
@@ -354,9 +355,11 @@ def render_clip(
     two_object_prob: float = 0.3,
     texture_prob: float = 0.3,
     caption: str | None = None,
+    background_rgb: tuple[float, float, float] | None = None,
 ) -> tuple[torch.Tensor, str, Truth]:
-    """(video [3, T, H, W] in [-1, 1], caption, truth) of the scene ``sample_scene(seed, split, ...)``."""
-    scene = sample_scene(seed, split, two_object_prob, texture_prob, caption)
+    """(video [3, T, H, W] in [-1, 1], caption, truth) of the scene ``sample_scene(seed, split, ...)``;
+    ``background_rgb`` (0..1) paints every background that colour while the caption still names the usual one."""
+    scene = replace(sample_scene(seed, split, two_object_prob, texture_prob, caption), background_rgb=background_rgb)
     video, objects = render(scene, num_frames, height, width)
     truth = Truth(scene.caption, scene.background, scene.texture, split, seed, objects)
     return video, scene.caption, truth
