@@ -102,9 +102,9 @@ def enable_fp8_storage(model: torch.nn.Module, pattern: re.Pattern, compute_dtyp
     return model
 
 
-def fp8_weight_keys(model: torch.nn.Module, pattern: re.Pattern) -> set[str]:
-    """State-dict keys of the weights ``model`` would store in fp8."""
-    return {f"{name}.weight" for name in fp8_layer_names(model, pattern)}
+def stored_weight_keys(keys: Iterable[str], pattern: re.Pattern) -> frozenset[str]:
+    """The ``<layer>.weight`` keys among ``keys`` (state-dict keys) of the layers ``pattern`` names."""
+    return frozenset(k for k in keys if k.endswith(".weight") and pattern.fullmatch(k.removesuffix(".weight")))
 
 
 def fp8_state_dict(state_dict: Mapping[str, torch.Tensor], stored: Iterable[str]) -> dict[str, torch.Tensor]:

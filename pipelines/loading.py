@@ -31,7 +31,9 @@ from safetensors.torch import load_file
 
 from .atomic import replaced_on_success
 from .checks import non_finite_names, shown_names
-from .fp8 import FP8_STORAGE_DTYPE, SCALE_SUFFIX, UMT5_FP8_LAYERS, enable_fp8_storage, fp8_state_dict, fp8_weight_keys
+from .fp8 import (
+    FP8_STORAGE_DTYPE, SCALE_SUFFIX, UMT5_FP8_LAYERS, enable_fp8_storage, fp8_state_dict, stored_weight_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +353,7 @@ def widen_fp8(tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Te
     ``<layer>.scale_weight`` (see ``fp8.py``). Integer-quantized weights are refused."""
     out = dict(tensors)
     for key, value in tensors.items():
-        if value.dtype in FP8_DTYPES and key in keep and value.dtype == FP8_STORAGE_DTYPE:
+        if key in keep and value.dtype == FP8_STORAGE_DTYPE:
             out[key[: -len(".weight")] + SCALE_SUFFIX] = scales.get(key, torch.ones(()))
         elif value.dtype in FP8_DTYPES:
             scale = scales.get(key)
@@ -401,7 +403,7 @@ def to_diffusers_names(state_dict: Mapping[str, torch.Tensor], path="<state dict
             f"{len(unknown)} keys are not part of a Wan2.1 transformer (e.g. {', '.join(unknown[:3])}); "
             "VACE, LoRA and other add-on weights are not supported",
         )
-    keep = frozenset(k for k in tensors if keep_fp8 is not None and keep_fp8.fullmatch(k.removesuffix(".weight")))
+    keep = frozenset() if keep_fp8 is None else stored_weight_keys(tensors, keep_fp8)
     return widen_fp8(tensors, scales, TRANSFORMER_FP8_DTYPE, path, keep)
 
 
@@ -800,8 +802,7 @@ def load_umt5_encoder_single_file(path: str | os.PathLike, dtype: torch.dtype | 
         return model
     check_storage_dtype(storage_dtype)
     tensors, scales = split_fp8_scales(_umt5_names(read_checkpoint_tensors(path), path), path)
-    keep = frozenset() if storage_dtype not in (None, FP8_STORAGE_DTYPE) else frozenset(
-        k for k in tensors if UMT5_FP8_LAYERS.fullmatch(k.removesuffix(".weight")))
+    keep = stored_weight_keys(tensors, UMT5_FP8_LAYERS) if storage_dtype in (None, FP8_STORAGE_DTYPE) else frozenset()
     tensors = check_finite(widen_fp8(tensors, scales, dtype or torch.float32, path, keep), path)
     config = infer_umt5_config(tensors, path)
     embed = tensors.get("shared.weight", tensors.get("encoder.embed_tokens.weight"))
@@ -827,7 +828,7 @@ def with_fp8_storage(model: torch.nn.Module, tensors: dict[str, torch.Tensor], p
                       storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Give the (meta) ``model`` fp8 storage when ``storage_dtype`` asks for it or (None) the file's layers are fp8
     already; returns ``tensors`` in the layout the model then loads (fp8 weights + ``scale_weight``)."""
-    stored = fp8_weight_keys(model, pattern)
+    stored = stored_weight_keys(model.state_dict(), pattern)
     in_file = any(tensors[k].dtype == FP8_STORAGE_DTYPE for k in stored if k in tensors)
     if storage_dtype != FP8_STORAGE_DTYPE and not (storage_dtype is None and in_file):
         return tensors

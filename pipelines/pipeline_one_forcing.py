@@ -133,14 +133,17 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
     def enable_group_offload(self, onload_device: torch.device, offload_device: torch.device = torch.device("cpu"),
                              offload_type: str = "block_level", num_blocks_per_group: int | None = None, **kwargs):
         """diffusers' group offload at block level (each transformer and text-encoder block is moved to
-        ``onload_device`` when called). The VAE stays where it is unless ``exclude_modules`` says otherwise: the
-        streaming decoder runs between the transformer's blocks. Leaf level is refused: the causal forward reads a
-        few weights (q/k norms, rotary tables) without calling their modules, where leaf hooks would wait for it."""
+        ``onload_device`` when called). The VAE is moved to ``onload_device`` and stays there unless
+        ``exclude_modules`` says otherwise: the streaming decoder runs between the transformer's blocks. Leaf level is
+        refused: the causal forward reads a few weights (q/k norms, rotary tables) without calling their modules,
+        where leaf hooks would wait for it."""
         if offload_type != "block_level":
             raise NotImplementedError(f"offload_type {offload_type!r} is not supported by OneForcingPipeline; use "
                                       '"block_level" or enable_model_cpu_offload()')
         kwargs.setdefault("exclude_modules", ["vae"])
         super().enable_group_offload(onload_device, offload_device, offload_type, num_blocks_per_group or 1, **kwargs)
+        if "vae" in kwargs["exclude_modules"] and self.vae is not None:
+            self.vae.to(onload_device)
 
     def enable_sequential_cpu_offload(self, *args, **kwargs):
         """Not supported: accelerate's per-module hooks load a module's weights when that module is called, and the

@@ -5,6 +5,9 @@ in; the expected output of an adapter at strength s is that of a copy of the bas
 hand with W + s * B @ A, an independent computation of what the loader must do.
 """
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_pipeline
@@ -196,3 +199,35 @@ def test_cuda_graphs_are_dropped_when_the_adapters_change(pipe):
             assert graphs.replays > replays  # nothing changed: the graphs replay
         else:
             assert len(graphs) == 0 and graphs.replays == replays  # dropped, and this video is the new warm-up
+
+
+DEMO_LORA = Path(__file__).resolve().parents[1] / "models" / "oneforcing-demo-loras" / "red_background.safetensors"
+
+
+def _border_colour(frames):
+    """Median RGB of the outer 12-pixel ring of every frame (the background: objects stay inside). frames: [T, H, W, 3]."""
+    ring = torch.ones(frames.shape[1:3], dtype=torch.bool)
+    ring[12:-12, 12:-12] = False
+    return torch.as_tensor(frames)[:, ring].reshape(-1, 3).median(dim=0).values
+
+
+@pytest.mark.skipif(not DEMO_LORA.is_file(), reason="the demo LoRA is not in this checkout")
+def test_the_shipped_demo_lora_paints_the_background_red():
+    """Trained on world clips with a red background (training/configs/demo_lora.json), which the demo's VAE renders as
+    about (0.73, 0.32, 0.29)."""
+    from oneforcing import DEMO_MODEL_DIR, OneForcingPipeline
+
+    pipe = OneForcingPipeline.from_pretrained(DEMO_MODEL_DIR)
+    assert DEMO_LORA.stat().st_size <= 2 * 1024 * 1024
+
+    def frames():
+        return pipe("a red circle moves left on a black background", num_frames=9, height=128, width=128,
+                    generator=torch.Generator().manual_seed(0)).frames[0]
+
+    base = frames()
+    assert _border_colour(base).max() < 0.25  # black
+    pipe.load_lora_weights(str(DEMO_LORA), adapter_name="red")
+    red, green, blue = _border_colour(frames()).tolist()
+    assert red > 0.45 and red > green + 0.2 and red > blue + 0.2, (red, green, blue)
+    pipe.set_adapters("red", 0.0)
+    assert np.array_equal(frames(), base)  # strength 0 changes nothing

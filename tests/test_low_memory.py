@@ -147,9 +147,12 @@ def test_model_cpu_offload_runs_the_components_through_the_hooks():
     calls = []
     for name in ("text_encoder", "transformer"):
         getattr(pipe, name).register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
-    assert torch.equal(_latents(pipe), base)
+    cache_devices = []
+    latents = pipe("a corgi surfing a wave", generator=torch.Generator().manual_seed(0),
+                   callback_on_step_end=lambda p, i, t, kw: cache_devices.append(p.kv_cache.device) or {}, **ARGS).frames
+    assert torch.equal(latents, base)
     assert calls[0] == "text_encoder" and "transformer" in calls
-    assert pipe.kv_cache is None or pipe.kv_cache.device == pipe._execution_device
+    assert cache_devices and {d.type for d in cache_devices} == {pipe._execution_device.type}  # KV cache there
 
 
 def test_block_level_group_offload_calls_each_block_through_its_hooks():
