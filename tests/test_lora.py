@@ -211,7 +211,7 @@ def _border_colour(frames):
     return torch.as_tensor(frames)[:, ring].reshape(-1, 3).median(dim=0).values
 
 
-@pytest.mark.skipif(not DEMO_LORA.is_file(), reason="the demo LoRA is not in this checkout")
+@pytest.mark.skipif(not DEMO_LORA.is_file(), reason="the demo LoRA is not shipped yet (README, LoRA)")
 def test_the_shipped_demo_lora_paints_the_background_red():
     """Trained on world clips with a red background (training/configs/demo_lora.json), which the demo's VAE renders as
     about (0.73, 0.32, 0.29)."""

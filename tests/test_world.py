@@ -281,3 +281,13 @@ def test_cli_builds_loadable_parts_with_normalising_statistics(tmp_path):
 
     with pytest.raises(SystemExit):
         dc.main(["--out", str(tmp_path), "--parts", "decoder"])
+
+
+def test_a_background_colour_override_keeps_the_caption():
+    """A restyled world (the demo LoRA's data): every background in the given colour, the caption unchanged."""
+    plain, caption, _ = world.render_clip(5, "train", 5, 64, 64, 0.0, 0.0)
+    red, same_caption, _ = world.render_clip(5, "train", 5, 64, 64, 0.0, 0.0, background_rgb=(0.92, 0.16, 0.14))
+    assert same_caption == caption
+    corner = (red[:, :, 0, 0] + 1) / 2  # [3, T]
+    torch.testing.assert_close(corner, torch.tensor([0.92, 0.16, 0.14])[:, None].expand_as(corner))
+    assert not torch.equal(plain[:, :, 0, 0], red[:, :, 0, 0])
