@@ -174,6 +174,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             ``[1, 3, 3, ...]``, see :class:`~.layout.BlockLayout`).
     """
 
+    _no_split_modules = ["CausalWanBlock"]  # diffusers' names its own block class; ours is the causal one
+    _repeated_blocks = ["CausalWanBlock"]
+
     @register_to_config
     def __init__(
         self,
