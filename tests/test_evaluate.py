@@ -288,3 +288,12 @@ def test_bad_arguments_are_refused(tmp_path, tiny_folder):
     with pytest.raises(SystemExit, match="model_index.json"):
         ev.main(["--model", f"a={tmp_path}", "--num-frames", "5", "--height", "64", "--width", "64",
                  "--num-prompts", "1", "--seeds", "0", "--out", str(out)])
+
+
+def test_prompt_list_gives_seen_or_heldout_combinations(tmp_path):
+    seen, heldout = ev.prompt_list("seen", 6, seed=1), ev.prompt_list("heldout", 6, seed=1)
+    assert {world.caption_split(p) for p in seen} == {"train"}
+    assert {world.caption_split(p) for p in heldout} == {"heldout"}
+    assert heldout == world.heldout_prompts(6, seed=1)
+    with pytest.raises(ValueError, match="'heldout', 'seen' or a text file"):
+        ev.prompt_list(str(tmp_path / "missing.txt"), 2)

@@ -338,15 +338,19 @@ class ClipScorer:
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------------
+PROMPT_SPLITS = {"heldout": "heldout", "seen": "train"}  # --prompts name -> world split
+
+
 def prompt_list(kind: str, count: int, seed: int = 0) -> list[str]:
-    """``heldout`` (``world.heldout_prompts``) or a text file of captions, one per line; ``count`` of them."""
+    """``heldout`` (combinations never trained on), ``seen`` (combinations of the training split; see
+    ``world.split_prompts``) or a text file of captions, one per line; ``count`` of them."""
     if count < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {count}")
-    if kind == "heldout":
-        return world.heldout_prompts(count, seed=seed)
+    if kind in PROMPT_SPLITS:
+        return world.split_prompts(PROMPT_SPLITS[kind], count, seed=seed)
     path = Path(kind)
     if not path.is_file():
-        raise ValueError(f"--prompts must be 'heldout' or a text file of world captions, got {kind!r}")
+        raise ValueError(f"--prompts must be 'heldout', 'seen' or a text file of world captions, got {kind!r}")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     for number, prompt in enumerate(prompts, 1):
         try:
@@ -602,9 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH[:key=value,...]",
                         help=f"a OneForcingPipeline folder or {GROUND_TRUTH!r}; repeat for several models")
-    parser.add_argument("--prompts", default="heldout", help="'heldout' or a text file of world captions")
+    parser.add_argument("--prompts", default="heldout",
+                        help="'heldout' (combinations never trained on), 'seen' (combinations trained on) or a text "
+                             "file of world captions")
     parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--prompt-seed", type=int, default=0, help="which held-out prompts (world.heldout_prompts)")
+    parser.add_argument("--prompt-seed", type=int, default=0, help="which held-out / seen prompts (world.split_prompts)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-frames", type=int, default=81, help="1 + 4k")
     parser.add_argument("--height", type=int, default=128)
