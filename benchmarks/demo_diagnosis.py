@@ -9,7 +9,8 @@
   this latent space would score), seen and held-out prompts, at each ``--size``.
 
 ``collect``: the evaluation JSONs of ``python -m oneforcing.training.evaluate`` runs (teachers trained by the CPU
-recipe, the shipped student...) and the stages' ``summary.json`` files, condensed into the same results file.
+recipe, the shipped student...), the stages' ``summary.json`` files and the results of ``components`` runs with
+other parts (``--pipeline``), condensed into the same results file.
 
     python benchmarks/demo_diagnosis.py components --json benchmarks/results/demo_diagnosis.json
     python benchmarks/demo_diagnosis.py collect --json benchmarks/results/demo_diagnosis.json \\
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -111,7 +113,11 @@ def collect(args) -> dict:
     for item in args.summary:
         name, _, path = item.partition("=")
         summaries[name] = json.loads(Path(path).read_text())
-    return {"evaluations": evaluations, "training_summaries": summaries}
+    other_components = {}
+    for item in args.components:
+        name, _, path = item.partition("=")
+        other_components[name] = {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "commands"}
+    return {"evaluations": evaluations, "training_summaries": summaries, "other_components": other_components}
 
 
 def main() -> None:
@@ -125,13 +131,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval", nargs="*", default=[], metavar="NAME=EVAL_JSON")
     parser.add_argument("--summary", nargs="*", default=[], metavar="NAME=SUMMARY_JSON")
+    parser.add_argument("--components", nargs="*", default=[], metavar="NAME=COMPONENTS_JSON",
+                        help="the results of a components run with other parts (e.g. a retrained VAE)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = components(args) if args.command == "components" else collect(args)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     results.update(sections)
-    results.setdefault("commands", {})[args.command] = "python benchmarks/demo_diagnosis.py " + " ".join(
-        a for a in __import__("sys").argv[1:])
+    results.setdefault("commands", {})[args.command] = "python benchmarks/demo_diagnosis.py " + " ".join(sys.argv[1:])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
 

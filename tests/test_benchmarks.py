@@ -103,7 +103,8 @@ def test_demo_diagnosis_measures_the_shipped_components_and_collects_evaluations
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 3}))
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "collect", "--json", str(out),
-         "--eval", f"run_seen={tmp_path / 'eval.json'}", "--summary", f"run={tmp_path / 'summary.json'}"],
+         "--eval", f"run_seen={tmp_path / 'eval.json'}", "--summary", f"run={tmp_path / 'summary.json'}",
+         "--components", f"other={out}"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -111,6 +112,7 @@ def test_demo_diagnosis_measures_the_shipped_components_and_collects_evaluations
     assert "vae_round_trip" in result  # kept
     assert result["evaluations"]["run_seen"]["models"]["t"]["colour"] == {"mean": 0.5, "std": 0.1}
     assert result["training_summaries"]["run"]["steps"] == 3
+    assert result["other_components"]["other"]["text_encoder"]["colour"]["token_probe"] == 1.0
     assert set(result["commands"]) == {"components", "collect"}
 
 

@@ -13,9 +13,10 @@ state ``DIR/train_state/vae.pt`` (tensors and numbers only, loaded with ``weight
   (pad=0, eos=1, unk=2). Its normaliser case-folds, so "A Red Circle" encodes like "a red circle".
 - text encoder: a small ``UMT5EncoderModel``, randomly initialised with a fixed seed and never trained: its random
   token embeddings and attention already give different captions clearly different embeddings.
-- VAE: a small ``AutoencoderKLWan`` (z_dim 16, stride 4x8x8, as Wan2.1) trained on world clips with L1 + image-edge
-  L1 + a small KL term; ``latents_mean`` / ``latents_std`` in its config are the per-channel statistics of its
-  latents (posterior means) over world clips, so the pipeline's normalisation makes them zero-mean, unit-variance.
+- VAE: a small ``AutoencoderKLWan`` (z_dim 16, stride 4x8x8, as Wan2.1) trained on world clips with L1 (object
+  pixels optionally weighted more: ``--vae-object-weight``) + image-edge L1 + a small KL term; ``latents_mean`` /
+  ``latents_std`` in its config are the per-channel statistics of its latents (posterior means) over world clips, so
+  the pipeline's normalisation makes them zero-mean, unit-variance.
 """
 
 from __future__ import annotations
@@ -190,12 +191,10 @@ ATTRIBUTES = ("colour", "shape", "motion")
 
 def _attribute_rows() -> tuple[list[str], dict[str, list[str]], np.ndarray]:
     """Every one-object caption, its (colour, shape, motion) labels, and whether its combination is held out."""
-    rows = [(c, s, m, bg, tex) for c in world.COLOURS for s in world.SHAPES for m in world.MOTIONS
-            for bg in world.BACKGROUNDS for tex in world.TEXTURES]
-    captions = world.single_object_captions()  # the same order
-    labels = {"colour": [r[0] for r in rows], "shape": [r[1] for r in rows], "motion": [r[2] for r in rows]}
-    heldout = np.array([world.is_heldout(*r[:3]) for r in rows])
-    return captions, labels, heldout
+    captions = world.single_object_captions()
+    triples = [world.parse_caption(c).objects[0] for c in captions]
+    labels = {attribute: [t[i] for t in triples] for i, attribute in enumerate(ATTRIBUTES)}
+    return captions, labels, np.array([world.is_heldout(*t) for t in triples])
 
 
 def ridge_probe_accuracy(features: np.ndarray, labels: list[str], train: np.ndarray, ridge: float = 1e-3) -> float:
@@ -604,7 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
         psnr = reconstruction_psnr(vae, args.eval_clips, args.eval_frames)
         report["vae"] = {
             "parameters": sum(p.numel() for p in vae.parameters()), "bytes": _folder_bytes(out / "vae"),
-            "stages": args.vae_stages, "loss_weights": asdict(weights), "train_seconds_this_run": round(train_seconds, 1),
+            "stages": args.vae_stages, "loss_weights": asdict(weights),
+            "train_seconds_this_run": round(train_seconds, 1),
             "final_train_row": rows[-1] if rows else None,
             "heldout_psnr_db": round(psnr, 2), "eval_clips": args.eval_clips, "eval_frames": args.eval_frames,
             "eval_seconds": round(time.time() - started, 1),

@@ -7,7 +7,7 @@ if ! $PY -c "import oneforcing" 2>/dev/null; then  # a checkout not installed: i
   export PYTHONPATH=/tmp/oneforcing_path${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! $PY -c "import diffusers" 2>/dev/null; then
-  [ -n "${WHEELS:-}" ] || { echo "diffusers is not importable: install it or set WHEELS (a folder with its wheel)"; exit 2; }
+  [ -n "${WHEELS:-}" ] || { echo "diffusers is not importable: install it or set WHEELS (its wheel's folder)"; exit 2; }
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -51,22 +51,26 @@ model_dir() {  # name -> its folder: unpacked from BASE's pieces, or BASE/name
 evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-out quality into $RUN/eval
   local pipeline=$RUN/eval_pipeline  # the parts as a pipeline folder (the rows bring their own transformers)
   [ -f "$pipeline/model_index.json" ] || $PY -m oneforcing.training.assemble_demo --parts "$PARTS" \
-      --transformer "$1/$(ls "$1" | head -n1)" --out "$pipeline" --max-mb 0
+      --transformer "$1/teacher" --out "$pipeline" --max-mb 0
   for split in seen heldout; do
     ONLY=${2:+gt $2} SPLIT=$split SEEDS="${EVAL_SEEDS:-0 1 2 3 4 5}" PROMPTS="${EVAL_PROMPTS:-8}" PIPELINE="$pipeline" \
         bash training/evaluate_demo.sh "$1" "$RUN/eval"
   done
   mkdir -p "${OUT:-$RUN}/eval" && cp "$RUN"/eval/quality*.{json,md} "${OUT:-$RUN}/eval/"
 }
-ENCODE=(encode.num_samples="${NUM_SAMPLES:-8192}" "${COMMON[@]}" ${EXTRA:-})
-run_stage encode $PY -m oneforcing.training encode --config "$CONFIG" output_dir="$RUN" "${ENCODE[@]}"
+if [ "$PHASE" != evaluate ]; then  # the teacher learns from NUM_SAMPLES clips; the later stages need 1024 (prompts)
+  SAMPLES=$([ "$PHASE" = teacher ] && echo "${NUM_SAMPLES:-8192}" || echo 1024)
+  run_stage encode $PY -m oneforcing.training encode --config "$CONFIG" output_dir="$RUN" \
+      encode.num_samples="$SAMPLES" "${COMMON[@]}" ${EXTRA:-}
+fi
 
 if [ "$PHASE" = teacher ]; then
+  STEPS=${TEACHER_STEPS:-6000}
   run_stage teacher $PY -m oneforcing.training teacher --config "$CONFIG" output_dir="$RUN" "${COMMON[@]}" \
-      teacher.steps="${TEACHER_STEPS:-6000}" teacher.max_seconds="${TEACHER_SECONDS:-270}" teacher.save_every=500 ${EXTRA:-}
+      teacher.steps="$STEPS" teacher.max_seconds="${TEACHER_SECONDS:-270}" teacher.save_every=500 ${EXTRA:-}
   half "$RUN/teacher/final/transformer_ema" "$RUN/pack/teacher"
   ship_folder teacher
-  grep -q '"steps": \?'"${TEACHER_STEPS:-6000}"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
+  grep -q '"steps": \?'"$STEPS"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
   evaluate "$RUN/pack" teacher
 elif [ "$PHASE" = ode ]; then
   TEACHER=$(model_dir teacher)

@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'heldout' (combinations never trained on), 'seen' (combinations trained on) or a text "
                              "file of world captions")
     parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--prompt-seed", type=int, default=0, help="which held-out / seen prompts (world.split_prompts)")
+    parser.add_argument("--prompt-seed", type=int, default=0,
+                        help="which held-out / seen prompts (world.split_prompts)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-frames", type=int, default=81, help="1 + 4k")
     parser.add_argument("--height", type=int, default=128)
