@@ -31,10 +31,9 @@ import numpy as np
 import torch
 
 from oneforcing.training import demo_components, metrics, world
-from oneforcing.training.evaluate import VideoSize, ground_truth_clip, ratio
+from oneforcing.training.evaluate import PROMPT_SPLITS, VideoSize, ground_truth_clip, ratio
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "oneforcing-demo"
-SPLITS = {"seen": "train", "heldout": "heldout"}
 ADHERENCE = ("background", "colour", "shape", "motion", "joint", "identity")
 
 
@@ -55,7 +54,7 @@ def vae_section(vae, sizes: list[VideoSize], num_prompts: int, seeds: list[int])
     """Per size and prompt split: mean adherence of ground truth and of its VAE round trip, PSNR, sharpness ratio."""
     out = {}
     for size in sizes:
-        for name, split in SPLITS.items():
+        for name, split in PROMPT_SPLITS.items():
             started, rows = time.time(), []
             for prompt in world.split_prompts(split, num_prompts):
                 for seed in seeds:

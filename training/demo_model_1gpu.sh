@@ -21,9 +21,10 @@
 # with tokenizer/, text_encoder/, vae/; default $RUN/parts when it exists, else models/oneforcing-demo) and the
 # other phases' models from BASE (their pieces or an unpacked pack; default $RUN/pack). Latents, checkpoints and the
 # VAE's training state stay in RUN (default /tmp/oneforcing_demo) and survive between calls only while the machine
-# does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (420), NUM_SAMPLES
-# (8192), TEACHER_SECONDS (270), TEACHER_STEPS (6000), ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), EVAL_SEEDS
-# ("0 1 2 3 4 5"), EVAL_PROMPTS (8), WHEELS (diffusers' wheel when it is not installed), EXTRA (more config
+# does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (400), NUM_SAMPLES
+# (8192), TEACHER_SECONDS (240), TEACHER_STEPS (6000), ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), EVAL_SEEDS
+# ("0 1 2 3 4 5"), EVAL_PROMPTS (8), EVAL_EXTRA (more evaluate arguments; FRAMES, SIZE, WORKERS, THREADS of
+# training/evaluate_demo.sh pass through), WHEELS (diffusers' wheel when it is not installed), EXTRA (more config
 # overrides for every stage).
 set -euo pipefail
 source "$(dirname "$0")/demo_lib.sh"  # the repository root as working folder, RUN, CONFIG, PY, run_stage, half...
@@ -33,7 +34,7 @@ if [ "$PHASE" = vae ]; then  # the shipped tokenizer and text encoder; the VAE f
   mkdir -p "$RUN/parts" && cp -rn models/oneforcing-demo/tokenizer models/oneforcing-demo/text_encoder "$RUN/parts/"
   run_stage vae $PY -m oneforcing.training.demo_components --out "$RUN/parts" --parts vae \
       --vae-stages "${VAE_STAGES:-1200x64x5x32,600x128x9x12}" --vae-object-weight "${VAE_OBJECT_WEIGHT:-4}" \
-      --vae-max-seconds "${VAE_SECONDS:-420}" --eval-clips 4 --stat-clips 8 ${VAE_INIT:+--vae-init "$VAE_INIT"}
+      --vae-max-seconds "${VAE_SECONDS:-400}" --eval-clips 4 --stat-clips 8 ${VAE_INIT:+--vae-init "$VAE_INIT"}
   run_stage vae-check $PY benchmarks/demo_diagnosis.py components --pipeline "$RUN/parts" --size 81x128x128 \
       --seeds 0 1 --json "$RUN/parts/diagnosis.json"
   cp -r "$RUN/parts/tokenizer" "$RUN/parts/text_encoder" "$RUN/parts/vae" "$RUN/parts"/*.json "$RUN/pack/"
@@ -53,8 +54,8 @@ evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-o
   [ -f "$pipeline/model_index.json" ] || $PY -m oneforcing.training.assemble_demo --parts "$PARTS" \
       --transformer "$1/teacher" --out "$pipeline" --max-mb 0
   for split in seen heldout; do
-    ONLY=${2:+gt $2} SPLIT=$split SEEDS="${EVAL_SEEDS:-0 1 2 3 4 5}" PROMPTS="${EVAL_PROMPTS:-8}" PIPELINE="$pipeline" \
-        bash training/evaluate_demo.sh "$1" "$RUN/eval"
+    EXTRA=${EVAL_EXTRA:-} ONLY=${2:+gt $2} SPLIT=$split SEEDS="${EVAL_SEEDS:-0 1 2 3 4 5}" \
+        PROMPTS="${EVAL_PROMPTS:-8}" PIPELINE="$pipeline" bash training/evaluate_demo.sh "$1" "$RUN/eval"
   done
   mkdir -p "${OUT:-$RUN}/eval" && cp "$RUN"/eval/quality*.{json,md} "${OUT:-$RUN}/eval/"
 }
@@ -67,7 +68,7 @@ fi
 if [ "$PHASE" = teacher ]; then
   STEPS=${TEACHER_STEPS:-6000}
   run_stage teacher $PY -m oneforcing.training teacher --config "$CONFIG" output_dir="$RUN" "${COMMON[@]}" \
-      teacher.steps="$STEPS" teacher.max_seconds="${TEACHER_SECONDS:-270}" teacher.save_every=500 ${EXTRA:-}
+      teacher.steps="$STEPS" teacher.max_seconds="${TEACHER_SECONDS:-240}" teacher.save_every=500 ${EXTRA:-}
   half "$RUN/teacher/final/transformer_ema" "$RUN/pack/teacher"
   ship_folder teacher
   grep -q '"steps": \?'"$STEPS"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
