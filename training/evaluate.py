@@ -60,6 +60,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..pipelines.presets import DTYPES
 from . import metrics, world
 
 GROUND_TRUTH = "ground-truth"
@@ -69,7 +70,6 @@ SUMMARY_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness",
 TABLE_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness", "edge_sharpness", "flicker", "identity")
 RATIOS = {"sharpness": "edge_energy", "sharpness_denoised": "edge_energy_denoised", "edge_sharpness": "edge_sharpness",
           "flicker": "flicker"}  # summary key -> the clip figure whose mean is compared with ground truth's
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # settings that must agree for --resume to reuse a model's results
 RESUME_KEYS = ("mode", "prompts", "seeds", "num_frames", "height", "width", "colour_tolerance", "dtype", "speed_clips",
                "warmup", "warmup_frames")
