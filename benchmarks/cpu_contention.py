@@ -39,8 +39,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, = definitions.OneForcingModelLoader.execute(BUNDLED_DEMO, "default", "auto")
-    conditioning, = definitions.OneForcingTextEncode.execute(BUNDLED_DEMO, "a yellow circle moves right on a dark blue striped "
-                                            "background", "default")
+    conditioning, = definitions.OneForcingTextEncode.execute(
+        BUNDLED_DEMO, "a yellow circle moves right on a dark blue striped background", "default")
     measure_idle = runtime.idle_cpus
     policies = {"torch default (one thread per core)": lambda window_s=0.05: torch.get_num_threads(),
                 "idle CPUs (the nodes' policy)": measure_idle}

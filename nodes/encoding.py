@@ -1,8 +1,8 @@
 """Encoding an IMAGE batch (a start image, or a clip to continue) to a LATENT with the Wan VAE.
 
-The work is the library's ``encode_context`` (``pipelines/pipeline_one_forcing.py``: resize, scale to -1..1, VAE encode); this module only turns
-ComfyUI's IMAGE into its input and its normalised latents into a ComfyUI LATENT (raw VAE space), which the rollout
-node takes as context and ComfyUI's own ``VAEDecode`` (Wan VAE) can decode.
+The work is the library's ``encode_context`` (``pipelines/pipeline_one_forcing.py``: resize, scale to -1..1, VAE
+encode); this module only turns ComfyUI's IMAGE into its input and its normalised latents into a ComfyUI LATENT (raw
+VAE space), which the rollout node takes as context and ComfyUI's own ``VAEDecode`` (Wan VAE) can decode.
 """
 
 from __future__ import annotations

@@ -731,7 +731,8 @@ def test_rolling_cache_with_a_schedule_and_kept_sink_reports_every_block(roots):
     cond, = Schedule.execute(DEMO, "0: a cat\n20: a corgi surfing", "default")
     done = []
     request = RolloutRequest(cond, 1, 16, 16, 41, 1, "one step", window_frames=4, sink_frames=1)
-    latent = generate_latents(model, replace(request, keep_sink_on_switch=True), on_progress=lambda d, t: done.append((d, t)))
+    latent = generate_latents(model, replace(request, keep_sink_on_switch=True),
+                              on_progress=lambda d, t: done.append((d, t)))
     assert latent["samples"].shape == (1, 16, 11, 2, 2) and torch.isfinite(latent["samples"]).all()
     assert done == [(d, 11) for d in range(1, 12)]
     recomputed = generate_latents(model, request)
@@ -757,7 +758,8 @@ def test_rollout_rejects_bad_context_and_cache_settings(roots, kwargs, message):
 
 
 @pytest.mark.parametrize("images, width, message", [
-    (torch.rand(3, 16, 16, 3), 16, "images has 3 frames; the Wan VAE encodes 1 \\+ 4k frames: use 1 or 5 frames .one image, or a clip"),
+    (torch.rand(3, 16, 16, 3), 16,
+     "images has 3 frames; the Wan VAE encodes 1 \\+ 4k frames: use 1 or 5 frames .one image, or a clip"),
     (torch.rand(16, 16, 3), 16, "images must be a ComfyUI IMAGE"),
     (torch.rand(1, 16, 16, 3), 12, "width must be a positive multiple of 16 .what the rollout makes., got 12"),
     (torch.rand(1, 16, 16, 3), 24, "width must be a positive multiple of 16"),  # the VAE's 8 is not enough
