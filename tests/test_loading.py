@@ -608,5 +608,10 @@ def test_load_transformer_picks_the_loader_of_a_folder_or_a_file(tmp_path, refer
         model = load_transformer(path, num_attention_heads=2)
         assert isinstance(model, CausalWanTransformer3DModel)
         _assert_same(model.state_dict(), reference, layout)
-    with pytest.raises(CheckpointError, match=r"nope\.pt: cannot load the transformer"):
+    with pytest.raises(CheckpointError, match=r"nope\.pt: no such file or folder"):
         load_transformer(tmp_path / "nope.pt")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"_class_name": "CausalWanTransformer3DModel", "num_layers": 1}))
+    with pytest.raises(CheckpointError, match=r"broken: cannot load the transformer: .*no file named"):
+        load_transformer(broken)  # diffusers' own error, with the path
