@@ -23,12 +23,7 @@ import torch
 
 from . import DEMO_MODEL_DIR
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TIMESTEP_PRESETS = {
-    "one-step": ([1000], None),
-    "first-block-four-steps": ([1000], [1000, 750, 500, 250]),
-    "four-steps": ([1000, 750, 500, 250], None),
-}
+from .pipelines.presets import DTYPES, TIMESTEP_PRESETS, cli_name, resolve_dtype, timestep_preset
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--independent-first-frame", action="store_true",
                      help="the checkpoint was trained with latent frame 0 as a block of its own "
                           "(blocks [1, 3, 3, ...]); default: what the transformer's config says")
-    gen.add_argument("--timesteps", choices=sorted(TIMESTEP_PRESETS), default="one-step")
+    gen.add_argument("--timesteps", choices=sorted(map(cli_name, TIMESTEP_PRESETS)), default="one-step")
     gen.add_argument("--seed", type=_seed, default=0, help="0 .. 2**64 - 1")
     gen.add_argument("--fps", type=_positive, default=16)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +118,7 @@ def _seed(text: str) -> int:
 def _load_pipeline(args):
     from .pipelines.checks import check_finite_weights
     from .pipelines.pipeline_one_forcing import OneForcingPipeline
-    from .pipelines.transformer_causal_wan import CausalWanTransformer3DModel
+    from .pipelines.loading import load_transformer
 
     model_dir = args.model or DEMO_MODEL_DIR
     if not Path(model_dir).is_dir():
@@ -131,18 +126,13 @@ def _load_pipeline(args):
             raise SystemExit(f"error: the demo model is not installed at {DEMO_MODEL_DIR}; pass --model DIR")
         raise SystemExit(f"error: --model {model_dir} is not a folder")
     _check_model_index(Path(model_dir) / "model_index.json")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = resolve_dtype(args.dtype or "default", args.device)
     extra = {}
     if args.transformer is not None:
         path = args.transformer
         if not path.exists():
             raise SystemExit(f"error: --transformer {path} does not exist")
-        if path.is_dir() and (path / "config.json").is_file():
-            extra["transformer"] = CausalWanTransformer3DModel.from_pretrained(path, dtype=dtype)
-        else:
-            extra["transformer"] = CausalWanTransformer3DModel.from_single_file(
-                path, dtype=dtype, num_attention_heads=args.num_attention_heads
-            )
+        extra["transformer"] = load_transformer(path, dtype, args.num_attention_heads)
     pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
     if args.independent_first_frame:
         pipe.transformer.register_to_config(independent_first_frame=True)
@@ -288,7 +278,7 @@ def generate(args, on_block=None) -> Path:
     size = pipe.default_video_size
     num_frames = None if args.num_frames == ENDLESS else (args.num_frames or size["num_frames"])
     height, width = args.height or size["height"], args.width or size["width"]
-    steps, first = TIMESTEP_PRESETS[args.timesteps]
+    steps, first = timestep_preset(args.timesteps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(schedule) > 1:
         try:
