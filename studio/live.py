@@ -175,11 +175,10 @@ class LiveSession:
         if self.take is None:
             return self._refuse("bad_message", "start a video first (restart)")
         branch = self.take.current
-        frame = branch.frame_count
-        if text == branch.prompt_at(len(branch.records)) and not any(f == frame for f, _ in branch.prompts):
+        if text == branch.prompt_of(len(branch.records)):
             return
         self.session.set_prompt(self._encode(text))
-        branch.switch_prompt(frame, text)
+        branch.switch_prompt(branch.frame_count, text)
         self._switch_asked = asked
         self._emit_branch()
 
@@ -201,7 +200,7 @@ class LiveSession:
         self.decoder.restore(state[1])
         forked = self.take.fork(block)
         self._played, self._stalled = forked.frame_count, False
-        if text is not None and text != forked.prompt_at(block):
+        if text is not None and text != forked.prompt_of(block):
             self.session.set_prompt(self._encode(text))
             forked.switch_prompt(forked.frame_count, text)
             self._switch_asked = asked
@@ -230,7 +229,7 @@ class LiveSession:
         video = self.decoder.decode_block(block.latents.to(self.pipe.decode_dtype))
         frames = to_uint8_frames(self.pipe.video_processor.postprocess_video(video.float(), output_type="np")[0])
         first = branch.frame_count
-        record = BlockRecord(block.index, first, len(frames), branch.prompt_at(len(branch.records)), frames)
+        record = BlockRecord(block.index, first, len(frames), branch.prompt_of(len(branch.records)), frames)
         self.take.add_block(record)
         self.store.put(record, self._state())
         seconds = time.perf_counter() - started

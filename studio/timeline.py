@@ -64,11 +64,10 @@ class Branch:
         """The first video frame of block ``block`` (``len(records)``: the branch's end)."""
         return sum(r.frame_count for r in self.records[:block])
 
-    def prompt_at(self, block: int) -> str:
-        """The prompt in force when block ``block`` starts (before any switch there)."""
+    def prompt_of(self, block: int) -> str:
+        """The prompt that drives block ``block`` (``len(records)``: the next block, as things stand)."""
         frame = self.boundary_frame(block)
-        earlier = [text for start, text in self.prompts if start < frame]
-        return earlier[-1] if earlier else self.prompts[0][1]
+        return [text for start, text in self.prompts if start <= frame][-1]
 
     def switch_prompt(self, frame: int, text: str) -> None:
         """Record that ``text`` drives the video from ``frame`` on (a later switch at the same frame replaces an

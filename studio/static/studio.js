@@ -66,8 +66,8 @@ const handlers = {
     select.replaceChildren(...e.branches.map((b) => {
       const option = document.createElement("option");
       option.value = b.id;
-      option.textContent = b.parent === null ? `branch ${b.id} (${b.frames} frames)`
-        : `branch ${b.id}, from ${b.parent} at frame ${b.fork_frame} (${b.frames} frames)`;
+      option.textContent = b.parent === null ? `branch ${b.id}`
+        : `branch ${b.id}, from ${b.parent} at frame ${b.fork_frame}`;
       return option;
     }));
     select.value = e.id;
