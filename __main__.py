@@ -67,8 +67,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a saved OneForcingPipeline folder or a Wan2.1 diffusers folder "
                              "(default: the demo model shipped in the package)")
     parser.add_argument("--transformer", type=Path, default=None,
-                        help="a causal transformer checkpoint replacing the folder's (one_forcing.pt, self_forcing_dmd.pt, "
-                             "ComfyUI/original .safetensors, or a diffusers transformer folder)")
+                        help="a causal transformer checkpoint replacing the folder's (one_forcing.pt, "
+                             "self_forcing_dmd.pt, ComfyUI/original .safetensors, or a diffusers transformer folder)")
     parser.add_argument("--tiny-vae", type=Path, default=None,
                         help="decode with a tiny TAEHV VAE for fast previews: taew2_1.pth or taew2_1.safetensors from "
                              "madebyollin/taehv (default: the full Wan VAE)")

@@ -57,38 +57,38 @@ def _boxes(data: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _comment_box(text: str) -> bytes:
+COMMENT_TAG = "©cmt".encode("latin-1")
+
+
+def _comment_meta(text: str) -> bytes:
+    """A ``meta`` box (iTunes-style item list, as ffmpeg writes) holding ``text`` as the comment."""
     data = _box(b"data", struct.pack(">II", 1, 0) + text.encode("utf-8"))  # type 1: UTF-8, locale 0
     hdlr = _box(b"hdlr", bytes(8) + b"mdir" + b"appl" + bytes(9))
-    meta = _box(b"meta", bytes(4) + hdlr + _box(b"ilst", _box("©cmt".encode("latin-1"), data)))
-    return meta
+    return _box(b"meta", bytes(4) + hdlr + _box(b"ilst", _box(COMMENT_TAG, data)))  # meta is a full box: 4 bytes
+
+
+def _without(boxes: list[tuple[bytes, bytes]], kind: bytes) -> bytes:
+    return b"".join(_box(k, p) for k, p in boxes if k != kind)
+
+
+def _child(payload: bytes, kind: bytes) -> bytes:
+    """The payload of the first ``kind`` box in ``payload`` (empty if there is none)."""
+    return next((p for k, p in _boxes(payload) if k == kind), b"")
 
 
 def with_comment(mp4: bytes, text: str) -> bytes:
-    """``mp4`` with ``text`` as its comment. The movie box must come after the media data (as OpenCV writes it), so
-    growing it moves no sample."""
+    """``mp4`` with ``text`` as its comment (replacing one written before). The movie box must come after the media
+    data (as OpenCV writes it), so growing it moves no sample."""
     top = _boxes(mp4)
     if not top or top[-1][0] != b"moov":
         raise ValueError("the mp4's movie box (moov) is not at its end; cannot add metadata without moving samples")
-    children = [(kind, payload) for kind, payload in _boxes(top[-1][1]) if kind != b"udta"]
-    udta = [payload for kind, payload in _boxes(top[-1][1]) if kind == b"udta"]
-    kept = [(kind, payload) for kind, payload in _boxes(udta[0])] if udta else []
-    kept = [(kind, payload) for kind, payload in kept if kind != b"meta"]
-    new_udta = _box(b"udta", b"".join(_box(k, p) for k, p in kept) + _comment_box(text))
-    moov = _box(b"moov", b"".join(_box(k, p) for k, p in children) + new_udta)
-    return b"".join(_box(k, p) for k, p in top[:-1]) + moov
+    moov = _boxes(top[-1][1])
+    udta = _without(_boxes(_child(top[-1][1], b"udta")), b"meta") + _comment_meta(text)
+    return _without(top, b"moov") + _box(b"moov", _without(moov, b"udta") + _box(b"udta", udta))
 
 
 def read_comment(mp4: bytes) -> str | None:
     """The comment :func:`with_comment` wrote, or None."""
-    for kind, payload in _boxes(mp4):
-        if kind != b"moov":
-            continue
-        for child, udta in _boxes(payload):
-            for item, meta in _boxes(udta) if child == b"udta" else []:
-                if item == b"meta":
-                    for entry, ilst in _boxes(meta[4:]):
-                        for tag, data in _boxes(ilst) if entry == b"ilst" else []:
-                            if tag == "©cmt".encode("latin-1"):
-                                return _boxes(data)[0][1][8:].decode("utf-8")
-    return None
+    meta = _child(_child(_child(mp4, b"moov"), b"udta"), b"meta")
+    data = _child(_child(_child(meta[4:], b"ilst"), COMMENT_TAG), b"data")
+    return data[8:].decode("utf-8") if data else None

@@ -167,8 +167,8 @@ class LiveSession:
         return self.session.snapshot(), self.decoder.snapshot()
 
     def _encode(self, text: str) -> PromptHandle:
-        return PromptHandle(self.pipe.encode_prompt(text, device=self.pipe._execution_device,
-                                                    dtype=self.pipe.transformer.dtype))
+        """The prompt's embeddings as ``stream`` encodes them (the model's prompt length, its dtype)."""
+        return PromptHandle(self.pipe.encode_prompt(text, dtype=self.pipe.transformer.dtype))
 
     def _switch_prompt(self, text: str, asked: float | None) -> None:
         """``text`` drives the current branch from its next block on (nothing happens if it drives it already)."""
@@ -192,7 +192,7 @@ class LiveSession:
                                                    f"{len(branch.records)} blocks)")
         state = self.store.get(self.take.boundary_key(branch, block))
         if state is None:
-            kept = [b for b in range(len(branch.records) + 1) if self.take.boundary_key(branch, b) in self.store]
+            kept = self._kept_blocks()
             return self._refuse("rewind_not_kept", f"cannot rewind to block {block}: its state is no longer kept "
                                                    f"(the earliest kept is block {kept[0] if kept else '-'}; "
                                                    "the snapshot budget is shown under the timeline)")
@@ -252,11 +252,14 @@ class LiveSession:
                    "prompt_latency_ms": None if latency is None else latency * 1e3})
         self._emit_snapshots()
 
-    def _emit_snapshots(self) -> None:
+    def _kept_blocks(self) -> list[int]:
+        """The blocks of the current branch whose start can be rewound to."""
         branch = self.take.current
-        kept = [b for b in range(len(branch.records) + 1) if self.take.boundary_key(branch, b) in self.store]
-        first_kept, _ = branch.kept_frames()
-        self.emit({"type": "snapshots", "kept_blocks": kept, "count": len(self.store),
+        return [b for b in range(len(branch.records) + 1) if self.take.boundary_key(branch, b) in self.store]
+
+    def _emit_snapshots(self) -> None:
+        first_kept = self.take.current.first_kept_frame
+        self.emit({"type": "snapshots", "kept_blocks": self._kept_blocks(), "count": len(self.store),
                    "max_count": self.store.count, "bytes": self.store.bytes, "budget_bytes": self.store.budget,
                    "history_bytes": self.take.history_bytes, "history_budget_bytes": self.take.history_budget,
                    "first_kept_frame": first_kept})

@@ -83,10 +83,15 @@ class Branch:
         ranges[-1]["end"] = self.frame_count
         return ranges
 
+    @property
+    def first_kept_frame(self) -> int:
+        """The first frame still kept (the history drops the oldest first); ``frame_count`` if none is."""
+        return next((r.first_frame for r in self.records if r.frames is not None), self.frame_count)
+
     def kept_frames(self) -> tuple[int, np.ndarray | None]:
         """(first kept frame, uint8 [T, H, W, 3] of the kept frames from there on, or None if none are kept)."""
         kept = list(itertools.dropwhile(lambda r: r.frames is None, self.records))
-        if not kept or any(r.frames is None for r in kept):
+        if not kept:
             return self.frame_count, None
         return kept[0].first_frame, np.concatenate([r.frames for r in kept])
 

@@ -407,3 +407,16 @@ def test_the_command_serves_on_loopback_and_warns_otherwise():
         process.terminate()
         _, errors = process.communicate(timeout=30)
     assert "warning: listening on 0.0.0.0, not loopback" in errors
+
+
+def test_the_page_ships_with_a_regular_install():
+    """pyproject's package data covers every file of the page, so a non-editable install serves it too."""
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "oneforcing.studio" in config["packages"]
+    patterns = config["package-data"]["oneforcing.studio"]
+    files = [p.relative_to(ROOT / "studio").as_posix() for p in (ROOT / "studio" / "static").iterdir()]
+    assert {"static/index.html", "static/studio.js", "static/studio.css"} <= set(files)
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)
