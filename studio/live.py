@@ -67,7 +67,7 @@ class LiveSession:
         self._commands: deque[tuple[Control, float]] = deque()
         self._wake = threading.Condition()
         self._paused = self._stopped = self._stalled = False
-        self._played = 0  # video frames of the current branch the page has shown
+        self._branch, self._played = None, 0  # the branch the page is shown and its frames shown (under _wake)
         self._switch_asked: float | None = None  # when the prompt change not yet seen in a frame was asked
         self._thread = threading.Thread(target=self._run, name="studio-session", daemon=True)
         self._made, self._started = 0, time.perf_counter()
@@ -80,7 +80,7 @@ class LiveSession:
         """Apply a control message: ``played``/``pause``/``resume`` at once, the others between two blocks."""
         with self._wake:
             if control.type == "played":
-                if self.take is not None and control.branch == self.take.current.id:
+                if control.branch == self._branch:
                     self._played = max(self._played, control.frame + 1)
             elif control.type in ("pause", "resume"):
                 self._paused = control.type == "pause"
@@ -157,11 +157,17 @@ class LiveSession:
         self.session, self.decoder = self.pipe.new_session(request), self.pipe.streaming_decoder()
         self.take = Take(seed, prompt, int(s.history_mb * 2**20))
         self.store.put(self.take.root, self._state())
-        self._played, self._stalled, self._switch_asked = 0, False, None
+        self._follow(self.take.current)
+        self._switch_asked = None
         self._made, self._started = 0, time.perf_counter()
         self.emit({"type": "take", "seed": seed, "prompt": prompt, "fps": s.fps, "height": s.height,
                    "width": s.width, "command": reproduce_command(seed, s.height, s.width, s.cli_flags())})
         self._emit_branch()
+
+    def _follow(self, branch, stalled: bool = False) -> None:
+        """The page now plays ``branch`` from its end (``stalled``: it cannot go on)."""
+        with self._wake:
+            self._branch, self._played, self._stalled = branch.id, branch.frame_count, stalled
 
     def _state(self):
         return self.session.snapshot(), self.decoder.snapshot()
@@ -199,7 +205,7 @@ class LiveSession:
         self.session.restore(state[0])
         self.decoder.restore(state[1])
         forked = self.take.fork(block)
-        self._played, self._stalled = forked.frame_count, False
+        self._follow(forked)
         if text is not None and text != forked.prompt_of(block):
             self.session.set_prompt(self._encode(text))
             forked.switch_prompt(forked.frame_count, text)
@@ -213,8 +219,7 @@ class LiveSession:
             return self._refuse("unknown_branch", f"there is no branch {branch_id}")
         self.take.current = branch
         state = self.store.get(self.take.boundary_key(branch, len(branch.records)))
-        self._played = branch.frame_count
-        self._stalled = state is None
+        self._follow(branch, stalled=state is None)
         if state is not None:
             self.session.restore(state[0])
             self.decoder.restore(state[1])

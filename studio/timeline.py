@@ -19,15 +19,13 @@ import torch
 
 
 def tensor_bytes(value: Any) -> int:
-    """Bytes held by the tensors and arrays in ``value`` (dataclasses, lists, tuples and dicts are walked)."""
+    """Bytes held by the tensors and arrays in ``value`` (dataclasses, lists and tuples are walked)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, np.ndarray):
         return value.nbytes
     if is_dataclass(value) and not isinstance(value, type):
         return sum(tensor_bytes(getattr(value, f.name)) for f in fields(value))
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return sum(tensor_bytes(v) for v in value)
     return 0
