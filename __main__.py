@@ -90,7 +90,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_studio_parser(commands) -> None:
     studio = commands.add_parser("studio", help="live studio in the browser: watch the video being made, steer it, "
-                                                "rewind and branch (needs aiohttp: pip install oneforcing[studio])")
+                                                "rewind and branch (needs aiohttp, the 'studio' extra)")
     studio.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: loopback only; anything else is reachable by others)")
     studio.add_argument("--port", type=_non_negative, default=8765, help="TCP port (0: a free one)")
@@ -378,7 +378,8 @@ def studio(args) -> int:
     try:
         from .studio.server import Studio, is_loopback, serve
     except ModuleNotFoundError as error:
-        print(f"error: the studio needs {error.name}: pip install 'oneforcing[studio]'", file=sys.stderr)
+        print(f"error: the studio needs {error.name}: pip install {error.name} (the 'studio' extra)",
+              file=sys.stderr)
         return 1
     from .studio.live import StudioSettings
 

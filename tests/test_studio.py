@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-aiohttp = pytest.importorskip("aiohttp", reason="the studio needs aiohttp (pip install oneforcing[studio])")
+aiohttp = pytest.importorskip("aiohttp", reason="the studio needs aiohttp (the 'studio' extra)")
 from aiohttp import web  # noqa: E402
 
 from oneforcing import DEMO_MODEL_DIR  # noqa: E402

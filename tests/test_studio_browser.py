@@ -21,7 +21,7 @@ import pytest
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no Chromium at {CHROMIUM} (set CHROMIUM)")
-pytest.importorskip("aiohttp", reason="the studio needs aiohttp (pip install oneforcing[studio])")
+pytest.importorskip("aiohttp", reason="the studio needs aiohttp (the 'studio' extra)")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FIRST, SECOND = "a yellow circle moves right on a black background", "a red square moves left"
