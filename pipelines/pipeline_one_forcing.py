@@ -170,6 +170,16 @@ class OneForcingPipeline(DiffusionPipeline):
             tiny.to(device)
         return TinyWanStreamingDecoder(tiny)
 
+    def streaming_decoder(self) -> WanStreamingDecoder | TinyWanStreamingDecoder:
+        """A new block-by-block decoder of one video on the execution device, as ``stream`` decodes (the preview
+        decoder if one is set); feed it latents cast to :attr:`decode_dtype`."""
+        return self._streaming_decoder(self._execution_device)
+
+    @property
+    def decode_dtype(self) -> torch.dtype:
+        """The dtype the streaming decoder takes its latents in."""
+        return self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
+
     @property
     def default_video_size(self) -> dict[str, int]:
         """{"num_frames", "height", "width"}: the size recorded at save time (``default_video_size`` in
@@ -412,7 +422,7 @@ class OneForcingPipeline(DiffusionPipeline):
         if output_type == "latent":
             return ((item, None) for item in items)
         decoder = self._streaming_decoder(device)
-        dtype = self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
+        dtype = self.decode_dtype
         if overlap:
             return SideStreamDecoder(decoder, device).decode((item, item[0].to(dtype)) for item in items)
         return ((item, decoder.decode_block(item[0].to(dtype))) for item in items)
@@ -425,9 +435,7 @@ class OneForcingPipeline(DiffusionPipeline):
         ``overlap_decode``: decode each block on a second CUDA stream beside the next block's transformer passes
         (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
         the same order without a second stream)."""
-        check_arguments(request)
-        request = request.with_defaults(self.default_video_size)
-        self.check_inputs(request)
+        request = self._checked(request)
         self._interrupt = False
         run = self._run = self._start(request, keeps_video=overlap_decode and request.output_type != "latent")
         generated = self._generated_blocks(run, request)
@@ -451,6 +459,20 @@ class OneForcingPipeline(DiffusionPipeline):
             if self.transformer.cuda_graphs is not None:
                 self._kept_kv_cache = (run.geometry, run.session.kv_cache)
             self.maybe_free_model_hooks()
+
+    def _checked(self, request: GenerationRequest) -> GenerationRequest:
+        check_arguments(request)
+        request = request.with_defaults(self.default_video_size)
+        self.check_inputs(request)
+        return request
+
+    @torch.no_grad()
+    def new_session(self, request: GenerationRequest) -> GenerationSession:
+        """The :class:`GenerationSession` that ``stream(**fields of request)`` drives, for a caller that drives it
+        itself (a live server: prompts switched, rewound and branched as a person asks). The session starts with the
+        request's first prompt; the switches of a ``prompt_schedule`` are left to the caller. Decode its blocks with
+        :meth:`streaming_decoder`."""
+        return self._start(self._checked(request), keeps_video=False).session
 
     # -- the state of the run under way (None between runs) -----------------------------------------------------------
     _run: _Run | None = None

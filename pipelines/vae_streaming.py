@@ -12,6 +12,7 @@ Latents in this package are *normalised*: ``(z - latents_mean) / latents_std`` p
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -78,6 +79,25 @@ def _prepare_vae(vae: AutoencoderKLWan) -> tuple[torch.device | None, torch.dtyp
     return (None if device.type == "meta" else device), vae.dtype
 
 
+@dataclass(frozen=True)
+class DecoderSnapshot:
+    """A block-by-block decoder's state (the causal memory carried between blocks and its counts)."""
+
+    state: list
+    stream_shape: tuple[int, int, int] | None
+    latent_frames_decoded: int
+    frames_decoded: int
+
+
+def _cloned(state):
+    """A copy of a decoder state: tensors cloned, lists and tuples copied, anything else (None, markers) shared."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cloned(item) for item in state)
+    return state
+
+
 class BlockStreamDecoder:
     """The bookkeeping every block-by-block decoder shares: one video's stream state, its shape and frame counts.
 
@@ -121,6 +141,17 @@ class BlockStreamDecoder:
         self.latent_frames_decoded += latents.shape[2]
         self.frames_decoded += video.shape[2]
         return video
+
+    def snapshot(self) -> "DecoderSnapshot":
+        """A copy of the stream's state between two blocks, to :meth:`restore` later (rewinding a video)."""
+        return DecoderSnapshot(_cloned(self._state), self._stream_shape, self.latent_frames_decoded,
+                               self.frames_decoded)
+
+    def restore(self, snapshot: "DecoderSnapshot") -> None:
+        """Go back to ``snapshot``: the next ``decode_block`` continues the stream from there."""
+        self._state = _cloned(snapshot.state)
+        self._stream_shape, self.latent_frames_decoded, self.frames_decoded = (
+            snapshot.stream_shape, snapshot.latent_frames_decoded, snapshot.frames_decoded)
 
     def _new_state(self) -> list:
         raise NotImplementedError

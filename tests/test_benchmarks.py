@@ -78,3 +78,18 @@ def test_reference_compare_agrees_with_the_reference_code(tmp_path):
         # bfloat16 rounding (measured: mean 0.0025, max 0.012-0.02); a different function differs by the latents' size
         assert row["latents_mean_abs_diff"] < 0.01 * row["latents_mean_abs"], name
         assert row["latents_max_abs_diff"] < 0.1, name
+
+
+def test_studio_benchmark_runs_a_short_session(tmp_path):
+    """The studio benchmark against the real command for a few seconds (one prompt change, one rewind)."""
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "studio.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "studio_benchmark.py"), "--duration", "12", "--prompts", "1",
+         "--rewinds", "1", "--sample-every", "3", "--studio-args", "--height 32 --width 32", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["frames_delivered"] > 0 and not result["errors"]
+    assert len(result["rss_mb"]) >= 2 and all(row["rss_mb"] > 0 for row in result["rss_mb"])
