@@ -122,3 +122,18 @@ def test_demo_scripts_parse():
         done = subprocess.run(["bash", "-n", str(BENCHMARKS.parent / "training" / script)], capture_output=True,
                               text=True)
         assert done.returncode == 0, f"{script}: {done.stderr}"
+
+
+def test_studio_benchmark_runs_a_short_session(tmp_path):
+    """The studio benchmark against the real command for a few seconds (one prompt change, one rewind)."""
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "studio.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "studio_benchmark.py"), "--duration", "12", "--prompts", "1",
+         "--rewinds", "1", "--sample-every", "3", "--studio-args", "--height 32 --width 32", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["frames_delivered"] > 0 and not result["errors"]
+    assert len(result["rss_mb"]) >= 2 and all(row["rss_mb"] > 0 for row in result["rss_mb"])

@@ -264,7 +264,7 @@ def test_results_are_written_after_every_model(tmp_path, tiny_folder, one_thread
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"_class_name": "CausalWanTransformer3DModel", "num_layers": 1}))
     out = tmp_path / "results.json"
-    with pytest.raises(Exception):
+    with pytest.raises(SystemExit, match="broken_transformer: cannot load the transformer"):
         ev.main(["--model", "gt=ground-truth", "--model", f"student={tiny_folder}:steps=1",
                  "--model", f"broken={tiny_folder}:transformer={broken}", "--seeds", "0", *TINY, "--out", str(out)])
     assert list(json.loads(out.read_text())["models"]) == ["gt", "student"]

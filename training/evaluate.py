@@ -60,6 +60,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..pipelines.presets import DTYPES
 from . import metrics, world
 
 GROUND_TRUTH = "ground-truth"
@@ -69,7 +70,6 @@ SUMMARY_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness",
 TABLE_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness", "edge_sharpness", "flicker", "identity")
 RATIOS = {"sharpness": "edge_energy", "sharpness_denoised": "edge_energy_denoised", "edge_sharpness": "edge_sharpness",
           "flicker": "flicker"}  # summary key -> the clip figure whose mean is compared with ground truth's
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # settings that must agree for --resume to reuse a model's results
 RESUME_KEYS = ("mode", "prompts", "seeds", "num_frames", "height", "width", "colour_tolerance", "dtype", "speed_clips",
                "warmup", "warmup_frames")
@@ -197,7 +197,7 @@ def ground_truth_clip(prompt: str, seed: int, size: VideoSize) -> np.ndarray:
 
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     from ..pipelines.pipeline_one_forcing import OneForcingPipeline
-    from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
+    from ..pipelines.loading import load_transformer
 
     if not (Path(spec.path) / "model_index.json").is_file():
         raise ValueError(f"--model {spec.name}: {spec.path} has no model_index.json; it must be a saved "
@@ -207,15 +207,12 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
         source = Path(spec.transformer)
         if source.is_dir() and not (source / "config.json").is_file() and (source / "transformer").is_dir():
             source = source / "transformer"  # a pipeline folder given as the transformer
-        if source.is_dir():
-            if not (source / "config.json").is_file():
-                raise ValueError(f"--model {spec.name}: transformer={source} is not a diffusers model folder "
-                                 "(no config.json)")
-            extra["transformer"] = CausalWanTransformer3DModel.from_pretrained(source, torch_dtype=dtype)
-        elif source.is_file():
-            extra["transformer"] = CausalWanTransformer3DModel.from_single_file(source, dtype=dtype)
-        else:
+        if source.is_dir() and not (source / "config.json").is_file():
+            raise ValueError(f"--model {spec.name}: transformer={source} is not a diffusers model folder "
+                             "(no config.json)")
+        if not source.exists():
             raise ValueError(f"--model {spec.name}: transformer={source} is neither a folder nor a file")
+        extra["transformer"] = load_transformer(source, dtype)
     pipe = OneForcingPipeline.from_pretrained(spec.path, dtype=dtype, **extra).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
