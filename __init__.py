@@ -55,6 +55,6 @@ __all__ = [
 # comfy_entrypoint.
 async def comfy_entrypoint():
     """ComfyUI's V3 entry point: the extension listing this package's nodes."""
-    from .nodes.comfy_nodes import comfy_entrypoint as entrypoint
+    from .nodes.definitions import comfy_entrypoint as entrypoint
 
     return await entrypoint()

@@ -23,12 +23,7 @@ import torch
 
 from . import DEMO_MODEL_DIR
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TIMESTEP_PRESETS = {
-    "one-step": ([1000], None),
-    "first-block-four-steps": ([1000], [1000, 750, 500, 250]),
-    "four-steps": ([1000, 750, 500, 250], None),
-}
+from .pipelines.presets import DTYPES, TIMESTEP_PRESETS, cli_name, resolve_dtype, timestep_preset
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,21 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--keep-sink", action="store_true",
                      help="at a prompt switch keep the sink frames' cache from the old prompt (rolling cache)")
     gen.add_argument("--out", required=True, type=Path, help="output .mp4 path")
-    gen.add_argument("--model", type=Path, default=None,
-                     help="a saved OneForcingPipeline folder or a Wan2.1 diffusers folder "
-                          "(default: the demo model shipped in the package)")
-    gen.add_argument("--transformer", type=Path, default=None,
-                     help="a causal transformer checkpoint replacing the folder's (one_forcing.pt, self_forcing_dmd.pt, "
-                          "ComfyUI/original .safetensors, or a diffusers transformer folder)")
-    gen.add_argument("--tiny-vae", type=Path, default=None,
-                     help="decode with a tiny TAEHV VAE for fast previews: taew2_1.pth or taew2_1.safetensors from "
-                          "madebyollin/taehv (default: the full Wan VAE)")
-    gen.add_argument("--num-attention-heads", type=_positive, default=None,
-                     help="attention heads of a --transformer file that does not record them (files written by "
-                          "export do; released Wan2.1 models are recognised); never guessed")
     gen.add_argument("--num-frames", type=_frame_count, default=None,
                      help="video frames, 1 + 4k, a start image or clip included (default: the model's); 'endless' "
-                          "streams until interrupted")
+                          "streams until interrupted, or to the end of a --prompt-schedule whose last range has one "
+                          "(as the live studio's schedule downloads)")
     gen.add_argument("--window-frames", type=_positive, default=None,
                      help="rolling KV cache: keep the latest N latent frames (default: all; 12 when endless)")
     gen.add_argument("--sink-frames", type=_non_negative, default=None,
@@ -66,19 +50,55 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", type=Path, default=None, help="image-to-video: the first frame")
     gen.add_argument("--video", type=Path, default=None,
                      help="video extension: a clip of 1 + 4k frames to continue (the output begins with it)")
-    gen.add_argument("--height", type=_positive, default=None, help="pixels (default: the model's)")
-    gen.add_argument("--width", type=_positive, default=None, help="pixels (default: the model's)")
-    gen.add_argument("--frames-per-block", type=_positive, default=None, help="1 = frame-wise, 3 = chunk-wise")
-    gen.add_argument("--independent-first-frame", action="store_true",
-                     help="the checkpoint was trained with latent frame 0 as a block of its own "
-                          "(blocks [1, 3, 3, ...]); default: what the transformer's config says")
-    gen.add_argument("--timesteps", choices=sorted(TIMESTEP_PRESETS), default="one-step")
+    _add_model_arguments(gen)
     gen.add_argument("--seed", type=_seed, default=0, help="0 .. 2**64 - 1")
-    gen.add_argument("--fps", type=_positive, default=16)
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                     help="default: bfloat16 on CUDA, float32 on CPU")
+    _add_studio_parser(commands)
     return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the video's size and block layout, and where it runs: shared by ``generate`` and ``studio``."""
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a saved OneForcingPipeline folder or a Wan2.1 diffusers folder "
+                             "(default: the demo model shipped in the package)")
+    parser.add_argument("--transformer", type=Path, default=None,
+                        help="a causal transformer checkpoint replacing the folder's (one_forcing.pt, "
+                             "self_forcing_dmd.pt, ComfyUI/original .safetensors, or a diffusers transformer folder)")
+    parser.add_argument("--tiny-vae", type=Path, default=None,
+                        help="decode with a tiny TAEHV VAE for fast previews: taew2_1.pth or taew2_1.safetensors from "
+                             "madebyollin/taehv (default: the full Wan VAE)")
+    parser.add_argument("--num-attention-heads", type=_positive, default=None,
+                        help="attention heads of a --transformer file that does not record them (files written by "
+                             "export do; released Wan2.1 models are recognised); never guessed")
+    parser.add_argument("--height", type=_positive, default=None, help="pixels (default: the model's)")
+    parser.add_argument("--width", type=_positive, default=None, help="pixels (default: the model's)")
+    parser.add_argument("--frames-per-block", type=_positive, default=None, help="1 = frame-wise, 3 = chunk-wise")
+    parser.add_argument("--independent-first-frame", action="store_true",
+                        help="the checkpoint was trained with latent frame 0 as a block of its own "
+                             "(blocks [1, 3, 3, ...]); default: what the transformer's config says")
+    parser.add_argument("--timesteps", choices=sorted(map(cli_name, TIMESTEP_PRESETS)), default="one-step")
+    parser.add_argument("--fps", type=_positive, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def _add_studio_parser(commands) -> None:
+    studio = commands.add_parser("studio", help="live studio in the browser: watch the video being made, steer it, "
+                                                "rewind and branch (needs aiohttp, the 'studio' extra)")
+    studio.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: loopback only; anything else is reachable by others)")
+    studio.add_argument("--port", type=_non_negative, default=8765, help="TCP port (0: a free one)")
+    studio.add_argument("--max-sessions", type=_positive, default=2, help="pages served at a time")
+    studio.add_argument("--ahead-blocks", type=_positive, default=4,
+                        help="blocks generation may run ahead of what the page has shown")
+    studio.add_argument("--snapshot-blocks", type=_positive, default=32,
+                        help="block boundaries kept per page for rewinding (the latest ones)")
+    studio.add_argument("--snapshot-mb", type=_positive, default=512, help="memory for those snapshots, per page")
+    studio.add_argument("--history-mb", type=_positive, default=512,
+                        help="memory for the frames kept for the mp4 download, per page (the oldest go first)")
+    studio.add_argument("--max-prompt-chars", type=_positive, default=400)
+    _add_model_arguments(studio)
 
 
 ENDLESS = "endless"
@@ -123,7 +143,7 @@ def _seed(text: str) -> int:
 def _load_pipeline(args):
     from .pipelines.checks import check_finite_weights
     from .pipelines.pipeline_one_forcing import OneForcingPipeline
-    from .pipelines.transformer_causal_wan import CausalWanTransformer3DModel
+    from .pipelines.loading import load_transformer
 
     model_dir = args.model or DEMO_MODEL_DIR
     if not Path(model_dir).is_dir():
@@ -131,18 +151,13 @@ def _load_pipeline(args):
             raise SystemExit(f"error: the demo model is not installed at {DEMO_MODEL_DIR}; pass --model DIR")
         raise SystemExit(f"error: --model {model_dir} is not a folder")
     _check_model_index(Path(model_dir) / "model_index.json")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = resolve_dtype(args.dtype or "default", args.device)
     extra = {}
     if args.transformer is not None:
         path = args.transformer
         if not path.exists():
             raise SystemExit(f"error: --transformer {path} does not exist")
-        if path.is_dir() and (path / "config.json").is_file():
-            extra["transformer"] = CausalWanTransformer3DModel.from_pretrained(path, dtype=dtype)
-        else:
-            extra["transformer"] = CausalWanTransformer3DModel.from_single_file(
-                path, dtype=dtype, num_attention_heads=args.num_attention_heads
-            )
+        extra["transformer"] = load_transformer(path, dtype, args.num_attention_heads)
     pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
     if args.independent_first_frame:
         pipe.transformer.register_to_config(independent_first_frame=True)
@@ -189,6 +204,19 @@ def _schedule(args):
         return PromptSchedule.parse(args.prompt)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def _endless_end(args, schedule):
+    """(schedule, frame to stop at or None): an endless run whose schedule's last range has an end stops there (the
+    schedule itself then runs open-ended, as an endless stream's must)."""
+    from dataclasses import replace
+
+    from .pipelines.prompt_schedule import PromptSchedule
+
+    last = schedule.ranges[-1]
+    if args.num_frames != ENDLESS or last.end is None:
+        return schedule, None
+    return PromptSchedule([*schedule.ranges[:-1], replace(last, end=None)]), last.end
 
 
 def _read_image(path: Path):
@@ -276,7 +304,7 @@ def generate(args, on_block=None) -> Path:
     from .pipelines.video_io import Mp4Writer
 
     _check_arguments(args)
-    schedule = _schedule(args)
+    schedule, stop_at = _endless_end(args, _schedule(args))
     context = {}
     if args.image is not None:
         context["image"] = _read_image(args.image)
@@ -288,7 +316,7 @@ def generate(args, on_block=None) -> Path:
     size = pipe.default_video_size
     num_frames = None if args.num_frames == ENDLESS else (args.num_frames or size["num_frames"])
     height, width = args.height or size["height"], args.width or size["width"]
-    steps, first = TIMESTEP_PRESETS[args.timesteps]
+    steps, first = timestep_preset(args.timesteps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(schedule) > 1:
         try:
@@ -310,14 +338,18 @@ def generate(args, on_block=None) -> Path:
     )
     start = time.perf_counter()
     written = 0
-    with Mp4Writer(args.out, fps=args.fps) as writer, tqdm(total=num_frames, unit="frame", desc="generating") as bar:
+    total = num_frames or stop_at
+    with Mp4Writer(args.out, fps=args.fps) as writer, tqdm(total=total, unit="frame", desc="generating") as bar:
         try:
             for frames in stream:  # [1, T_block, H, W, 3] floats in 0..1
-                writer.write((frames[0] * 255).round().clip(0, 255).astype("uint8"))
-                written += frames.shape[1]
-                bar.update(frames.shape[1])
+                block = frames[0] if stop_at is None else frames[0][: stop_at - written]
+                writer.write((block * 255).round().clip(0, 255).astype("uint8"))
+                written += block.shape[0]
+                bar.update(block.shape[0])
                 if on_block is not None:
                     on_block(written)
+                if written == stop_at:
+                    break
         except KeyboardInterrupt as stop:
             args.interrupted = getattr(stop, "signum", int(signal.SIGINT))
         finally:
@@ -331,10 +363,50 @@ def generate(args, on_block=None) -> Path:
     return args.out
 
 
+def studio(args) -> int:
+    """Run the live studio until interrupted (Ctrl-C)."""
+    try:
+        from .studio.server import Studio, is_loopback, serve
+    except ModuleNotFoundError as error:
+        print(f"error: the studio needs {error.name}: pip install {error.name} (the 'studio' extra)",
+              file=sys.stderr)
+        return 1
+    from .studio.live import StudioSettings
+
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}, not loopback: anyone who can reach this machine can use the "
+              "studio (and its GPU); there is no login", file=sys.stderr)
+    try:
+        pipe = _load_pipeline(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.default_video_size
+    settings = StudioSettings(
+        height=args.height or size["height"], width=args.width or size["width"],
+        frames_per_block=args.frames_per_block, timesteps_name=args.timesteps,
+        timesteps=timestep_preset(args.timesteps), fps=args.fps, ahead_blocks=args.ahead_blocks,
+        snapshot_blocks=args.snapshot_blocks, snapshot_mb=args.snapshot_mb, history_mb=args.history_mb,
+        max_prompt_chars=args.max_prompt_chars,
+    )
+    try:
+        serve(Studio(pipe, settings, args.max_sessions), args.host, args.port,
+              on_ready=lambda url: print(f"studio: open {url}", flush=True))
+    except KeyboardInterrupt:
+        pass
+    except OSError as error:  # the port is taken, the address is not this machine's
+        print(f"error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``oneforcing`` command. Bad arguments and inputs, and failed writes, end with one ``error:`` line (exit
     status 1 or 2); SIGINT and SIGTERM finish the video made so far and exit with 128 + the signal number."""
     args = _parser().parse_args(argv)
+    if args.command == "studio":
+        return studio(args)
     if args.command != "generate":
         return 0
     handlers = {name: signal.getsignal(name) for name in STOP_SIGNALS}

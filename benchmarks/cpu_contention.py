@@ -26,8 +26,8 @@ SPIN = "while True: pass"
 
 def run_once(model, conditioning, seed: int) -> float:
     start = time.perf_counter()
-    latent, = definitions.rollout(model, conditioning, seed, 0, 0, 81, 0, "one step")
-    definitions.decode(latent, BUNDLED_DEMO)
+    latent, = definitions.OneForcingRollout.execute(model, conditioning, seed, 0, 0, 81, 0, "one step")
+    definitions.OneForcingDecode.execute(latent, BUNDLED_DEMO)
     return time.perf_counter() - start
 
 
@@ -38,9 +38,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    model, = definitions.model_loader(BUNDLED_DEMO, "default", "model default", "auto")
-    conditioning, = definitions.text_encode(BUNDLED_DEMO, "a yellow circle moves right on a dark blue striped "
-                                            "background", "default")
+    model, = definitions.OneForcingModelLoader.execute(BUNDLED_DEMO, "default", "auto")
+    conditioning, = definitions.OneForcingTextEncode.execute(
+        BUNDLED_DEMO, "a yellow circle moves right on a dark blue striped background", "default")
     measure_idle = runtime.idle_cpus
     policies = {"torch default (one thread per core)": lambda window_s=0.05: torch.get_num_threads(),
                 "idle CPUs (the nodes' policy)": measure_idle}

@@ -39,12 +39,12 @@ def decode_video(
         patcher = load_tiny_vae(tiny_vae)
         device = runtime.load(patcher)
         with runtime.cpu_threads(device):
-            return _stream(raw, TinyWanStreamingDecoder(patcher.model.tiny_vae), normaliser(mean, std, raw, device),
+            return _stream(raw, TinyWanStreamingDecoder(patcher.model.tiny_vae), normaliser(mean, std, device),
                            on_progress, should_stop)
     patcher = vae_from_comfy(vae) if vae is not None else load_vae(vae_name)
     device = runtime.load(patcher)
     model = patcher.model.vae
-    normalise = normaliser(model.config.latents_mean, model.config.latents_std, raw, device)
+    normalise = normaliser(model.config.latents_mean, model.config.latents_std, device)
     with runtime.cpu_threads(device):
         return _stream(raw, WanStreamingDecoder(model), normalise, on_progress, should_stop)
 

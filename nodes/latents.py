@@ -1,5 +1,7 @@
 """ComfyUI's LATENT holds raw Wan VAE latents; this package's rollout and decoder work in the VAE's normalised space,
-``(z - mean) / std`` per channel. These two maps convert, with the statistics given as lists of 16 floats."""
+``(z - mean) / std`` per channel (``pipelines/vae_streaming.py`` owns that map). These helpers apply it with the
+statistics given as lists of 16 floats, always in float32.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +9,24 @@ from typing import Callable, Sequence
 
 import torch
 
-
-def _stats(values: Sequence[float], like: torch.Tensor, name: str) -> torch.Tensor:
-    if len(values) != like.shape[1]:
-        raise ValueError(f"{name} has {len(values)} channels, the latents [B, C, F, H, W] {tuple(like.shape)}")
-    return torch.tensor(list(values), dtype=torch.float32, device=like.device).view(1, -1, 1, 1, 1)
+from ..pipelines.vae_streaming import denormalize_with, latent_stats, normalize_with
 
 
 def to_raw(latents: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalised [B, C, F, H, W] -> raw VAE space ``latents * std + mean`` (float32)."""
-    return latents.float() * _stats(std, latents, "latents_std") + _stats(mean, latents, "latents_mean")
+    return denormalize_with(latents.float(), mean, std)
 
 
 def to_normalised(samples: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Raw VAE-space [B, C, F, H, W] -> normalised ``(z - mean) / std`` (float32)."""
-    return (samples.float() - _stats(mean, samples, "latents_mean")) / _stats(std, samples, "latents_std")
+    return normalize_with(samples.float(), mean, std)
 
 
-def normaliser(mean: Sequence[float], std: Sequence[float], like: torch.Tensor, device) -> Callable:
-    """A map of raw blocks of ``like`` (slices [B, C, f, H, W]) to normalised float32 latents on ``device``, the
-    statistics moved there once rather than with every block (each move would be a sync point)."""
-    mean_t = _stats(mean, like, "latents_mean").to(device)
-    std_t = _stats(std, like, "latents_std").to(device)
-    return lambda block: (block.to(device).float() - mean_t) / std_t
+def normaliser(mean: Sequence[float], std: Sequence[float], device) -> Callable:
+    """A map of raw blocks [B, C, f, H, W] to normalised float32 latents on ``device``, the statistics moved there
+    once rather than with every block (each move would be a sync point)."""
+    stats = latent_stats(mean, std, device)
+    return lambda block: normalize_with(block.to(device).float(), *stats)
 
 
 def latent_samples(latent, name: str = "latent") -> torch.Tensor:

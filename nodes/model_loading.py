@@ -17,26 +17,17 @@ from ..pipelines.loading import (
     CheckpointError,
     check_state_dict_matches,
     infer_wan_vae_config,
+    load_transformer as load_causal_transformer,
     load_umt5_encoder_single_file,
     load_wan_vae_single_file,
 )
+from ..pipelines.pipeline_one_forcing import OneForcingPipeline
+from ..pipelines.presets import resolve_dtype
 from ..pipelines.scheduling_one_forcing import OneForcingScheduler
 from ..pipelines.tiny_vae import TinyWanVAE
 from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
 from . import runtime
 from .folders import BUNDLED_DEMO, component_path, pipeline_folder, resolve_model
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE_CHOICES = ("default", *DTYPES)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"default" is bfloat16 on a GPU and float32 on the CPU (CPU half precision is slow and inexact)."""
-    if name == "default":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def wan21_latent_stats() -> tuple[list[float], list[float]]:
@@ -53,24 +44,29 @@ def wan21_latent_stats() -> tuple[list[float], list[float]]:
 class OneForcingModel:
     """What flows on an ``ONEFORCING_MODEL`` socket.
 
-    ``patcher.model.transformer`` is the :class:`CausalWanTransformer3DModel`; ``scheduler`` its pipeline's scheduler
-    (the default one-step schedule for single files). ``latents_mean``/``latents_std`` are
-    the statistics of the VAE the model was trained with (its pipeline's ``vae/config.json``, else Wan2.1's): the
-    rollout uses them to hand out raw VAE-space LATENTs.
+    ``pipeline`` is the model's :class:`OneForcingPipeline` without text encoder and VAE (ComfyUI's nodes bring
+    those): its transformer (``patcher.model.transformer``, moved by ComfyUI's model management), its scheduler (the
+    default one-step schedule for single files) and what its folder recorded (video size, prompt length).
+    ``latents_mean``/``latents_std`` are the statistics of the VAE the model was trained with (its pipeline's
+    ``vae/config.json``, else Wan2.1's): the rollout uses them to hand out raw VAE-space LATENTs.
+    ``trained_frames_per_block``: what the model's config records (None for single files, which record nothing).
     """
 
     patcher: object
-    scheduler: OneForcingScheduler
-    frames_per_block: int
+    pipeline: OneForcingPipeline
     latents_mean: list[float]
     latents_std: list[float]
     source: str
-    text_length: int = 512
-    video_size: dict | None = None
+    trained_frames_per_block: int | None = None
 
     @property
     def transformer(self) -> CausalWanTransformer3DModel:
         return self.patcher.model.transformer
+
+    @property
+    def frames_per_block(self) -> int:
+        """Latent frames per block when the rollout is not told otherwise: the transformer's config."""
+        return int(self.transformer.config.frames_per_block)
 
 
 def _model_index(folder: Path | None) -> dict:
@@ -88,56 +84,40 @@ def _latent_stats_of(folder: Path | None) -> tuple[list[float], list[float]]:
     return wan21_latent_stats()
 
 
-def load_transformer(
-    model_name: str, dtype: str = "default", frames_per_block: int = 0, attention_backend: str = "auto",
-    num_attention_heads: int = 0,
-) -> OneForcingModel:
+def _scheduler_of(folder: Path | None) -> OneForcingScheduler:
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        return OneForcingScheduler.from_pretrained(folder / "scheduler")
+    return OneForcingScheduler()
+
+
+def load_transformer(model_name: str, dtype: str = "default", attention_backend: str = "auto",
+                     num_attention_heads: int = 0) -> OneForcingModel:
     """The causal transformer from the ``diffusion_models`` folder.
 
     Args:
         model_name: a choice of ``list_models("diffusion_models")``: a One-Forcing/Self-Forcing ``.pt``, a ComfyUI or
             original single ``.safetensors`` file, a diffusers ``transformer/`` folder, or a pipeline folder.
-        dtype: "default", "bfloat16", "float16" or "float32".
-        frames_per_block: 0 keeps the model's own setting (its config; 1 for single files, which do not record it),
-            1 = frame-wise, 3 = chunk-wise, or any positive count.
+        dtype: one of ``pipelines.presets.DTYPE_CHOICES``.
         attention_backend: see ``pipelines.attention.ATTENTION_BACKENDS``.
         num_attention_heads: 0 reads the head count from the file; a count for single files that record none.
     """
-    if frames_per_block < 0:
-        raise ValueError(f"frames_per_block must be 0 (model default) or positive, got {frames_per_block}")
     path = resolve_model("diffusion_models", model_name)
-    torch_dtype = resolve_dtype(dtype, runtime.default_device())
     component = component_path("diffusion_models", path)
-    try:
-        if component.is_dir():
-            transformer = CausalWanTransformer3DModel.from_pretrained(component, dtype=torch_dtype)
-        else:
-            transformer = CausalWanTransformer3DModel.from_single_file(
-                component, dtype=torch_dtype, num_attention_heads=num_attention_heads or None
-            )
-    except (OSError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(component, f"cannot load the transformer: {err}") from err
+    transformer = load_causal_transformer(component, resolve_dtype(dtype, runtime.default_device()),
+                                          num_attention_heads or None)
     transformer.set_attention_backend(attention_backend)
     transformer.eval().requires_grad_(False)
     folder = pipeline_folder("diffusion_models", path)
     recorded = _model_index(folder)
     mean, std = _latent_stats_of(folder)
-    scheduler = OneForcingScheduler()
-    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
-        scheduler = OneForcingScheduler.from_pretrained(folder / "scheduler")
-    patcher = runtime.manage(runtime.ModelHolder(transformer=transformer), "diffusion_model")
-    return OneForcingModel(
-        patcher=patcher,
-        scheduler=scheduler,
-        frames_per_block=frames_per_block or int(transformer.config.frames_per_block),
-        latents_mean=mean,
-        latents_std=std,
-        source=model_name,
-        text_length=int(recorded.get("max_sequence_length") or 512),
-        video_size=recorded.get("default_video_size"),
+    pipeline = OneForcingPipeline(
+        tokenizer=None, text_encoder=None, transformer=transformer, vae=None, scheduler=_scheduler_of(folder),
+        default_video_size=recorded.get("default_video_size"), max_sequence_length=recorded.get("max_sequence_length"),
     )
+    pipeline.set_progress_bar_config(disable=True)  # ComfyUI shows its own progress bar
+    patcher = runtime.manage(runtime.ModelHolder(transformer=transformer), "diffusion_model")
+    trained = int(transformer.config.frames_per_block) if component.is_dir() else None
+    return OneForcingModel(patcher, pipeline, mean, std, model_name, trained)
 
 
 # -- text encoder --------------------------------------------------------------------------------------------------

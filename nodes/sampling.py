@@ -1,39 +1,31 @@
 """Text encoding, prompt schedules and the autoregressive rollout, as plain functions the nodes call.
 
-The rollout is ``OneForcingPipeline.stream`` (``output_type="latent"``, which runs ``pipelines.rollout.causal_rollout``
-with the pipeline's context, prompt-switch and rolling-cache handling); this module only converts ComfyUI's values
-(CONDITIONING, raw VAE-space LATENTs) to the pipeline's arguments, reports progress, honours cancellation between
-blocks and converts the result back to a ComfyUI LATENT (raw VAE space).
+The rollout is the model's ``OneForcingPipeline`` run on a :class:`GenerationRequest` (``stream_request``,
+``output_type="latent"``: the pipeline's session with its context, prompt-switch and rolling-cache handling); this
+module only converts ComfyUI's values (CONDITIONING, raw VAE-space LATENTs, the widgets) to that request, reports
+progress, honours cancellation between blocks and converts the result back to a ComfyUI LATENT (raw VAE space).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..pipelines.pipeline_one_forcing import OneForcingPipeline
+from ..pipelines.layout import latent_frame_count, video_frame_count
+from ..pipelines.pipeline_one_forcing import GenerationRequest, encode_prompt
+from ..pipelines.presets import timestep_preset
 from ..pipelines.prompt_schedule import PromptRange, PromptSchedule
-from ..pipelines.layout import BlockLayout
 from . import runtime
 from .latents import latent_samples, to_normalised, to_raw
 from .model_loading import OneForcingModel, load_text_encoder
 
 logger = logging.getLogger(__name__)
 
-TIMESTEP_PRESETS = {
-    # name -> (denoising_timesteps of every block, first_block_timesteps or None); un-warped, as the scheduler takes
-    "one step": ([1000], None),
-    "first block four steps": ([1000], [1000, 750, 500, 250]),
-    "four steps": ([1000, 750, 500, 250], None),
-}
 MAX_SEQUENCE_LENGTH = 512
-VAE_TEMPORAL, VAE_SPATIAL = 4, 8
-# pixels per Wan2.1 patch side (8 per latent pixel, 2 x 2 latent pixels per patch): frame sizes come in its multiples;
-# the rollout reads the loaded model's patch size, the encoder (no model at hand) assumes Wan2.1's
-SIZE_MULTIPLE = VAE_SPATIAL * 2
 # a CONDITIONING entry's dict keys marking it as one range of a prompt schedule: (start, end or None) in video
 # frames, and the prompt's text (for error messages)
 SCHEDULE_KEY = "oneforcing_frames"
@@ -51,16 +43,9 @@ def encode_texts(text_encoder_name: str, prompts: list[str], dtype: str = "defau
                              "classifier-free guidance that an empty prompt could serve)")
     tokenizer, patcher = load_text_encoder(text_encoder_name, dtype)
     device = runtime.load(patcher)
-    encoder = OneForcingPipeline(
-        tokenizer=tokenizer, text_encoder=patcher.model.text_encoder, transformer=None, vae=None, scheduler=None
-    )
-    out = []
     with torch.no_grad():
-        for prompt in prompts:
-            embeds = encoder.encode_prompt(prompt, max_sequence_length=MAX_SEQUENCE_LENGTH, device=device,
-                                           dtype=torch.float32)
-            out.append(embeds.to(runtime.intermediate_device()))
-    return out
+        return [encode_prompt(tokenizer, patcher.model.text_encoder, prompt, MAX_SEQUENCE_LENGTH, device,
+                              torch.float32).to(runtime.intermediate_device()) for prompt in prompts]
 
 
 def encode_text(text_encoder_name: str, prompt: str, dtype: str = "default") -> list:
@@ -152,16 +137,6 @@ def conditioning_prompts(conditioning, text_dim: int) -> torch.Tensor | PromptSc
     return PromptSchedule(ranges)
 
 
-def conditioning_embeds(conditioning, text_dim: int) -> torch.Tensor:
-    """The prompt embeddings [B, L, text_dim] of a one-prompt CONDITIONING (see :func:`conditioning_prompts`)."""
-    prompts = conditioning_prompts(conditioning, text_dim)
-    if isinstance(prompts, PromptSchedule):
-        if len(prompts) > 1:
-            raise ValueError("this conditioning is a prompt schedule; one prompt is needed here")
-        return prompts.prompts[0]
-    return prompts
-
-
 def fit_text_length(embeds: torch.Tensor, length: int) -> torch.Tensor:
     """Prompt embeddings [B, L, D] cut or zero-padded to the ``length`` tokens the model was trained with.
 
@@ -174,47 +149,17 @@ def fit_text_length(embeds: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(embeds, (0, 0, 0, length - embeds.shape[1]))
 
 
-def check_video_size(width: int, height: int, length: int, multiple: int) -> int:
-    """Latent frames of a ``length``-frame video; clear errors for sizes the model cannot make."""
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value <= 0 or value % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
-    if not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be at least 1 video frame, got {length}")
-    if (length - 1) % VAE_TEMPORAL:
-        raise ValueError(f"length must be 1 + {VAE_TEMPORAL}k video frames (e.g. 81), got {length}")
-    return (length - 1) // VAE_TEMPORAL + 1
-
-
-def generate_latents(
-    model: OneForcingModel,
-    conditioning,
-    seed: int,
-    width: int,
-    height: int,
-    length: int,
-    frames_per_block: int = 0,
-    timesteps: str = "one step",
-    initial_latent=None,
-    context_latent=None,
-    window_frames: int = 0,
-    sink_frames: int = 3,
-    keep_sink_on_switch: bool = False,
-    *,
-    on_progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> dict:
-    """Roll the video out block by block -> a ComfyUI LATENT ``{"samples": [B, 16, F, H/8, W/8]}`` in raw VAE space.
+@dataclass(frozen=True)
+class RolloutRequest:
+    """What the rollout node is asked for (its inputs but the model; see ``OneForcingRollout`` for each one's meaning).
 
     Args:
-        model: from the loader node.
         conditioning: one prompt, or a prompt schedule (see :func:`conditioning_prompts`).
         seed: the initial and re-noising noise (CPU generator: the same video on every device).
-        width, height: pixels, multiples of 16; 0 = the size the model recorded (its pipeline's
-            ``default_video_size``; Wan2.1's 832 x 480 for single files). length: video frames, 1 + 4k, a context's
-            frames included.
-        frames_per_block: latent frames per block; 0 = the loader's setting.
-        timesteps: a :data:`TIMESTEP_PRESETS` name.
+        width, height: pixels; 0 = the size the model recorded (its pipeline's ``default_video_size``; Wan2.1's
+            832 x 480 for single files). length: video frames, 1 + 4k, a context's frames included.
+        frames_per_block: latent frames per block; 0 = the model's own setting.
+        timesteps: a ``pipelines.presets.TIMESTEP_PRESETS`` name.
         initial_latent: a LATENT whose shape sets batch, frames and size instead of width/height/length (as from
             ComfyUI's ``EmptyHunyuanLatentVideo``; its values are not used: the noise comes from ``seed``).
         context_latent: a LATENT [B, 16, f, H/8, W/8] (raw VAE space, e.g. an encoded start image or clip) committed
@@ -223,106 +168,136 @@ def generate_latents(
         window_frames: 0 = a full KV cache; else a rolling cache of ``sink_frames`` first latent frames plus the
             ``window_frames`` latest, at constant memory (videos longer than the model was trained for).
         keep_sink_on_switch: at a prompt switch keep the sink frames' keys/values from the old prompt.
-        on_progress(done_blocks, total_blocks), should_stop(): hooks for callers outside ComfyUI.
     """
-    transformer = model.transformer
-    if timesteps not in TIMESTEP_PRESETS:
-        raise ValueError(f"timesteps must be one of {', '.join(TIMESTEP_PRESETS)}, got {timesteps!r}")
-    if frames_per_block < 0:
-        raise ValueError(f"frames_per_block must be 0 (the model's setting) or positive, got {frames_per_block}")
-    if window_frames < 0 or sink_frames < 0:
-        raise ValueError(f"window_frames and sink_frames must be >= 0, got {window_frames} and {sink_frames}")
-    multiple = VAE_SPATIAL * transformer.config.patch_size[1]
-    pipe = OneForcingPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
-                              scheduler=model.scheduler, default_video_size=model.video_size)
-    width, height = width or pipe.default_video_size["width"], height or pipe.default_video_size["height"]
-    batch = 1
-    if initial_latent is not None:
-        shape = latent_samples(initial_latent, "initial_latent").shape
-        batch = shape[0]
-        width, height, length = shape[4] * VAE_SPATIAL, shape[3] * VAE_SPATIAL, (shape[2] - 1) * VAE_TEMPORAL + 1
-    context = None
-    if context_latent is not None:
-        context = latent_samples(context_latent, "context_latent")
-        size = (context.shape[4] * VAE_SPATIAL, context.shape[3] * VAE_SPATIAL)
-        if initial_latent is not None and size != (width, height):
-            raise ValueError(f"context_latent is {size[0]}x{size[1]} pixels but initial_latent is {width}x{height}")
-        width, height = size
-        if width % multiple or height % multiple:
-            raise ValueError(f"context_latent is {width}x{height} pixels; the model makes videos whose width and "
-                             f"height are multiples of {multiple}: encode the start image at such a size")
-        if context.shape[0] not in (1, batch):
-            raise ValueError(f"context_latent holds {context.shape[0]} videos, the latent batch is {batch}")
-    num_frames = check_video_size(width, height, length, multiple)
-    if context is not None and context.shape[2] >= num_frames:
-        raise ValueError(f"length {length} leaves no frame to generate after the context_latent's "
-                         f"{1 + VAE_TEMPORAL * (context.shape[2] - 1)} video frames: length counts the whole video, "
-                         "context included")
-    prompts = conditioning_prompts(conditioning, transformer.config.text_dim)
+
+    conditioning: list
+    seed: int = 0
+    width: int = 0
+    height: int = 0
+    length: int = 81
+    frames_per_block: int = 0
+    timesteps: str = "one step"
+    initial_latent: dict | None = None
+    context_latent: dict | None = None
+    window_frames: int = 0
+    sink_frames: int = 3
+    keep_sink_on_switch: bool = False
+
+
+def generate_latents(model: OneForcingModel, request: RolloutRequest, *,
+                     on_progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> dict:
+    """Roll the video out block by block -> a ComfyUI LATENT ``{"samples": [B, 16, F, H/8, W/8]}`` in raw VAE space.
+
+    ``on_progress(done_blocks, total_blocks)`` and ``should_stop()`` are hooks for callers outside ComfyUI.
+    """
+    pipe = model.pipeline
+    generation = generation_request(model, request)
+    context_frames = 0 if generation.context_latents is None else generation.context_latents.shape[2]
+    layout = pipe.block_layout(generation.num_frames, generation.frames_per_block, context_frames)
+    runtime.check_interrupted(should_stop)
+    device = runtime.load(model.patcher)
+    with runtime.cpu_threads(device):
+        return _collect(model, pipe.stream_request(generation), layout, device, on_progress, should_stop)
+
+
+def generation_request(model: OneForcingModel, request: RolloutRequest) -> GenerationRequest:
+    """The pipeline's request for the rollout node's ``request``: ComfyUI's values converted (raw latents
+    normalised, the CONDITIONING's prompt or schedule fitted to the model's prompt length, the seed as a CPU
+    generator), the node's own widgets checked with their names; the pipeline checks the rest when it runs."""
+    r, pipe = request, model.pipeline
+    if r.frames_per_block < 0:
+        raise ValueError(f"frames_per_block must be 0 (the model's setting) or positive, got {r.frames_per_block}")
+    if r.window_frames < 0 or r.sink_frames < 0:
+        raise ValueError(f"window_frames and sink_frames must be >= 0, got {r.window_frames} and {r.sink_frames}")
+    trained = model.trained_frames_per_block
+    if r.frames_per_block and trained and r.frames_per_block != trained:
+        logger.warning("frames_per_block=%d, but the model was trained with %d latent frames per block: its videos "
+                       "may degrade (0 = the model's own setting)", r.frames_per_block, trained)
+    denoising, first_block = timestep_preset(r.timesteps)
+    batch, (width, height, length) = _video_size(pipe, r)
+    latent_frames = latent_frame_count(length, pipe.vae_scale_factor_temporal, what="length")
+    context = _context(model, r, (width, height), batch)
+    if context is not None:
+        spatial = pipe.vae_scale_factor_spatial
+        width, height = context.shape[4] * spatial, context.shape[3] * spatial
+        if context.shape[2] >= latent_frames:
+            raise ValueError(f"length {length} leaves no frame to generate after the context_latent's "
+                             f"{video_frame_count(context.shape[2])} video frames: length counts the whole video, "
+                             "context included")
+    prompts = _fit_prompts(conditioning_prompts(r.conditioning, model.transformer.config.text_dim),
+                           pipe.default_max_sequence_length)
     first = prompts.prompts[0] if isinstance(prompts, PromptSchedule) else prompts
     if first.shape[0] not in (1, batch):
         raise ValueError(f"conditioning batch {first.shape[0]} does not match the latent batch {batch}")
-    if frames_per_block and frames_per_block != model.frames_per_block:
-        logger.warning("frames_per_block=%d, but the model was trained with %d latent frames per block: its videos "
-                       "may degrade (0 = the model's own setting)", frames_per_block, model.frames_per_block)
-    frames_per_block = frames_per_block or model.frames_per_block
     if isinstance(prompts, PromptSchedule) and any(p.shape[0] != first.shape[0] for p in prompts.prompts):
         raise ValueError("the prompts of the schedule have different batch sizes")
-    denoising, first_block = TIMESTEP_PRESETS[timesteps]
+    schedule = isinstance(prompts, PromptSchedule)
+    return GenerationRequest(
+        prompt_embeds=None if schedule else prompts, prompt_schedule=prompts if schedule else None,
+        num_frames=length, height=height, width=width, frames_per_block=r.frames_per_block or None,
+        denoising_timesteps=denoising, first_block_timesteps=first_block,
+        num_videos_per_prompt=batch // first.shape[0], generator=torch.Generator("cpu").manual_seed(int(r.seed)),
+        output_type="latent", context_latents=context, window_frames=r.window_frames or None,
+        sink_frames=r.sink_frames if r.window_frames else None, keep_sink_on_switch=r.keep_sink_on_switch,
+    )
 
-    runtime.check_interrupted(should_stop)
-    device = runtime.load(model.patcher)
-    # ComfyUI runs nodes under torch.inference_mode(); the KV cache tracks its prompt through the tensor version
-    # counter, which inference tensors lack: the rollout runs as plain no-grad code on plain tensors
-    with torch.inference_mode(False), torch.no_grad(), runtime.cpu_threads(device):
-        prompts = _fit_prompts(prompts, model.text_length)
-        if context is not None:
-            context = to_normalised(context.clone(), model.latents_mean, model.latents_std)
-        pipe.set_progress_bar_config(disable=True)  # ComfyUI shows its own progress bar
-        stream = pipe.stream(
-            **({"prompt_schedule": prompts} if isinstance(prompts, PromptSchedule) else {"prompt_embeds": prompts}),
-            num_frames=length, height=height, width=width, frames_per_block=frames_per_block,
-            denoising_timesteps=denoising, first_block_timesteps=first_block,
-            num_videos_per_prompt=batch // first.shape[0], generator=torch.Generator("cpu").manual_seed(int(seed)),
-            output_type="latent", context_latents=context,
-            window_frames=window_frames or None, sink_frames=sink_frames if window_frames else None,
-            keep_sink_on_switch=keep_sink_on_switch,
-        )
-        layout = pipe.block_layout(length, frames_per_block, 0 if context is None else context.shape[2])
-        return _collect(model, stream, (batch, height, width), layout, device, on_progress, should_stop)
+
+def _video_size(pipe, request: RolloutRequest) -> tuple[int, tuple[int, int, int]]:
+    """(batch, (width, height, length)): the initial latent's shape if one is given, else the widgets (0 = the
+    model's recorded size)."""
+    if request.initial_latent is None:
+        size = pipe.default_video_size
+        return 1, (request.width or size["width"], request.height or size["height"], request.length)
+    shape = latent_samples(request.initial_latent, "initial_latent").shape
+    spatial = pipe.vae_scale_factor_spatial
+    return shape[0], (shape[4] * spatial, shape[3] * spatial, video_frame_count(shape[2]))
+
+
+def _context(model: OneForcingModel, request: RolloutRequest, size: tuple[int, int], batch: int):
+    """The context LATENT as normalised latents [B, 16, f, h, w] (None without one), checked against the video."""
+    if request.context_latent is None:
+        return None
+    context = latent_samples(request.context_latent, "context_latent")
+    spatial = model.pipeline.vae_scale_factor_spatial
+    pixels = (context.shape[4] * spatial, context.shape[3] * spatial)
+    if request.initial_latent is not None and pixels != size:
+        raise ValueError(f"context_latent is {pixels[0]}x{pixels[1]} pixels but initial_latent is {size[0]}x{size[1]}")
+    multiple = spatial * model.transformer.config.patch_size[1]
+    if pixels[0] % multiple or pixels[1] % multiple:
+        raise ValueError(f"context_latent is {pixels[0]}x{pixels[1]} pixels; the model makes videos whose width and "
+                         f"height are multiples of {multiple}: encode the start image at such a size")
+    if context.shape[0] not in (1, batch):
+        raise ValueError(f"context_latent holds {context.shape[0]} videos, the latent batch is {batch}")
+    return to_normalised(context, model.latents_mean, model.latents_std)
 
 
 def _fit_prompts(prompts, text_length: int):
-    """Embeddings (or a schedule's) as plain float32 tensors of the model's prompt length."""
+    """Embeddings (or a schedule's) as float32 tensors of the model's prompt length."""
     if isinstance(prompts, PromptSchedule):
-        return PromptSchedule([PromptRange(r.start, r.end, fit_text_length(r.prompt.clone(), text_length), r.label)
+        return PromptSchedule([PromptRange(r.start, r.end, fit_text_length(r.prompt.float(), text_length), r.label)
                                for r in prompts.ranges])
-    return fit_text_length(prompts.clone(), text_length)
+    return fit_text_length(prompts.float(), text_length)
 
 
-def _collect(model, stream, size: tuple[int, int, int], layout: BlockLayout, device, on_progress,
-             should_stop) -> dict:
-    """Run the pipeline's block stream of a video laid out as ``layout`` into a raw-space LATENT of ``size``
-    (batch, height, width), with progress, previews and cancel per block."""
-    batch, height, width = size
-    num_frames, context_frames = layout.total_frames, layout.context_frames
-    shape = (batch, model.transformer.config.in_channels, num_frames, height // VAE_SPATIAL, width // VAE_SPATIAL)
-    out = torch.zeros(shape, dtype=torch.float32, device=runtime.intermediate_device())
+def _collect(model: OneForcingModel, stream, layout, device, on_progress, should_stop) -> dict:
+    """Run the pipeline's block stream of a video laid out as ``layout`` (a ``BlockLayout``) into a raw-space
+    LATENT, with progress, previews and cancel per block."""
+    out, start, done = [], 0, 0
     progress = runtime.Progress(layout.num_blocks, on_progress)
     preview = runtime.latent_previewer(device)
-    start, done = 0, 0
     try:
         runtime.check_interrupted(should_stop)
         for latents in stream:  # the context's latents first (if any), then one item per generated block
-            out[:, :, start : start + latents.shape[2]] = latents.float().to(out.device)
+            out.append(latents.float().to(runtime.intermediate_device()))
             start += latents.shape[2]
-            if start > context_frames:
+            if start > layout.context_frames:
                 done += 1
                 progress.update(done, preview(latents) if preview is not None else None)
-            if start < num_frames:
+            if start < layout.total_frames:
                 runtime.check_interrupted(should_stop)  # cancel between blocks; closing the stream frees the cache
     finally:
         stream.close()
         del stream
         runtime.free_cache()
-    return {"samples": to_raw(out, model.latents_mean, model.latents_std)}
+    return {"samples": to_raw(torch.cat(out, dim=2), model.latents_mean, model.latents_std)}

@@ -817,6 +817,25 @@ def load_umt5_encoder_single_file(path: str | os.PathLike, dtype: torch.dtype | 
     return _cast(model, dtype, keep_fp32).eval()
 
 
+def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                     num_attention_heads: int | None = None):
+    """A :class:`~.transformer_causal_wan.CausalWanTransformer3DModel` from ``path``: a diffusers model folder (it
+    holds ``config.json``) through ``from_pretrained``, anything else (a weights file, a folder of original or sharded
+    weights) through ``from_single_file`` (``num_attention_heads`` for files that record none). Every failure is a
+    :class:`CheckpointError` naming ``path``."""
+    from .transformer_causal_wan import CausalWanTransformer3DModel
+
+    path = Path(path)
+    try:
+        if path.is_dir() and (path / "config.json").is_file():
+            return CausalWanTransformer3DModel.from_pretrained(path, dtype=dtype)
+        return CausalWanTransformer3DModel.from_single_file(path, dtype=dtype, num_attention_heads=num_attention_heads)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError) as err:
+        raise CheckpointError(path, f"cannot load the transformer: {err}") from err
+
+
 # -- fp8 storage -------------------------------------------------------------------------------------------------
 def check_storage_dtype(storage_dtype: torch.dtype | None) -> None:
     """Refuse a weight storage dtype other than None (as the file stores it), float8_e4m3fn or a float dtype."""

@@ -222,6 +222,16 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
             tiny.to(device)
         return TinyWanStreamingDecoder(tiny)
 
+    def streaming_decoder(self) -> WanStreamingDecoder | TinyWanStreamingDecoder:
+        """A new block-by-block decoder of one video on the execution device, as ``stream`` decodes (the preview
+        decoder if one is set); feed it latents cast to :attr:`decode_dtype`."""
+        return self._streaming_decoder(self._execution_device)
+
+    @property
+    def decode_dtype(self) -> torch.dtype:
+        """The dtype the streaming decoder takes its latents in."""
+        return self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
+
     @property
     def default_video_size(self) -> dict[str, int]:
         """{"num_frames", "height", "width"}: the size recorded at save time (``default_video_size`` in
@@ -251,24 +261,9 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
         max_sequence_length = max_sequence_length or self.default_max_sequence_length
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError("this pipeline has no tokenizer/text_encoder: pass prompt_embeds instead of a prompt")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        device = device or self._execution_device
-        tokens = self.tokenizer(
-            [_clean_prompt(p) for p in prompts],
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
-        hidden = hidden * mask[..., None].to(hidden.dtype)  # padding rows exactly zero, as the models were trained
-        hidden = hidden.to(dtype or self.text_encoder.dtype)
-        return hidden.repeat_interleave(num_videos_per_prompt, dim=0)
+        embeds = encode_prompt(self.tokenizer, self.text_encoder, prompt, max_sequence_length,
+                               device or self._execution_device, dtype)
+        return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
 
     # -- checks -------------------------------------------------------------------------------------------------------
     def check_inputs(self, request: GenerationRequest) -> None:
@@ -328,14 +323,7 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
                 (floats in 0..1 or uint8), with T = 1 + 4k frames (the Wan VAE's temporal stride).
             height, width: the frames are resized to this size first.
         """
-        if (image is None) == (video is None):
-            raise ValueError("pass exactly one of image or video")
-        name = "image" if image is not None else "video"
-        frames = _as_frames(image, "image", single=True) if image is not None else _as_frames(video, "video")
-        pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # [B, 3, T, H, W] in -1..1
-        latent_frame_count(pixels.shape[2], self.vae_scale_factor_temporal, what=name)
-        device = device or self._execution_device
-        return encode_video(self.vae, pixels.to(device)).to(device=device, dtype=torch.float32)
+        return encode_context(self.vae, image, video, (height, width), device or self._execution_device)
 
     def _context(self, image, video, context_latents, height, width, batch, device) -> torch.Tensor | None:
         """The clean context [B, 16, f, H/8, W/8] (float32) of an image-to-video or extension run, or None."""
@@ -486,7 +474,7 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
         if output_type == "latent":
             return ((item, None) for item in items)
         decoder = self._streaming_decoder(device)
-        dtype = self.vae.dtype if self._preview_decoder is None else self._preview_decoder.dtype
+        dtype = self.decode_dtype
         if overlap:
             return SideStreamDecoder(decoder, device).decode((item, item[0].to(dtype)) for item in items)
         return ((item, decoder.decode_block(item[0].to(dtype))) for item in items)
@@ -499,9 +487,7 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
         ``overlap_decode``: decode each block on a second CUDA stream beside the next block's transformer passes
         (blocks then come back one block late, the first excepted; see :mod:`.decode_overlap`; elsewhere than CUDA
         the same order without a second stream)."""
-        check_arguments(request)
-        request = request.with_defaults(self.default_video_size)
-        self.check_inputs(request)
+        request = self._checked(request)
         self._interrupt = False
         run = self._run = self._start(request, keeps_video=overlap_decode and request.output_type != "latent")
         generated = self._generated_blocks(run, request)
@@ -525,6 +511,20 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
             if self.transformer.cuda_graphs is not None:
                 self._kept_kv_cache = (run.geometry, run.session.kv_cache)
             self.maybe_free_model_hooks()
+
+    def _checked(self, request: GenerationRequest) -> GenerationRequest:
+        check_arguments(request)
+        request = request.with_defaults(self.default_video_size)
+        self.check_inputs(request)
+        return request
+
+    @torch.no_grad()
+    def new_session(self, request: GenerationRequest) -> GenerationSession:
+        """The :class:`GenerationSession` that ``stream(**fields of request)`` drives, for a caller that drives it
+        itself (a live server: prompts switched, rewound and branched as a person asks). The session starts with the
+        request's first prompt; the switches of a ``prompt_schedule`` are left to the caller. Decode its blocks with
+        :meth:`streaming_decoder`."""
+        return self._start(self._checked(request), keeps_video=False).session
 
     # -- the state of the run under way (None between runs) -----------------------------------------------------------
     _run: _Run | None = None
@@ -660,9 +660,13 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
         break out of the loop). It needs a rolling KV cache: by default ``sink_frames=3`` and ``window_frames=12``
         latent frames with relative positions, so memory stays flat; no latents are kept.
         """
-        request = GenerationRequest.of(locals())
+        yield from self.stream_request(GenerationRequest.of(locals()))
+
+    @torch.no_grad()
+    def stream_request(self, request: GenerationRequest) -> Iterator[Any]:
+        """:meth:`stream` of a :class:`GenerationRequest` (its callback is called as ``__call__`` calls it)."""
         for block_latents, block_video in exclusive_use(self, self._blocks(request)):
-            yield block_latents if block_video is None else self._postprocess(block_video, output_type)
+            yield block_latents if block_video is None else self._postprocess(block_video, request.output_type)
 
 
 @dataclass(frozen=True)
@@ -718,6 +722,45 @@ class _Run:
     context: torch.Tensor | None
     latents: torch.Tensor | None  # [B, C, F, h, w] of a finite video
     geometry: tuple
+
+
+def encode_prompt(tokenizer, text_encoder: UMT5EncoderModel, prompt: str | list[str], max_sequence_length: int,
+                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """UMT5 embeddings [B, max_sequence_length, dim] of the prompts (B = how many), zero beyond each prompt's tokens,
+    as the models were trained; in ``dtype`` (default: the encoder's), on ``device`` (default: the encoder's)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    tokens = tokenizer(
+        [_clean_prompt(p) for p in prompts],
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    device = device or text_encoder.device
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
+    hidden = hidden * mask[..., None].to(hidden.dtype)  # padding rows exactly zero, as the models were trained
+    return hidden.to(dtype or text_encoder.dtype)
+
+
+def encode_context(vae: AutoencoderKLWan, image=None, video=None, size: tuple[int, int] = (480, 832),
+                   device: torch.device | None = None) -> torch.Tensor:
+    """An image or a clip -> normalised clean latents [B, 16, 1 + (T - 1) / 4, H / 8, W / 8] (float32), the frames
+    resized to ``size`` (height, width) first; see :meth:`OneForcingPipeline.encode_context` for the accepted
+    forms."""
+    if (image is None) == (video is None):
+        raise ValueError("pass exactly one of image or video")
+    name = "image" if image is not None else "video"
+    frames = _as_frames(image, "image", single=True) if image is not None else _as_frames(video, "video")
+    processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
+    pixels = processor.preprocess_video(frames, height=size[0], width=size[1])  # [B, 3, T, H, W] in -1..1
+    latent_frame_count(pixels.shape[2], vae.config.scale_factor_temporal, what=name)
+    device = device or vae.device
+    return encode_video(vae, pixels.to(device)).to(device=device, dtype=torch.float32)
 
 
 def _as_frames(value, name: str, single: bool = False):

@@ -12,6 +12,7 @@ Latents in this package are *normalised*: ``(z - latents_mean) / latents_std`` p
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -31,10 +32,10 @@ def _check_5d(tensor: torch.Tensor, name: str, channels: int, layout: str) -> No
         raise ValueError(f"{name} must have {channels} channels {layout}, got shape {tuple(tensor.shape)}")
 
 
-def _latent_stats(vae: AutoencoderKLWan, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's per-channel latent mean and std, shaped [1, C, 1, 1, 1]."""
-    mean = torch.tensor(vae.config.latents_mean, dtype=dtype).view(1, -1, 1, 1, 1).to(device)
-    std = torch.tensor(vae.config.latents_std, dtype=dtype).view(1, -1, 1, 1, 1).to(device)
+def latent_stats(mean, std, device=None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean and std (C floats each, or tensors of them) as [1, C, 1, 1, 1] tensors."""
+    mean = torch.as_tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+    std = torch.as_tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
     return mean, std
 
 
@@ -43,18 +44,29 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def normalize_latents(z: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
-    """Raw VAE latents z [B, C, F, H, W] -> normalised ``(z - mean) / std`` (same dtype and device as ``z``)."""
-    _check_5d(z, "z", len(vae.config.latents_mean), "[B, C, F, H, W]")
-    mean, std = _latent_stats(vae, z.device, _compute_dtype(z))
+def normalize_with(z: torch.Tensor, mean, std) -> torch.Tensor:
+    """Raw VAE latents z [B, C, F, H, W] -> normalised ``(z - mean) / std`` with the per-channel statistics ``mean``,
+    ``std`` (C floats each, or [1, C, 1, 1, 1] tensors); same dtype and device as ``z``."""
+    _check_5d(z, "z", len(torch.as_tensor(mean).flatten()), "[B, C, F, H, W]")
+    mean, std = latent_stats(mean, std, z.device, _compute_dtype(z))
     return ((z.to(mean.dtype) - mean) / std).to(z.dtype)
 
 
-def denormalize_latents(latents: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
+def denormalize_with(latents: torch.Tensor, mean, std) -> torch.Tensor:
     """Normalised latents [B, C, F, H, W] -> raw VAE latents ``latents * std + mean`` (same dtype and device)."""
-    _check_5d(latents, "latents", len(vae.config.latents_mean), "[B, C, F, H, W]")
-    mean, std = _latent_stats(vae, latents.device, _compute_dtype(latents))
+    _check_5d(latents, "latents", len(torch.as_tensor(mean).flatten()), "[B, C, F, H, W]")
+    mean, std = latent_stats(mean, std, latents.device, _compute_dtype(latents))
     return (latents.to(mean.dtype) * std + mean).to(latents.dtype)
+
+
+def normalize_latents(z: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
+    """Raw VAE latents z [B, C, F, H, W] -> normalised ``(z - mean) / std`` with the VAE's statistics."""
+    return normalize_with(z, vae.config.latents_mean, vae.config.latents_std)
+
+
+def denormalize_latents(latents: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
+    """Normalised latents [B, C, F, H, W] -> raw VAE latents ``latents * std + mean`` with the VAE's statistics."""
+    return denormalize_with(latents, vae.config.latents_mean, vae.config.latents_std)
 
 
 def _prepare_vae(vae: AutoencoderKLWan) -> tuple[torch.device | None, torch.dtype]:
@@ -65,6 +77,25 @@ def _prepare_vae(vae: AutoencoderKLWan) -> tuple[torch.device | None, torch.dtyp
         hook.pre_forward(vae)
     device = vae.post_quant_conv.weight.device
     return (None if device.type == "meta" else device), vae.dtype
+
+
+@dataclass(frozen=True)
+class DecoderSnapshot:
+    """A block-by-block decoder's state (the causal memory carried between blocks and its counts)."""
+
+    state: list
+    stream_shape: tuple[int, int, int] | None
+    latent_frames_decoded: int
+    frames_decoded: int
+
+
+def _cloned(state):
+    """A copy of a decoder state: tensors cloned, lists and tuples copied, anything else (None, markers) shared."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cloned(item) for item in state)
+    return state
 
 
 class BlockStreamDecoder:
@@ -110,6 +141,17 @@ class BlockStreamDecoder:
         self.latent_frames_decoded += latents.shape[2]
         self.frames_decoded += video.shape[2]
         return video
+
+    def snapshot(self) -> "DecoderSnapshot":
+        """A copy of the stream's state between two blocks, to :meth:`restore` later (rewinding a video)."""
+        return DecoderSnapshot(_cloned(self._state), self._stream_shape, self.latent_frames_decoded,
+                               self.frames_decoded)
+
+    def restore(self, snapshot: "DecoderSnapshot") -> None:
+        """Go back to ``snapshot``: the next ``decode_block`` continues the stream from there."""
+        self._state = _cloned(snapshot.state)
+        self._stream_shape, self.latent_frames_decoded, self.frames_decoded = (
+            snapshot.stream_shape, snapshot.latent_frames_decoded, snapshot.frames_decoded)
 
     def _new_state(self) -> list:
         raise NotImplementedError
@@ -168,7 +210,7 @@ class WanStreamingDecoder(BlockStreamDecoder):
         # The stats are cached per device: building them is a host-to-device copy, a sync point on every block.
         key = (latents.device, _compute_dtype(latents))
         if key not in self._stats:
-            self._stats[key] = _latent_stats(self.vae, *key)
+            self._stats[key] = latent_stats(self.vae.config.latents_mean, self.vae.config.latents_std, *key)
         mean, std = self._stats[key]
         return latents.to(mean.dtype) * std + mean
 

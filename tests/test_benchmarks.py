@@ -78,3 +78,62 @@ def test_reference_compare_agrees_with_the_reference_code(tmp_path):
         # bfloat16 rounding (measured: mean 0.0025, max 0.012-0.02); a different function differs by the latents' size
         assert row["latents_mean_abs_diff"] < 0.01 * row["latents_mean_abs"], name
         assert row["latents_max_abs_diff"] < 0.1, name
+
+
+def test_demo_diagnosis_measures_the_shipped_components_and_collects_evaluations(tmp_path):
+    out = tmp_path / "diagnosis.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "components", "--json", str(out), "--size", "5x32x32",
+         "--num-prompts", "1", "--seeds", "0"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tokenizer"]["words_split"] == []  # the shipped tokenizer keeps every caption word whole
+    assert result["text_encoder"]["colour"]["token_probe"] == 1.0
+    for split in ("seen", "heldout"):
+        row = result["vae_round_trip"][f"5x32x32/{split}"]
+        assert row["clips"] == 1 and row["ground_truth"]["colour"] == 1.0 and row["psnr_db"] > 15
+
+    evaluation = {"settings": {"prompt_source": "seen", "seeds": [0], "num_frames": 5, "height": 32, "width": 32,
+                               "device": "cpu"},
+                  "models": {"t": {"spec": {"sampler": "teacher"},
+                                   "summary": {"colour": {"mean": 0.5, "std": 0.1, "per_seed": [0.5]}}}}}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 3}))
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "collect", "--json", str(out),
+         "--eval", f"run_seen={tmp_path / 'eval.json'}", "--summary", f"run={tmp_path / 'summary.json'}",
+         "--components", f"other={out}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "vae_round_trip" in result  # kept
+    assert result["evaluations"]["run_seen"]["models"]["t"]["colour"] == {"mean": 0.5, "std": 0.1}
+    assert result["training_summaries"]["run"]["steps"] == 3
+    assert result["other_components"]["other"]["text_encoder"]["colour"]["token_probe"] == 1.0
+    assert set(result["commands"]) == {"components", "collect"}
+
+
+def test_demo_scripts_parse():
+    for script in ("demo_model_1gpu.sh", "demo_model_2gpu.sh", "demo_model.sh", "evaluate_demo.sh", "demo_lib.sh",
+                   "demo_env.sh"):
+        done = subprocess.run(["bash", "-n", str(BENCHMARKS.parent / "training" / script)], capture_output=True,
+                              text=True)
+        assert done.returncode == 0, f"{script}: {done.stderr}"
+
+
+def test_studio_benchmark_runs_a_short_session(tmp_path):
+    """The studio benchmark against the real command for a few seconds (one prompt change, one rewind)."""
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "studio.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "studio_benchmark.py"), "--duration", "12", "--prompts", "1",
+         "--rewinds", "1", "--sample-every", "3", "--studio-args", "--height 32 --width 32", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["frames_delivered"] > 0 and not result["errors"]
+    assert len(result["rss_mb"]) >= 2 and all(row["rss_mb"] > 0 for row in result["rss_mb"])

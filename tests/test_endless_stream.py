@@ -95,3 +95,17 @@ def test_bad_endless_arguments(pipe):
         next(pipe.stream("a cat", num_frames=9, sink_frames=2, **ARGS))
     with pytest.raises(ValueError, match="no end"):
         next(pipe.stream(prompt_schedule=[(0, 8, "a cat")], num_frames=None, **ARGS))
+
+
+def test_new_session_is_the_session_stream_drives(pipe):
+    """A caller driving ``new_session`` and ``streaming_decoder`` itself gets the frames of ``stream``."""
+    from oneforcing.pipelines.pipeline_one_forcing import GenerationRequest
+
+    expected = list(itertools.islice(_stream(pipe), 3))
+    request = GenerationRequest(prompt="a red circle moves left", num_frames=None,
+                                generator=torch.Generator().manual_seed(0), **ARGS)
+    session, decoder = pipe.new_session(request), pipe.streaming_decoder()
+    for frames in expected:
+        video = decoder.decode_block(session.next_block().latents.to(pipe.decode_dtype))
+        assert np.array_equal(pipe.video_processor.postprocess_video(video.float(), output_type="np"), frames)
+    assert session.kv_cache.rolling and session.layout.endless

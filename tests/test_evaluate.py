@@ -264,7 +264,7 @@ def test_results_are_written_after_every_model(tmp_path, tiny_folder, one_thread
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"_class_name": "CausalWanTransformer3DModel", "num_layers": 1}))
     out = tmp_path / "results.json"
-    with pytest.raises(Exception):
+    with pytest.raises(SystemExit, match="broken_transformer: cannot load the transformer"):
         ev.main(["--model", "gt=ground-truth", "--model", f"student={tiny_folder}:steps=1",
                  "--model", f"broken={tiny_folder}:transformer={broken}", "--seeds", "0", *TINY, "--out", str(out)])
     assert list(json.loads(out.read_text())["models"]) == ["gt", "student"]
@@ -288,3 +288,12 @@ def test_bad_arguments_are_refused(tmp_path, tiny_folder):
     with pytest.raises(SystemExit, match="model_index.json"):
         ev.main(["--model", f"a={tmp_path}", "--num-frames", "5", "--height", "64", "--width", "64",
                  "--num-prompts", "1", "--seeds", "0", "--out", str(out)])
+
+
+def test_prompt_list_gives_seen_or_heldout_combinations(tmp_path):
+    seen, heldout = ev.prompt_list("seen", 6, seed=1), ev.prompt_list("heldout", 6, seed=1)
+    assert {world.caption_split(p) for p in seen} == {"train"}
+    assert {world.caption_split(p) for p in heldout} == {"heldout"}
+    assert heldout == world.heldout_prompts(6, seed=1)
+    with pytest.raises(ValueError, match="'heldout', 'seen' or a text file"):
+        ev.prompt_list(str(tmp_path / "missing.txt"), 2)

@@ -23,6 +23,7 @@ from oneforcing.pipelines.loading import (
     export_reference_checkpoint,
     infer_transformer_config,
     infer_wan_vae_config,
+    load_transformer,
     load_transformer_state_dict,
     load_umt5_encoder_single_file,
     load_wan_vae_single_file,
@@ -603,3 +604,19 @@ def test_every_written_layout_makes_the_same_video(tmp_path, capsys):
 
     exported = frames(tmp_path / "b.mp4", "--transformer", str(layouts["export .pt"]))
     assert np.array_equal(frames(tmp_path / "a.mp4"), exported)
+
+
+def test_load_transformer_picks_the_loader_of_a_folder_or_a_file(tmp_path, reference):
+    """The one owner of the file-vs-folder choice (the CLI's --transformer, the loader node, evaluate.py): a diffusers
+    folder through from_pretrained, every other layout through from_single_file; failures name the path."""
+    for layout, path in _write_transformer_layouts(tmp_path, reference).items():
+        model = load_transformer(path, num_attention_heads=2)
+        assert isinstance(model, CausalWanTransformer3DModel)
+        _assert_same(model.state_dict(), reference, layout)
+    with pytest.raises(CheckpointError, match=r"nope\.pt: no such file or folder"):
+        load_transformer(tmp_path / "nope.pt")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"_class_name": "CausalWanTransformer3DModel", "num_layers": 1}))
+    with pytest.raises(CheckpointError, match=r"broken: cannot load the transformer: .*no file named"):
+        load_transformer(broken)  # diffusers' own error, with the path

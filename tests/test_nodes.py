@@ -6,9 +6,11 @@ Tiny real models are saved into a folder laid out like ComfyUI's ``models/`` (an
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,14 +21,19 @@ from safetensors.torch import save_file
 from conftest import WORDS, make_tiny_pipeline, make_tiny_text_encoder, make_tiny_transformer, make_tiny_vae
 
 import oneforcing
-from oneforcing.nodes.definitions import NODE_SPECS
+from comfyui_node_info import node_info, recorded
+from oneforcing.nodes.definitions import NODES
+from oneforcing.nodes.definitions import OneForcingDecode as Decode
+from oneforcing.nodes.definitions import OneForcingEncode as Encode
+from oneforcing.nodes.definitions import OneForcingModelLoader as Loader
+from oneforcing.nodes.definitions import OneForcingPromptSchedule as Schedule
+from oneforcing.nodes.definitions import OneForcingRollout as Rollout
+from oneforcing.nodes.definitions import OneForcingTextEncode as TextEncode
 from oneforcing.nodes.folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, set_model_roots
-from oneforcing.nodes.spec import object_info, validate_spec
 from oneforcing.nodes import definitions, folders, runtime
 from oneforcing.nodes.latents import to_normalised, to_raw
 from oneforcing.nodes.model_loading import load_tiny_vae, wan21_latent_stats
-from oneforcing.nodes.sampling import generate_latents
-from oneforcing.nodes.spec import InputSpec, NodeSpec, OutputSpec
+from oneforcing.nodes.sampling import RolloutRequest, generate_latents
 from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from oneforcing.pipelines.vae_streaming import WanStreamingDecoder, normalize_latents
 from oneforcing.pipelines.loading import CheckpointError, export_reference_checkpoint, to_original_names
@@ -113,16 +120,21 @@ def roots(model_tree, monkeypatch):
     set_model_roots(None)
 
 
-# -- declarations --------------------------------------------------------------------------------------------------
-def test_every_declaration_is_valid_and_distinct_from_comfyui_native_nodes():
-    ids = [spec.node_id for spec in NODE_SPECS]
+# -- declarations ---------------------------------------------------------------------------------------------------
+NODE_INFO = recorded()  # the nodes' /object_info entries as ComfyUI renders them (see comfyui_node_info.py)
+COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
+
+
+def test_every_node_is_declared_and_distinct_from_comfyui_native_nodes():
+    ids = [node.__name__ for node in NODES]
     assert ids == ["OneForcingModelLoader", "OneForcingTextEncode", "OneForcingPromptSchedule", "OneForcingRollout",
                    "OneForcingEncode", "OneForcingDecode"]
-    for spec in NODE_SPECS:
-        validate_spec(spec)
-    names = {spec.display_name for spec in NODE_SPECS}
-    assert len(names) == 6 and not names & {"LoadARVideoModel", "EmptyARVideoLatent", "Load AR Video Model"}
-    info = object_info(definitions.ROLLOUT)
+    assert list(NODE_INFO) == ids  # the record holds these nodes, named after their classes
+    names = {info["display_name"] for info in NODE_INFO.values()}
+    assert len(names) == 6 and all("One-Forcing" in n for n in names)
+    assert not names & {"LoadARVideoModel", "EmptyARVideoLatent", "Load AR Video Model"}
+    assert all(info["category"].startswith("OneForcing/") for info in NODE_INFO.values())
+    info = NODE_INFO["OneForcingRollout"]
     # new inputs are optional and come last: workflows saved before them still load and validate
     assert info["input_order"] == {
         "required": ["model", "conditioning", "seed", "width", "height", "length", "frames_per_block", "timesteps"],
@@ -130,47 +142,40 @@ def test_every_declaration_is_valid_and_distinct_from_comfyui_native_nodes():
     }
     assert info["output"] == ["LATENT"]
     assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
+    # one widget per parameter: the block size is the rollout's, not also the loader's
+    assert "frames_per_block" not in NODE_INFO["OneForcingModelLoader"]["input_order"]["required"]
 
 
-def _spec(**overrides):
-    def run(x: int, name: str):
-        return (x,)
+@pytest.mark.parametrize("node", NODES, ids=lambda node: node.__name__)
+def test_each_node_runs_with_the_inputs_it_declares(node):
+    """ComfyUI calls ``execute`` with the inputs by name and leaves out optional ones a prompt does not give:
+    ``execute`` takes exactly the declared inputs, the optional ones with the declared default; every input has a
+    tooltip and every number its range; the queue-time check takes widget inputs only."""
+    info = NODE_INFO[node.__name__]
+    params = dict(inspect.signature(node.execute).parameters)
+    assert list(params) == info["input_order"]["required"] + info["input_order"].get("optional", [])
+    for section, entries in info["input"].items():
+        for name, (kind, options) in entries.items():
+            assert options.get("tooltip"), (name, "needs a tooltip")
+            if kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], name
+            if kind == "COMBO":
+                assert options["default"] in options["options"], name
+            if section == "optional":
+                assert params[name].default == options.get("default"), name
+            else:
+                assert params[name].default is inspect.Parameter.empty, name
+    widgets = {n for entries in info["input"].values() for n, (kind, _) in entries.items()
+               if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")}
+    if "validate_inputs" in vars(node):
+        assert set(inspect.signature(node.validate_inputs).parameters) <= widgets
 
-    fields = dict(
-        node_id="OneForcingProbe", display_name="One-Forcing Probe", category="OneForcing/test", description="d",
-        inputs=(InputSpec("x", "INT", "t", default=1, min=0, max=4), InputSpec("name", "COMBO", "t", default="a",
-                                                                              options=("a", "b"))),
-        outputs=(OutputSpec("LATENT", "latent"),), function=run,
-    )
-    return NodeSpec(**{**fields, **overrides})
 
-
-@pytest.mark.parametrize("overrides, problem", [
-    ({}, None),
-    ({"node_id": "LoadARVideoModel"}, "must be an identifier starting with"),
-    ({"inputs": (InputSpec("x", "INT", "t", default=9, min=0, max=4), InputSpec("name", "STRING", "t", default=""))},
-     "default 9 outside"),
-    ({"inputs": (InputSpec("x", "INT", "t", default=1, min=0, max=4),
-                 InputSpec("name", "COMBO", "t", default="z", options=("a",)))}, "is not one of"),
-    ({"inputs": (InputSpec("x", "INT", "t", default=1, min=0, max=4),)}, "differ from the parameters"),
-    ({"inputs": (InputSpec("x", "INT", "", default=1, min=0, max=4), InputSpec("name", "STRING", "t", default=""))},
-     "needs a tooltip"),
-    ({"outputs": (OutputSpec("WHATEVER", "w"),)}, "unknown type"),
-    ({"inputs": (InputSpec("x", "INT", "t", default=1, min=0, max=4),
-                 InputSpec("name", "COMBO", "t", default="b", options=("a", "b"), optional=True)),
-      "function": lambda x, name="a": (x,)}, "default 'b' but"),
-    ({"validate": lambda name: None}, None),
-    ({"validate": lambda model: None}, r"validate checks \['model'\]: it must take some of the widget inputs"),
-    ({"inputs": (InputSpec("x", "INT", "t", default=1, min=0, max=4),
-                 InputSpec("name", "STRING", "t", default="", optional=True)),
-      "function": lambda x, name="": (x,), "validate": lambda name: None}, "optional input 'name' needs a default"),
-])
-def test_validate_spec_reports_problems(overrides, problem):
-    if problem is None:
-        validate_spec(_spec(**overrides))
-    else:
-        with pytest.raises(ValueError, match=problem):
-            validate_spec(_spec(**overrides))
+@pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout to run")
+def test_the_record_is_what_comfyui_renders_of_the_classes():
+    """ComfyUI's own V3 machinery (``GET_NODE_INFO_V1``) renders the classes as recorded; after changing a node,
+    record it again with ``python tests/comfyui_node_info.py`` (see there)."""
+    assert node_info(COMFYUI_ROOT, os.environ.get("COMFYUI_PYTHON")) == NODE_INFO
 
 
 def test_package_imports_without_comfyui_and_exposes_only_the_v3_entry_point():
@@ -198,54 +203,56 @@ def test_model_lists_offer_the_bundled_demo_files_and_folders(roots):
 ])
 def test_bad_model_names_give_clear_errors(roots, name, error, message):
     with pytest.raises(error, match=message):
-        definitions.model_loader(name, "default", "model default", "auto")
+        Loader.execute(name, "default", "auto")
 
 
 def test_missing_bundled_demo_says_where_it_should_be(roots, monkeypatch, tmp_path):
     monkeypatch.setenv("ONEFORCING_DEMO_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="bundled demo model is not installed at .*nowhere"):
-        definitions.decode({"samples": torch.zeros(1, 16, 1, 2, 2)}, DEMO)
+        Decode.execute({"samples": torch.zeros(1, 16, 1, 2, 2)}, DEMO)
 
 
 # -- loaders -------------------------------------------------------------------------------------------------------
 def test_loader_reads_every_layout_and_the_frames_per_block_default(roots):
-    demo_model, = definitions.model_loader(DEMO, "default", "model default", "auto")
-    assert demo_model.frames_per_block == 3  # from the bundled model's config
+    demo_model, = Loader.execute(DEMO, "default", "auto")
+    assert demo_model.frames_per_block == demo_model.trained_frames_per_block == 3  # the bundled model's config
     assert demo_model.latents_mean == list(roots["demo"].vae.config.latents_mean)
-    pt_model, = definitions.model_loader("tiny_oneforcing.pt", "float32", "1 (frame-wise)", "math")
+    pt_model, = Loader.execute("tiny_oneforcing.pt", "float32", "math")
     for name, param in roots["pt_model"].state_dict().items():
         torch.testing.assert_close(pt_model.transformer.state_dict()[name], param)
     assert pt_model.frames_per_block == 1 and pt_model.transformer.attention_backend == "math"
     # a ComfyUI single file records no head count: refused unless the node's num_attention_heads gives it
     with pytest.raises(CheckpointError, match="records no number of attention heads"):
-        definitions.model_loader("sub/tiny_comfy.safetensors", "bfloat16", "3 (chunk-wise)", "auto")
-    comfy_model, = definitions.model_loader("sub/tiny_comfy.safetensors", "bfloat16", "3 (chunk-wise)", "auto", 1)
-    assert comfy_model.frames_per_block == 3 and comfy_model.transformer.proj_out.weight.dtype == torch.bfloat16
+        Loader.execute("sub/tiny_comfy.safetensors", "bfloat16", "auto")
+    comfy_model, = Loader.execute("sub/tiny_comfy.safetensors", "bfloat16", "auto", 1)
+    # a single file does not record its block size: frame-wise unless the rollout's frames_per_block says otherwise
+    assert comfy_model.frames_per_block == 1 and comfy_model.trained_frames_per_block is None
+    assert comfy_model.transformer.proj_out.weight.dtype == torch.bfloat16
     assert comfy_model.transformer.config.num_attention_heads == HEAD128["num_attention_heads"]
-    folder_model, = definitions.model_loader("tiny_diffusers/", "default", "model default", "auto")
+    folder_model, = Loader.execute("tiny_diffusers/", "default", "auto")
     assert folder_model.frames_per_block == 3
     assert type(folder_model.patcher.model).__name__ == "ModelHolder"  # what ComfyUI's ModelPatcher manages
 
 
 def test_text_encoder_from_comfy_single_file_and_bundled_demo(roots):
-    (cond,) = definitions.text_encode("tiny_umt5.safetensors", "a corgi surfing", "default")
+    (cond,) = TextEncode.execute("tiny_umt5.safetensors", "a corgi surfing", "default")
     embeds, extra = cond[0]
     assert embeds.shape == (1, 512, 32) and extra == {}
     tokens = (embeds.abs().sum(-1) > 0).sum().item()
     assert 2 <= tokens < 20  # pieces + </s>, zero after them
-    (demo_cond,) = definitions.text_encode(DEMO, "a corgi surfing", "default")
+    (demo_cond,) = TextEncode.execute(DEMO, "a corgi surfing", "default")
     expected = roots["demo"].encode_prompt("a corgi surfing", device="cpu", dtype=torch.float32)
     torch.testing.assert_close(demo_cond[0][0], expected)
     with pytest.raises(CheckpointError, match="no tokenizer found"):
-        definitions.text_encode("no_tokenizer.safetensors", "a cat", "default")
+        TextEncode.execute("no_tokenizer.safetensors", "a cat", "default")
 
 
 # -- rollout -------------------------------------------------------------------------------------------------------
 def test_rollout_equals_the_pipeline_and_its_latent_is_raw_vae_space(roots):
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
-    cond, = definitions.text_encode(DEMO, "a red circle moves left", "default")
+    model, = Loader.execute(DEMO, "default", "auto")
+    cond, = TextEncode.execute(DEMO, "a red circle moves left", "default")
     calls = []
-    latent = generate_latents(model, cond, 7, 16, 32, 13, 0, "first block four steps",
+    latent = generate_latents(model, RolloutRequest(cond, 7, 16, 32, 13, 0, "first block four steps"),
                               on_progress=lambda done, total: calls.append((done, total)))
     samples = latent["samples"]
     assert samples.shape == (1, 16, 4, 4, 2) and samples.dtype == torch.float32
@@ -259,7 +266,7 @@ def test_rollout_equals_the_pipeline_and_its_latent_is_raw_vae_space(roots):
     torch.testing.assert_close(to_raw(normalised, model.latents_mean, model.latents_std), samples)
     assert not torch.allclose(samples, normalised)  # the LATENT really is in raw space
     # decoding the raw LATENT gives the pipeline's video of the same latents
-    images, = definitions.decode(latent, DEMO)
+    images, = Decode.execute(latent, DEMO)
     video = WanStreamingDecoder(pipe.vae).decode_all(expected)  # the pipeline's decode of its latents
     video = ((video + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
     assert images.shape == (13, 32, 16, 3) and images.dtype == torch.float32
@@ -270,15 +277,15 @@ def test_rollout_equals_the_pipeline_and_its_latent_is_raw_vae_space(roots):
 def test_rollout_runs_a_model_trained_with_an_independent_first_frame(roots):
     """A checkpoint whose latent frame 0 is a block of its own (blocks [1, 3, 1] for 5 latent frames): the node
     reports three blocks and makes the pipeline's video."""
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")  # chunk-wise: 3 latent frames
-    cond, = definitions.text_encode(DEMO, "a red circle moves left", "default")
+    model, = Loader.execute(DEMO, "default", "auto")  # chunk-wise: 3 latent frames
+    cond, = TextEncode.execute(DEMO, "a red circle moves left", "default")
     pipe = roots["demo"]
     transformers = {id(t): t for t in (model.transformer, pipe.transformer)}.values()
     try:
         for transformer in transformers:
             transformer.register_to_config(independent_first_frame=True)
         calls = []
-        latent = generate_latents(model, cond, 3, 16, 16, 17, 0, "one step",
+        latent = generate_latents(model, RolloutRequest(cond, 3, 16, 16, 17, 0, "one step"),
                                   on_progress=lambda done, total: calls.append((done, total)))
         expected = pipe(prompt_embeds=cond[0][0], num_frames=17, height=16, width=16,
                         generator=torch.Generator().manual_seed(3), output_type="latent").frames
@@ -293,98 +300,95 @@ def test_rollout_runs_a_model_trained_with_an_independent_first_frame(roots):
 def test_an_empty_prompt_is_refused(roots):
     for prompt in ("", "   "):
         with pytest.raises(ValueError, match="the prompt is empty"):
-            definitions.text_encode(DEMO, prompt, "default")
+            TextEncode.execute(DEMO, prompt, "default")
 
 
 def test_a_frames_per_block_the_model_was_not_trained_for_is_said(roots, caplog):
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")  # chunk-wise: 3 latent frames
-    cond, = definitions.text_encode(DEMO, "a red circle moves left", "default")
+    model, = Loader.execute(DEMO, "default", "auto")  # chunk-wise: 3 latent frames
+    cond, = TextEncode.execute(DEMO, "a red circle moves left", "default")
     with caplog.at_level("WARNING", logger="oneforcing"):
-        generate_latents(model, cond, 0, 16, 16, 5, 3, "one step")
+        generate_latents(model, RolloutRequest(cond, 0, 16, 16, 5, 3, "one step"))
     assert not [r for r in caplog.records if "frames_per_block" in r.getMessage()]
     with caplog.at_level("WARNING"):
-        generate_latents(model, cond, 0, 16, 16, 5, 1, "one step")
+        generate_latents(model, RolloutRequest(cond, 0, 16, 16, 5, 1, "one step"))
     assert any("trained with 3 latent frames per block" in r.getMessage() for r in caplog.records)
 
 
 def test_rollout_accepts_native_conditioning_and_initial_latent_shape(roots):
-    model, = definitions.model_loader(DEMO, "default", "1 (frame-wise)", "auto")
+    model, = Loader.execute(DEMO, "default", "auto")
     native = [[torch.randn(1, 512, 32), {"pooled_output": None}]]
     empty = {"samples": torch.zeros(2, 16, 3, 2, 4)}
-    latent, = definitions.rollout(model, native, 1, 832, 480, 81, 0, "one step", empty)
+    latent, = Rollout.execute(model, native, 1, 832, 480, 81, 0, "one step", empty)
     assert latent["samples"].shape == (2, 16, 3, 2, 4)
     with pytest.raises(ValueError, match="width 4096, the model's text encoder width is 32"):
-        definitions.rollout(model, [[torch.zeros(1, 512, 4096), {}]], 1, 32, 32, 5, 0, "one step")
+        Rollout.execute(model, [[torch.zeros(1, 512, 4096), {}]], 1, 32, 32, 5, 0, "one step")
     with pytest.raises(ValueError, match="2 entries"):
-        definitions.rollout(model, native * 2, 1, 32, 32, 5, 0, "one step")
+        Rollout.execute(model, native * 2, 1, 32, 32, 5, 0, "one step")
 
 
 @pytest.mark.parametrize("width, height, length, message", [
-    (40, 32, 5, "width must be a positive multiple of 16, got 40"),
-    (32, 24, 5, "height must be a positive multiple of 16, got 24"),
-    (32, 32, 0, "length must be at least 1 video frame, got 0"),
-    (32, 32, 6, r"length must be 1 \+ 4k video frames"),
+    (40, 32, 5, "height and width must be positive multiples of 16, got 32x40"),  # the pipeline's own check
+    (32, 24, 5, "height and width must be positive multiples of 16, got 24x32"),
+    (32, 32, 0, r"length must be 1 \+ 4k \(e.g. 81\), got 0"),  # the layout's, naming the widget
+    (32, 32, 6, r"length has 6 frames; the Wan VAE encodes 1 \+ 4k frames: use 5 or 9 frames"),
 ])
 def test_rollout_rejects_bad_sizes(roots, width, height, length, message):
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    model, = Loader.execute(DEMO, "default", "auto")
     cond = [[torch.zeros(1, 512, 32), {}]]
     with pytest.raises(ValueError, match=message):
-        definitions.rollout(model, cond, 0, width, height, length, 0, "one step")
+        Rollout.execute(model, cond, 0, width, height, length, 0, "one step")
 
 
 def test_size_0_is_the_size_the_model_recorded(roots):
-    rollout = object_info(definitions.ROLLOUT)["input"]["required"]
+    rollout = NODE_INFO["OneForcingRollout"]["input"]["required"]
     assert rollout["width"][1]["default"] == rollout["height"][1]["default"] == 0  # a fresh node fits its model
     assert "0 = the model's own size" in rollout["width"][1]["tooltip"]
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
-    assert model.video_size == {"num_frames": 9, "height": 16, "width": 32}
+    model, = Loader.execute(DEMO, "default", "auto")
+    assert model.pipeline.default_video_size == {"num_frames": 9, "height": 16, "width": 32}
     cond = [[torch.zeros(1, 512, 32), {}]]
-    latent, = definitions.rollout(model, cond, 0, 0, 0, 5, 0, "one step")
+    latent, = Rollout.execute(model, cond, 0, 0, 0, 5, 0, "one step")
     assert latent["samples"].shape[3:] == (2, 4)
-    latent, = definitions.rollout(model, cond, 0, 16, 0, 5, 0, "one step")  # each side on its own
+    latent, = Rollout.execute(model, cond, 0, 16, 0, 5, 0, "one step")  # each side on its own
     assert latent["samples"].shape[3:] == (2, 2)
-    single, = definitions.model_loader("tiny_oneforcing.pt", "default", "model default", "auto")
-    assert single.video_size is None  # a single file records nothing: Wan2.1's 832 x 480, as the pipeline's default
-    from oneforcing import OneForcingPipeline
-
-    assert OneForcingPipeline(None, None, None, None, None).default_video_size == {
-        "num_frames": 81, "height": 480, "width": 832}
+    single, = Loader.execute("tiny_oneforcing.pt", "default", "auto")
+    # a single file records nothing: Wan2.1's 832 x 480, as the pipeline's default
+    assert single.pipeline.default_video_size == {"num_frames": 81, "height": 480, "width": 832}
 
 
 def test_missing_models_are_refused_when_the_prompt_is_queued(roots):
     """The queue-time checks (ComfyUI's validate_inputs) name a model that is not there before anything runs."""
-    check = {spec.node_id: spec.validate for spec in NODE_SPECS}
-    assert check["OneForcingRollout"] is None
-    assert check["OneForcingModelLoader"](model_name="tiny_oneforcing.pt") is None
-    assert check["OneForcingModelLoader"](model_name=DEMO) is None
+    check = {node.__name__: node.validate_inputs for node in NODES if "validate_inputs" in vars(node)}
+    assert "OneForcingRollout" not in check
+    assert check["OneForcingModelLoader"](model_name="tiny_oneforcing.pt") is True
+    assert check["OneForcingModelLoader"](model_name=DEMO) is True
     problem = check["OneForcingModelLoader"](model_name="one_forcing.pt")
     assert problem.startswith("diffusion_models model 'one_forcing.pt': not found in ") and "unet" in problem
     assert "'..' is not allowed" in check["OneForcingModelLoader"](model_name="../x.pt")
     for node in ("OneForcingTextEncode", "OneForcingPromptSchedule"):
-        assert check[node](text_encoder_name="tiny_umt5.safetensors") is None
+        assert check[node](text_encoder_name="tiny_umt5.safetensors") is True
         assert "text_encoders model 'umt5_xxl.safetensors': not found" in check[node](
             text_encoder_name="umt5_xxl.safetensors")
-    assert check["OneForcingEncode"](vae_name="tiny_vae.safetensors") is None
+    assert check["OneForcingEncode"](vae_name="tiny_vae.safetensors") is True
     assert "vae model 'wan_2.1_vae.safetensors': not found" in check["OneForcingEncode"](
         vae_name="wan_2.1_vae.safetensors")
-    assert check["OneForcingDecode"](vae_name=DEMO, tiny_vae=NO_TINY_VAE) is None
+    assert check["OneForcingDecode"](vae_name=DEMO, tiny_vae=NO_TINY_VAE) is True
     assert "vae_approx model 'taew2_1.safetensors': not found" in check["OneForcingDecode"](
         vae_name=DEMO, tiny_vae="taew2_1.safetensors")
 
 
 def test_missing_bundled_demo_is_refused_when_the_prompt_is_queued(roots, monkeypatch, tmp_path):
     monkeypatch.setenv("ONEFORCING_DEMO_DIR", str(tmp_path / "nowhere"))
-    assert "the bundled demo model is not installed" in definitions.MODEL_LOADER.validate(model_name=DEMO)
+    assert "the bundled demo model is not installed" in Loader.validate_inputs(model_name=DEMO)
     # the encoder's and decoder's VAE may come from a connected VAE, unknown at queue time: checked when they run
-    assert definitions.DECODE.validate(vae_name=DEMO, tiny_vae=NO_TINY_VAE) is None
+    assert Decode.validate_inputs(vae_name=DEMO, tiny_vae=NO_TINY_VAE) is True
 
 
 def test_cancel_stops_between_blocks(roots):
-    model, = definitions.model_loader(DEMO, "default", "1 (frame-wise)", "auto")
+    model, = Loader.execute(DEMO, "default", "auto")
     cond = [[torch.zeros(1, 512, 32), {}]]
     done = []
     with pytest.raises(InterruptedError):
-        generate_latents(model, cond, 0, 32, 32, 17, 0, "one step",
+        generate_latents(model, RolloutRequest(cond, 0, 32, 32, 17, 1, "one step"),
                          on_progress=lambda d, t: done.append(d), should_stop=lambda: len(done) >= 2)
     assert done == [1, 2]  # 5 blocks planned; stopped before the third
 
@@ -393,16 +397,16 @@ def test_cancel_stops_between_blocks(roots):
 def test_decoder_from_vae_folder_matches_a_full_decode(roots):
     vae = roots["vae"]
     raw = torch.randn(1, 16, 2, 2, 4)
-    images, = definitions.decode({"samples": raw}, "tiny_vae.safetensors")
+    images, = Decode.execute({"samples": raw}, "tiny_vae.safetensors")
     assert images.shape == (5, 16, 32, 3)
     with torch.no_grad():
         full = vae.decode(raw).sample  # diffusers' decode takes raw latents
     expected = ((full.clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 3, 0)
     torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="4 channels; Wan2.1 video latents have 16"):
-        definitions.decode({"samples": torch.zeros(1, 4, 3, 4, 4)}, "tiny_vae.safetensors")
+        Decode.execute({"samples": torch.zeros(1, 4, 3, 4, 4)}, "tiny_vae.safetensors")
     with pytest.raises(TypeError, match="ComfyUI's VAE object"):
-        definitions.decode({"samples": raw}, "tiny_vae.safetensors", vae=object())
+        Decode.execute({"samples": raw}, "tiny_vae.safetensors", vae=object())
 
 
 # -- tiny preview VAE (vae_approx) ---------------------------------------------------------------------------------
@@ -462,14 +466,13 @@ def _tiny_reference(taehv: TinyWanVAE, raw: torch.Tensor, mean, std) -> torch.Te
 
 
 def test_decode_offers_the_tiny_vaes_of_vae_approx(tiny_roots, monkeypatch):
-    validate_spec(definitions.DECODE)
-    info = object_info(definitions.DECODE)
+    info = NODE_INFO["OneForcingDecode"]
     # optional and last: workflows saved before it still load (their widget values keep their positions)
     assert info["input_order"] == {"required": ["samples", "vae_name"], "optional": ["vae", "tiny_vae"]}
     kind, options = info["input"]["optional"]["tiny_vae"]
     assert kind == "COMBO" and options["default"] == "none"
     files = ["damaged.safetensors", "sub/taew2_1_decoder.pth", "taew2_1.safetensors", "wan_2.1_vae.safetensors"]
-    assert options["options"] == ["none", *files]  # files only: no folder, no bundled demo
+    assert list_models("vae_approx") == ["none", *files]  # files only: no folder, no bundled demo
     # outside ComfyUI without set roots: $ONEFORCING_MODELS_DIR/vae_approx, else nothing but "none"
     set_model_roots(None)
     monkeypatch.delenv("ONEFORCING_MODELS_DIR", raising=False)
@@ -477,15 +480,15 @@ def test_decode_offers_the_tiny_vaes_of_vae_approx(tiny_roots, monkeypatch):
     monkeypatch.setenv("ONEFORCING_MODELS_DIR", str(tiny_roots["taehv_root"]))
     assert list_models("vae_approx") == ["none", *files]
     raw = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(1))
-    images, = definitions.decode({"samples": raw}, "custom_stats/", None, "taew2_1.safetensors")
+    images, = Decode.execute({"samples": raw}, "custom_stats/", None, "taew2_1.safetensors")
     torch.testing.assert_close(images, _tiny_reference(tiny_roots["taehv"], raw, *tiny_roots["custom_stats"]),
                                atol=1e-6, rtol=0)
 
 
 def test_tiny_vae_decodes_the_normalised_latents_with_the_wan_frame_count(tiny_roots):
     raw = 2 * torch.randn(1, 16, 3, 2, 4, generator=torch.Generator().manual_seed(0))
-    images, = definitions.decode({"samples": raw}, "tiny_vae.safetensors", None, "taew2_1.safetensors")
-    wan, = definitions.decode({"samples": raw}, "tiny_vae.safetensors")
+    images, = Decode.execute({"samples": raw}, "tiny_vae.safetensors", None, "taew2_1.safetensors")
+    wan, = Decode.execute({"samples": raw}, "tiny_vae.safetensors")
     assert images.shape == wan.shape == (9, 16, 32, 3) and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
     assert (images - wan).abs().max() > 0.1  # a different decoder really ran
@@ -495,7 +498,7 @@ def test_tiny_vae_decodes_the_normalised_latents_with_the_wan_frame_count(tiny_r
     full = ((taehv.decode(to_normalised(raw, mean, std)) + 1) / 2)[0].permute(1, 2, 3, 0)
     torch.testing.assert_close(images, full, atol=1e-4, rtol=0)  # streaming = one full decode
     # a decoder-only .pth in a subfolder gives the same frames; the model is managed like the other loaders'
-    from_pth, = definitions.decode({"samples": raw}, "tiny_vae.safetensors", None, "sub/taew2_1_decoder.pth")
+    from_pth, = Decode.execute({"samples": raw}, "tiny_vae.safetensors", None, "sub/taew2_1_decoder.pth")
     torch.testing.assert_close(from_pth, images, atol=1e-6, rtol=0)
     patcher = load_tiny_vae("taew2_1.safetensors")
     assert type(patcher.model).__name__ == "ModelHolder" and patcher.model.tiny_vae.dtype == torch.float32
@@ -504,28 +507,28 @@ def test_tiny_vae_decodes_the_normalised_latents_with_the_wan_frame_count(tiny_r
 def test_tiny_vae_takes_the_latent_statistics_of_the_chosen_wan_vae(tiny_roots, monkeypatch):
     raw = 2 * torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(2))
     taehv = tiny_roots["taehv"]
-    custom, = definitions.decode({"samples": raw}, "custom_stats/", None, "taew2_1.safetensors")  # its config.json
+    custom, = Decode.execute({"samples": raw}, "custom_stats/", None, "taew2_1.safetensors")  # its config.json
     torch.testing.assert_close(custom, _tiny_reference(taehv, raw, *tiny_roots["custom_stats"]), atol=1e-6, rtol=0)
     default = _tiny_reference(taehv, raw, *wan21_latent_stats())
     assert (custom - default).abs().max() > 0.05
-    demo, = definitions.decode({"samples": raw}, DEMO, None, "taew2_1.safetensors")  # the demo's vae/config.json
+    demo, = Decode.execute({"samples": raw}, DEMO, None, "taew2_1.safetensors")  # the demo's vae/config.json
     demo_vae = tiny_roots["demo"].vae.config
     torch.testing.assert_close(demo, _tiny_reference(taehv, raw, demo_vae.latents_mean, demo_vae.latents_std),
                                atol=1e-6, rtol=0)
     # only the tiny VAE at hand (the bundled demo not installed): Wan2.1's statistics, no error
     monkeypatch.setenv("ONEFORCING_DEMO_DIR", str(tiny_roots["taehv_root"] / "nowhere"))
-    alone, = definitions.decode({"samples": raw}, DEMO, None, "taew2_1.safetensors")
+    alone, = Decode.execute({"samples": raw}, DEMO, None, "taew2_1.safetensors")
     torch.testing.assert_close(alone, default, atol=1e-6, rtol=0)
     with pytest.raises(FileNotFoundError, match="bundled demo model is not installed"):
-        definitions.decode({"samples": raw}, DEMO)  # the Wan VAE path still needs it
+        Decode.execute({"samples": raw}, DEMO)  # the Wan VAE path still needs it
     with pytest.raises(ValueError, match="connected VAE has 48 latent channels"):
-        definitions.decode({"samples": raw}, DEMO, SimpleNamespace(latent_channels=48), "taew2_1.safetensors")
+        Decode.execute({"samples": raw}, DEMO, SimpleNamespace(latent_channels=48), "taew2_1.safetensors")
 
 
 def test_no_tiny_vae_leaves_the_wan_vae_decode_bit_identical(tiny_roots):
     raw = torch.randn(1, 16, 3, 2, 4, generator=torch.Generator().manual_seed(3))
-    images, = definitions.decode({"samples": raw}, "tiny_vae.safetensors")
-    assert torch.equal(definitions.decode({"samples": raw}, "tiny_vae.safetensors", None, "none")[0], images)
+    images, = Decode.execute({"samples": raw}, "tiny_vae.safetensors")
+    assert torch.equal(Decode.execute({"samples": raw}, "tiny_vae.safetensors", None, "none")[0], images)
     # the decode as it was before tiny VAEs existed: the Wan VAE streamed one latent frame at a time
     vae, pieces = tiny_roots["vae"], []
     decoder = WanStreamingDecoder(vae)
@@ -550,12 +553,12 @@ def test_no_tiny_vae_leaves_the_wan_vae_decode_bit_identical(tiny_roots):
 ])
 def test_bad_tiny_vae_choices_give_clear_errors(tiny_roots, name, error, message):
     with pytest.raises(error, match=message):
-        definitions.decode({"samples": torch.zeros(1, 16, 1, 2, 2)}, "tiny_vae.safetensors", None, name)
+        Decode.execute({"samples": torch.zeros(1, 16, 1, 2, 2)}, "tiny_vae.safetensors", None, name)
 
 
 def test_decode_fingerprint_follows_the_tiny_vae_file(tiny_roots):
-    fingerprint = definitions.DECODE.fingerprint
-    wan = definitions._file_fingerprint("vae", "tiny_vae.safetensors")
+    fingerprint = Decode.fingerprint_inputs
+    wan = definitions.file_fingerprint("vae", "tiny_vae.safetensors")
     assert fingerprint(vae_name="tiny_vae.safetensors") == fingerprint(vae_name="tiny_vae.safetensors",
                                                                        tiny_vae="none") == wan
     path = tiny_roots["vae_approx"] / "taew2_1.safetensors"
@@ -585,11 +588,11 @@ def test_shipped_workflow_decodes_with_a_tiny_vae(tiny_roots):
 
 def test_rollout_runs_under_inference_mode_like_comfyui(roots):
     """ComfyUI executes every node under ``torch.inference_mode()``; the conditioning is then an inference tensor."""
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    model, = Loader.execute(DEMO, "default", "auto")
     with torch.inference_mode():
-        cond, = definitions.text_encode(DEMO, "a red circle moves left", "default")
-        latent, = definitions.rollout(model, cond, 3, 16, 16, 5, 0, "one step")
-    plain, = definitions.rollout(model, [[cond[0][0].clone(), {}]], 3, 16, 16, 5, 0, "one step")
+        cond, = TextEncode.execute(DEMO, "a red circle moves left", "default")
+        latent, = Rollout.execute(model, cond, 3, 16, 16, 5, 0, "one step")
+    plain, = Rollout.execute(model, [[cond[0][0].clone(), {}]], 3, 16, 16, 5, 0, "one step")
     torch.testing.assert_close(latent["samples"], plain["samples"])
 
 
@@ -615,14 +618,14 @@ SCHEDULE = "0: a red circle moves left\n\n# the switch lands on the next block s
 def test_prompt_schedule_node_encodes_each_range_and_marks_its_frames(roots):
     from oneforcing.nodes.sampling import SCHEDULE_KEY
 
-    (cond,) = definitions.prompt_schedule(DEMO, SCHEDULE, "default")
+    (cond,) = Schedule.execute(DEMO, SCHEDULE, "default")
     assert [entry[1][SCHEDULE_KEY] for entry in cond] == [(0, 13), (13, None)]
     for entry, text in zip(cond, ("a red circle moves left", "a cat on the beach")):
-        (single,) = definitions.text_encode(DEMO, text, "default")
+        (single,) = TextEncode.execute(DEMO, text, "default")
         torch.testing.assert_close(entry[0], single[0][0])
-    (whole,) = definitions.prompt_schedule(DEMO, "a corgi surfing", "default")  # one line, no frame: whole video
+    (whole,) = Schedule.execute(DEMO, "a corgi surfing", "default")  # one line, no frame: whole video
     assert len(whole) == 1 and whole[0][1][SCHEDULE_KEY] == (0, None)
-    (ranged,) = definitions.prompt_schedule(DEMO, "0-8: a cat\n8-33: a corgi", "default")
+    (ranged,) = Schedule.execute(DEMO, "0-8: a cat\n8-33: a corgi", "default")
     assert [e[1][SCHEDULE_KEY] for e in ranged] == [(0, 8), (8, 33)]
 
 
@@ -644,16 +647,16 @@ def test_bad_prompt_schedules_give_clear_errors(schedule, message):
 
 
 def test_rollout_with_a_prompt_schedule_equals_the_pipeline(roots):
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")  # chunk-wise: 3 latent frames
-    cond, = definitions.prompt_schedule(DEMO, SCHEDULE, "default")
-    latent, = definitions.rollout(model, cond, 5, 16, 16, 33, 0, "one step")
+    model, = Loader.execute(DEMO, "default", "auto")  # chunk-wise: 3 latent frames
+    cond, = Schedule.execute(DEMO, SCHEDULE, "default")
+    latent, = Rollout.execute(model, cond, 5, 16, 16, 33, 0, "one step")
     first, second = cond[0][0][0], cond[1][0][0]
     expected = roots["demo"](prompt_schedule={0: first[None], 13: second[None]}, num_frames=33, height=16, width=16,
                              generator=torch.Generator().manual_seed(5), output_type="latent").frames
     normalised = to_normalised(latent["samples"], model.latents_mean, model.latents_std)
     torch.testing.assert_close(normalised, expected, atol=1e-5, rtol=1e-5)
     # frame 13 rounds up to the block at latent frame 6 (video frame 21): blocks before it are the first prompt's
-    single, = definitions.rollout(model, [[cond[0][0], {}]], 5, 16, 16, 33, 0, "one step")
+    single, = Rollout.execute(model, [[cond[0][0], {}]], 5, 16, 16, 33, 0, "one step")
     torch.testing.assert_close(latent["samples"][:, :, :6], single["samples"][:, :, :6])
     assert not torch.allclose(latent["samples"][:, :, 6:], single["samples"][:, :, 6:])
 
@@ -664,17 +667,17 @@ def test_rollout_with_a_prompt_schedule_equals_the_pipeline(roots):
     ("0: a cat\n13: a corgi\n17: a wave", 33, "both land on the block starting at video frame 21"),
 ])
 def test_rollout_rejects_schedules_that_do_not_fit_the_video(roots, schedule, length, message):
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
-    cond, = definitions.prompt_schedule(DEMO, schedule, "default")
+    model, = Loader.execute(DEMO, "default", "auto")
+    cond, = Schedule.execute(DEMO, schedule, "default")
     with pytest.raises(ValueError, match=message):
-        definitions.rollout(model, cond, 0, 16, 16, length, 0, "one step")
+        Rollout.execute(model, cond, 0, 16, 16, length, 0, "one step")
 
 
 def test_rollout_refuses_a_schedule_mixed_with_plain_conditioning(roots):
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
-    cond, = definitions.prompt_schedule(DEMO, SCHEDULE, "default")
+    model, = Loader.execute(DEMO, "default", "auto")
+    cond, = Schedule.execute(DEMO, SCHEDULE, "default")
     with pytest.raises(ValueError, match="mixes prompt-schedule entries with plain ones"):
-        definitions.rollout(model, cond + [[torch.zeros(1, 512, 32), {}]], 0, 16, 16, 33, 0, "one step")
+        Rollout.execute(model, cond + [[torch.zeros(1, 512, 32), {}]], 0, 16, 16, 33, 0, "one step")
 
 
 # -- start image / context and the rolling cache -------------------------------------------------------------------
@@ -686,12 +689,12 @@ def _start_image(height: int = 24, width: int = 20) -> torch.Tensor:
 
 def test_image_to_video_equals_the_pipeline_and_starts_with_the_image(roots):
     pipe = roots["demo"]
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
-    cond, = definitions.text_encode(DEMO, "a red circle moves left", "default")
+    model, = Loader.execute(DEMO, "default", "auto")
+    cond, = TextEncode.execute(DEMO, "a red circle moves left", "default")
     image = _start_image()
-    context, = definitions.encode(image, DEMO, 16, 16)
+    context, = Encode.execute(image, DEMO, 16, 16)
     assert context["samples"].shape == (1, 16, 1, 2, 2)
-    latent, = definitions.rollout(model, cond, 2, 832, 480, 17, 0, "one step", None, context)  # size from context
+    latent, = Rollout.execute(model, cond, 2, 832, 480, 17, 0, "one step", None, context)  # size from context
     samples = latent["samples"]
     assert samples.shape == (1, 16, 5, 2, 2)
     torch.testing.assert_close(samples[:, :, :1], context["samples"], atol=1e-5, rtol=1e-5)
@@ -703,19 +706,19 @@ def test_image_to_video_equals_the_pipeline_and_starts_with_the_image(roots):
 
 def test_video_extension_continues_a_clip_with_a_rolling_cache(roots):
     pipe = roots["demo"]
-    model, = definitions.model_loader(DEMO, "default", "1 (frame-wise)", "auto")
-    cond, = definitions.text_encode(DEMO, "a corgi surfing", "default")
+    model, = Loader.execute(DEMO, "default", "auto")
+    cond, = TextEncode.execute(DEMO, "a corgi surfing", "default")
     clip = torch.rand(5, 16, 16, 3, generator=torch.Generator().manual_seed(4))  # 5 frames = 2 latent frames
-    context, = definitions.encode(clip, DEMO, 16, 16)
+    context, = Encode.execute(clip, DEMO, 16, 16)
     assert context["samples"].shape == (1, 16, 2, 2, 2)
-    latent, = definitions.rollout(model, cond, 9, 16, 16, 33, 0, "one step", None, context, 3, 2, False)
+    latent, = Rollout.execute(model, cond, 9, 16, 16, 33, 1, "one step", None, context, 3, 2, False)
     expected = pipe(prompt_embeds=cond[0][0], context_latents=to_normalised(context["samples"], model.latents_mean,
                                                                              model.latents_std),
                     num_frames=33, height=16, width=16, frames_per_block=1, window_frames=3, sink_frames=2,
                     generator=torch.Generator().manual_seed(9), output_type="latent").frames
     normalised = to_normalised(latent["samples"], model.latents_mean, model.latents_std)
     torch.testing.assert_close(normalised, expected, atol=1e-5, rtol=1e-5)
-    full, = definitions.rollout(model, cond, 9, 16, 16, 33, 0, "one step", None, context)
+    full, = Rollout.execute(model, cond, 9, 16, 16, 33, 1, "one step", None, context)
     # sink 2 + window 3 (the block being made included): frame 5 is the first made after frame 2 was evicted
     torch.testing.assert_close(full["samples"][:, :, :5], latent["samples"][:, :, :5], atol=1e-5, rtol=1e-5)
     assert (full["samples"][:, :, 5:] - latent["samples"][:, :, 5:]).abs().amax() > 1e-3
@@ -724,14 +727,15 @@ def test_video_extension_continues_a_clip_with_a_rolling_cache(roots):
 def test_rolling_cache_with_a_schedule_and_kept_sink_reports_every_block(roots):
     """Window + sink + a prompt switch that keeps the sink: the settings reach the pipeline (which the equality tests
     above check) and every generated block reports progress."""
-    model, = definitions.model_loader(DEMO, "default", "1 (frame-wise)", "auto")
-    cond, = definitions.prompt_schedule(DEMO, "0: a cat\n20: a corgi surfing", "default")
+    model, = Loader.execute(DEMO, "default", "auto")
+    cond, = Schedule.execute(DEMO, "0: a cat\n20: a corgi surfing", "default")
     done = []
-    latent = generate_latents(model, cond, 1, 16, 16, 41, 0, "one step", window_frames=4, sink_frames=1,
-                              keep_sink_on_switch=True, on_progress=lambda d, t: done.append((d, t)))
+    request = RolloutRequest(cond, 1, 16, 16, 41, 1, "one step", window_frames=4, sink_frames=1)
+    latent = generate_latents(model, replace(request, keep_sink_on_switch=True),
+                              on_progress=lambda d, t: done.append((d, t)))
     assert latent["samples"].shape == (1, 16, 11, 2, 2) and torch.isfinite(latent["samples"]).all()
     assert done == [(d, 11) for d in range(1, 12)]
-    recomputed = generate_latents(model, cond, 1, 16, 16, 41, 0, "one step", window_frames=4, sink_frames=1)
+    recomputed = generate_latents(model, request)
     torch.testing.assert_close(recomputed["samples"][:, :, :6], latent["samples"][:, :, :6])  # before the switch
     assert not torch.allclose(recomputed["samples"][:, :, 6:], latent["samples"][:, :, 6:])  # the sink differs
 
@@ -747,21 +751,22 @@ def test_rolling_cache_with_a_schedule_and_kept_sink_reports_every_block(roots):
     (dict(window_frames=-1), "window_frames and sink_frames must be >= 0"),
 ])
 def test_rollout_rejects_bad_context_and_cache_settings(roots, kwargs, message):
-    model, = definitions.model_loader(DEMO, "default", "model default", "auto")
+    model, = Loader.execute(DEMO, "default", "auto")
     cond = [[torch.zeros(1, 512, 32), {}]]
     with pytest.raises(ValueError, match=message):
-        definitions.rollout(model, cond, 0, 16, 16, 17, 0, "one step", **kwargs)
+        Rollout.execute(model, cond, 0, 16, 16, 17, 0, "one step", **kwargs)
 
 
 @pytest.mark.parametrize("images, width, message", [
-    (torch.rand(3, 16, 16, 3), 16, "images holds 3 frames; the Wan VAE encodes 1 \\+ 4k frames .*use 1 or 5 frames"),
+    (torch.rand(3, 16, 16, 3), 16,
+     "images has 3 frames; the Wan VAE encodes 1 \\+ 4k frames: use 1 or 5 frames .one image, or a clip"),
     (torch.rand(16, 16, 3), 16, "images must be a ComfyUI IMAGE"),
     (torch.rand(1, 16, 16, 3), 12, "width must be a positive multiple of 16 .what the rollout makes., got 12"),
     (torch.rand(1, 16, 16, 3), 24, "width must be a positive multiple of 16"),  # the VAE's 8 is not enough
 ])
 def test_encoder_rejects_bad_images(roots, images, width, message):
     with pytest.raises(ValueError, match=message):
-        definitions.encode(images, DEMO, width, 16)
+        Encode.execute(images, DEMO, width, 16)
 
 
 def test_workflow_inputs_are_copied_into_comfyui_input_folder_without_overwriting(tmp_path):

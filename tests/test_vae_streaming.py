@@ -163,3 +163,17 @@ def test_wan22_layout_streams_too():
     pieces = _stream(WanStreamingDecoder(vae), latents, [1, 2])
     assert [p.shape[2] for p in pieces] == [1, 8] and full.shape == (1, 3, 9, 32, 32)
     assert (torch.cat(pieces, 2) - full).abs().max() < 1e-5
+
+
+def test_snapshot_restore_rewinds_the_stream(vae, latents, full):
+    """Decoding on from a snapshot gives the frames the stream gave after it, however far it went meanwhile."""
+    decoder = WanStreamingDecoder(vae)
+    first = decoder.decode_block(latents[:, :, :2])
+    saved = decoder.snapshot()
+    after = decoder.decode_block(latents[:, :, 2:4])
+    decoder.decode_block(latents[:, :, 4:])  # the stream goes on, then rewinds
+    decoder.restore(saved)
+    assert decoder.frames_decoded == first.shape[2] and decoder.latent_frames_decoded == 2
+    assert torch.equal(decoder.decode_block(latents[:, :, 2:4]), after)
+    decoder.restore(saved)  # the snapshot is not consumed: a second branch from it
+    assert torch.equal(decoder.decode_block(latents[:, :, 2:4]), after)

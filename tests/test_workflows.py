@@ -1,7 +1,8 @@
 """The shipped workflows (``workflows/*.json`` UI format, ``workflows/api/*.json`` API format), checked without ComfyUI.
 
-Node definitions come from this package's declarations and, for ComfyUI's core nodes, from
-``fixtures/comfyui_core_object_info*.json`` (recorded from a real server; test_comfyui_server.py re-checks them).
+Node definitions come from ``fixtures/oneforcing_object_info.json`` for this package's nodes (what ComfyUI renders of
+their classes, see comfyui_node_info.py) and from ``fixtures/comfyui_core_object_info*.json`` for ComfyUI's core nodes
+(recorded from a real server); test_nodes.py and test_comfyui_server.py re-check both against a real ComfyUI.
 Each UI file is also a template of ComfyUI's Templates browser: its file name is the title, ``<name>.jpg`` beside it
 the thumbnail; a Note node on the canvas says what it needs, and nodes do not overlap (test_comfyui_browser.py checks
 the same in the real frontend).
@@ -17,8 +18,8 @@ import torch
 
 from test_nodes import model_tree, roots  # noqa: F401 (fixtures)
 
-from oneforcing.nodes.definitions import NODE_SPECS
-from oneforcing.nodes.spec import object_info
+from comfyui_node_info import recorded
+from oneforcing.nodes.definitions import NODES
 from oneforcing.nodes.folders import BUNDLED_DEMO, MODEL_KINDS, NO_TINY_VAE, check_model_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +27,8 @@ UI_FILES = sorted((REPO / "workflows").glob("*.json"))
 API_FILES = sorted((REPO / "workflows" / "api").glob("*.json"))
 CORE_FILES = sorted((Path(__file__).parent / "fixtures").glob("comfyui_core_object_info*.json"))
 CORE = {k: v for path in CORE_FILES for k, v in json.loads(path.read_text()).items()}
-OURS = {spec.node_id: spec for spec in NODE_SPECS}
+OURS = recorded()
+NODE_CLASSES = {node.__name__: node for node in NODES}
 MODEL_COMBOS = {("OneForcingModelLoader", "model_name"): "diffusion_models",
                 ("OneForcingTextEncode", "text_encoder_name"): "text_encoders",
                 ("OneForcingPromptSchedule", "text_encoder_name"): "text_encoders",
@@ -44,7 +46,7 @@ OUTPUT_NODES = {name for name, info in CORE.items() if isinstance(info, dict) an
 
 def node_info(node_type: str) -> dict:
     if node_type in OURS:
-        return object_info(OURS[node_type])
+        return OURS[node_type]
     if node_type in CORE and isinstance(CORE[node_type], dict):
         return CORE[node_type]
     raise AssertionError(f"unknown node type {node_type!r} (neither this package's nor a recorded core node)")
@@ -375,7 +377,7 @@ def run_prompt(prompt: dict, overrides: dict | None = None, core_outputs: dict |
                       for name, v in node["inputs"].items()}
             kwargs.update((overrides or {}).get(node["class_type"], {}))
             if node["class_type"] in OURS:
-                results[key] = OURS[node["class_type"]].function(**kwargs)
+                results[key] = NODE_CLASSES[node["class_type"]].execute(**kwargs)
             elif node["class_type"] in (core_outputs or {}):
                 results[key] = core_outputs[node["class_type"]]
             else:

@@ -291,3 +291,76 @@ def test_a_background_colour_override_keeps_the_caption():
     corner = (red[:, :, 0, 0] + 1) / 2  # [3, T]
     torch.testing.assert_close(corner, torch.tensor([0.92, 0.16, 0.14])[:, None].expand_as(corner))
     assert not torch.equal(plain[:, :, 0, 0], red[:, :, 0, 0])
+
+
+def test_split_prompts_name_only_combinations_of_their_split():
+    for split in world.SPLITS:
+        prompts = world.split_prompts(split, 10, seed=2)
+        assert len(set(prompts)) == 10 and prompts == world.split_prompts(split, 10, seed=2)
+        assert {world.caption_split(p) for p in prompts} == {split}
+    assert world.heldout_prompts(5, seed=1) == world.split_prompts("heldout", 5, seed=1)
+    with pytest.raises(ValueError, match="split"):
+        world.split_prompts("test", 3)
+
+
+# -- text-encoder probes ---------------------------------------------------------------------------------------------
+def test_ridge_probe_and_between_class_fraction_on_known_features():
+    rng = np.random.default_rng(0)
+    labels = [("a", "b", "c")[i % 3] for i in range(300)]
+    train = np.arange(300) < 200
+    one_hot = np.eye(3)[[("a", "b", "c").index(x) for x in labels]]
+    readable = np.concatenate([one_hot, rng.normal(size=(300, 5))], axis=1)
+    assert dc.ridge_probe_accuracy(readable, labels, train) == 1.0
+    noise = rng.normal(size=(300, 8))
+    assert dc.ridge_probe_accuracy(noise, labels, train) < 0.6  # chance is 1/3
+    assert dc.between_class_fraction(one_hot, labels) == pytest.approx(1.0)
+    assert dc.between_class_fraction(noise, labels) < 0.05
+
+
+def test_word_probe_reads_words_from_a_random_encoder_and_not_from_one_that_merges_them():
+    tokenizer = dc.build_tokenizer()
+    encoder = dc.build_text_encoder(len(tokenizer), d_model=32, num_heads=4, d_ff=64)
+    probe = dc.word_probe(tokenizer, encoder)
+    assert set(probe) == set(dc.ATTRIBUTES)
+    for attribute, figures in probe.items():
+        assert figures["token_probe"] == 1.0, attribute  # every held-out combination's words read back
+        assert figures["token_between_fraction"] > 0.5
+    merged = dc.build_text_encoder(len(tokenizer), d_model=32, num_heads=4, d_ff=64)
+    with torch.no_grad():  # every word the same embedding: only positions tell tokens apart
+        merged.shared.weight.copy_(merged.shared.weight[3:4].expand_as(merged.shared.weight))
+    for attribute, figures in dc.word_probe(tokenizer, merged).items():
+        assert figures["token_probe"] < 0.5, attribute
+
+
+def test_psnr_and_round_trip_of_a_vae():
+    from conftest import make_tiny_vae
+
+    video = world.render_clip(0, "train", 5, 32, 32)[0]
+    assert dc.psnr_db(video, video) == pytest.approx(120.0)  # the 1e-12 floor
+    assert dc.psnr_db(video + 0.2, video) == pytest.approx(-10 * np.log10(0.04 / 4), rel=1e-4)
+    out = dc.vae_round_trip(make_tiny_vae(), video)
+    assert out.shape == video.shape
+
+
+def test_object_mask_marks_objects_not_background_or_texture():
+    scene = world.Scene((world.ObjectSpec("square", "yellow", "moves left", 0.5, 0.5, 0.5, 0.5, 0.12, 0.12),),
+                        "dark green", "checkered")
+    video, _ = world.render(scene, 5, 64, 64)
+    mask = dc.object_mask(video[None])
+    assert mask.shape == (1, 1, 5, 64, 64)
+    inside, outside = mask[0, 0, :, 32, 32], mask[0, 0, :, 4, 4]
+    assert inside.min() == 1 and outside.max() == 0  # the texture's light squares are not objects
+    radius = 0.886 * 0.12 * 64  # half the square's side
+    assert abs(mask[0, 0, 0].sum().item() - (2 * radius) ** 2) < 4 * 2 * radius  # about the square's area
+
+
+def test_object_weight_raises_the_loss_of_errors_on_objects_only():
+    vae = dc.build_vae(base_dim=8, seed=0)
+    video = dc.vae_batch(5, 2, 5, 32)
+    plain, _ = dc.vae_loss(vae, video, dc.VaeLossWeights(), torch.Generator().manual_seed(0))
+    weighted, _ = dc.vae_loss(vae, video, dc.VaeLossWeights(objects=4.0), torch.Generator().manual_seed(0))
+    assert weighted.item() != pytest.approx(plain.item())
+    flat = torch.zeros_like(video) - 0.5  # no object anywhere: the weight changes nothing
+    a, _ = dc.vae_loss(vae, flat, dc.VaeLossWeights(), torch.Generator().manual_seed(0))
+    b, _ = dc.vae_loss(vae, flat, dc.VaeLossWeights(objects=4.0), torch.Generator().manual_seed(0))
+    assert a.item() == pytest.approx(b.item())

@@ -13,9 +13,10 @@ state ``DIR/train_state/vae.pt`` (tensors and numbers only, loaded with ``weight
   (pad=0, eos=1, unk=2). Its normaliser case-folds, so "A Red Circle" encodes like "a red circle".
 - text encoder: a small ``UMT5EncoderModel``, randomly initialised with a fixed seed and never trained: its random
   token embeddings and attention already give different captions clearly different embeddings.
-- VAE: a small ``AutoencoderKLWan`` (z_dim 16, stride 4x8x8, as Wan2.1) trained on world clips with L1 + image-edge
-  L1 + a small KL term; ``latents_mean`` / ``latents_std`` in its config are the per-channel statistics of its
-  latents (posterior means) over world clips, so the pipeline's normalisation makes them zero-mean, unit-variance.
+- VAE: a small ``AutoencoderKLWan`` (z_dim 16, stride 4x8x8, as Wan2.1) trained on world clips with L1 (object
+  pixels optionally weighted more: ``--vae-object-weight``) + image-edge L1 + a small KL term; ``latents_mean`` /
+  ``latents_std`` in its config are the per-channel statistics of its latents (posterior means) over world clips, so
+  the pipeline's normalisation makes them zero-mean, unit-variance.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,76 @@ def caption_separation(tokenizer, text_encoder, captions: list[str]) -> dict[str
     return {"max_pooled_cosine": cosine[off].max().item(), "min_relative_distance": distance[off].min().item()}
 
 
+ATTRIBUTES = ("colour", "shape", "motion")
+
+
+def _attribute_rows() -> tuple[list[str], dict[str, list[str]], np.ndarray]:
+    """Every one-object caption, its (colour, shape, motion) labels, and whether its combination is held out."""
+    captions = world.single_object_captions()
+    triples = [world.parse_caption(c).objects[0] for c in captions]
+    labels = {attribute: [t[i] for t in triples] for i, attribute in enumerate(ATTRIBUTES)}
+    return captions, labels, np.array([world.is_heldout(*t) for t in triples])
+
+
+def ridge_probe_accuracy(features: np.ndarray, labels: list[str], train: np.ndarray, ridge: float = 1e-3) -> float:
+    """Accuracy on ``~train`` rows of a ridge-regression linear probe fitted on the ``train`` rows.
+
+    features [N, D], labels [N] (any hashable names), train [N] bool. One-hot targets, the argmax is the answer;
+    ``ridge`` is relative to the mean feature energy, so the probe does not depend on the features' scale.
+    """
+    names = sorted(set(labels))
+    target = np.eye(len(names))[[names.index(label) for label in labels]]
+    x = np.concatenate([features, np.ones((len(features), 1))], axis=1).astype(np.float64)
+    a, b = x[train], target[train]
+    gram = a.T @ a
+    weights = np.linalg.solve(gram + ridge * np.trace(gram) / len(gram) * np.eye(len(gram)), a.T @ b)
+    predicted = (x[~train] @ weights).argmax(1)
+    return float((predicted == target[~train].argmax(1)).mean())
+
+
+def between_class_fraction(features: np.ndarray, labels: list[str]) -> float:
+    """Fraction of the variance of features [N, D] that the class means explain (1 = the label is all there is)."""
+    labels = np.asarray(labels)
+    centred = features - features.mean(0)
+    between = sum(
+        (labels == name).sum() * np.square(features[labels == name].mean(0) - features.mean(0)).sum()
+        for name in np.unique(labels)
+    )
+    return float(between / np.square(centred).sum())
+
+
+def word_probe(tokenizer, text_encoder, max_length: int = 32) -> dict[str, dict[str, float]]:
+    """Do the text encoder's outputs keep the caption's words apart? Per attribute (colour, shape, motion), over every
+    one-object caption of the world:
+
+    - ``token_probe``: held-out-combination accuracy of a linear probe, fitted on training combinations, reading the
+      attribute from the output at its word (the motion's last word: "left" of "moves left");
+    - ``pooled_probe``: the same from the mean-pooled caption embedding;
+    - ``token_between_fraction``: the share of the variance of the output at the attribute's word that the
+      attribute explains (the rest comes from the other words of the caption).
+
+    Needs a tokenizer with one piece per caption word (what :func:`build_tokenizer` checks).
+    """
+    captions, labels, heldout = _attribute_rows()
+    embeddings, mask = encode_captions(tokenizer, text_encoder, captions, max_length)
+    pooled = (embeddings.sum(1) / mask.sum(1, keepdim=True)).numpy()
+    out = {}
+    for attribute in ATTRIBUTES:
+        positions = [_word_position(attribute, m) for m in labels["motion"]]
+        at_word = embeddings[torch.arange(len(captions)), torch.tensor(positions)].numpy()
+        out[attribute] = {
+            "token_probe": ridge_probe_accuracy(at_word, labels[attribute], ~heldout),
+            "pooled_probe": ridge_probe_accuracy(pooled, labels[attribute], ~heldout),
+            "token_between_fraction": between_class_fraction(at_word, labels[attribute]),
+        }
+    return out
+
+
+def _word_position(attribute: str, motion: str) -> int:
+    """Token index of an attribute's (last) word in "a COLOUR SHAPE MOTION on ...", one token per word."""
+    return {"colour": 1, "shape": 2, "motion": 2 + len(motion.split())}[attribute]
+
+
 # -- VAE --------------------------------------------------------------------------------------------------------------
 
 
@@ -280,19 +351,46 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(frames, dim=2)
 
 
+@dataclass(frozen=True)
+class VaeLossWeights:
+    """Weights of the VAE loss terms: ``kl`` per latent element, ``edge`` for the L1 of image gradients, and
+    ``objects``: extra L1 weight on object pixels (see :func:`object_mask`; 0 = every pixel alike). The world's
+    objects cover a few percent of a frame, so a plain mean lets a VAE that smears them into blobs of the wrong hue
+    score well (benchmarks/results/demo_diagnosis.md)."""
+
+    kl: float = 1e-4
+    edge: float = 0.5
+    objects: float = 0.0
+
+
+OBJECT_DISTANCE = 0.25  # RGB distance in [-1, 1] units: textures stay within 0.07 of the background, objects do not
+
+
+def object_mask(video: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, H, W] float 1 where a pixel of video [B, 3, T, H, W] lies far from its frame's median colour.
+
+    The median colour of a world frame is its background (objects cover well under half of it), so this marks the
+    objects, whatever the background and texture, without the scene description.
+    """
+    median = video.flatten(3).median(dim=3).values[..., None, None]  # [B, 3, T, 1, 1]
+    return ((video - median).norm(dim=1, keepdim=True) > OBJECT_DISTANCE).float()
+
+
 def vae_loss(
-    vae, video: torch.Tensor, kl_weight: float = 1e-4, edge_weight: float = 0.5, generator=None
+    vae, video: torch.Tensor, weights: VaeLossWeights = VaeLossWeights(), generator=None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 + ``edge_weight`` * L1 of image gradients + ``kl_weight`` * KL per latent element; video [B, 3, T, H, W]."""
+    """Pixel L1 (object pixels weighted 1 + ``weights.objects``) + ``weights.edge`` * L1 of image gradients +
+    ``weights.kl`` * KL per latent element; video [B, 3, T, H, W]."""
     posterior = vae.encode(video).latent_dist
     recon = decode_unclamped(vae, posterior.sample(generator=generator))
-    l1 = (recon - video).abs().mean()
+    pixel_weight = 1.0 + weights.objects * object_mask(video) if weights.objects else torch.ones_like(video[:, :1])
+    l1 = ((recon - video).abs() * pixel_weight).mean() / pixel_weight.mean()
     (ry, rx), (vy, vx) = _edges(recon), _edges(video)
     edge = 0.5 * ((ry - vy).abs().mean() + (rx - vx).abs().mean())
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-    loss = l1 + edge_weight * edge + kl_weight * kl
+    loss = l1 + weights.edge * edge + weights.kl * kl
     with torch.no_grad():
-        psnr = -10 * math.log10(max(F.mse_loss(recon.clamp(-1, 1), video).item() / 4, 1e-12))  # data range 2
+        psnr = psnr_db(recon.clamp(-1, 1), video)
     return loss, {"loss": loss.item(), "l1": l1.item(), "edge": edge.item(), "kl": kl.item(), "psnr": psnr}
 
 
@@ -315,8 +413,7 @@ def train_vae(
     vae,
     stages: list[VaeStage],
     lr: float = 5e-4,
-    kl_weight: float = 1e-4,
-    edge_weight: float = 0.5,
+    weights: VaeLossWeights = VaeLossWeights(),
     seed: int = 0,
     state_path: str | Path | None = None,
     save_every: int = 50,
@@ -358,7 +455,7 @@ def train_vae(
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, total, lr)
         generator = torch.Generator(device).manual_seed(seed * 7919 + step)
-        loss, parts = vae_loss(vae, video, kl_weight, edge_weight, generator)
+        loss, parts = vae_loss(vae, video, weights, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -402,9 +499,19 @@ def reconstruction_psnr(vae, num_clips: int = 4, num_frames: int = 81, size: int
     for i in range(num_clips):
         video, _, _ = world.render_clip(seed + i, split, num_frames, size, size)
         video = video.to(vae.device)
-        recon = vae.decode(vae.encode(video[None]).latent_dist.mode()).sample[0]
-        values.append(-10 * math.log10(max(F.mse_loss(recon, video).item() / 4, 1e-12)))
+        values.append(psnr_db(vae_round_trip(vae, video), video))
     return float(np.mean(values))
+
+
+@torch.no_grad()
+def vae_round_trip(vae, video: torch.Tensor) -> torch.Tensor:
+    """Video [3, T, H, W] in [-1, 1] -> encode (posterior mean) -> decode: [3, T, H, W] in [-1, 1]."""
+    return vae.decode(vae.encode(video[None]).latent_dist.mode()).sample[0]
+
+
+def psnr_db(video: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of pixel range [-1, 1] (data range 2)."""
+    return -10 * math.log10(max(F.mse_loss(video.float(), reference.float()).item() / 4, 1e-12))
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
@@ -431,6 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vae-lr", type=float, default=8e-4)
     parser.add_argument("--vae-kl-weight", type=float, default=1e-4)
     parser.add_argument("--vae-edge-weight", type=float, default=0.5)
+    parser.add_argument("--vae-object-weight", type=float, default=0.0,
+                        help="extra L1 weight on object pixels (0: every pixel alike, as the first demo VAE)")
     parser.add_argument("--eval-clips", type=int, default=4, help="held-out clips for the PSNR report")
     parser.add_argument("--stat-clips", type=int, default=8, help="clips for latents_mean / latents_std")
     parser.add_argument("--eval-frames", type=int, default=81, help="frames per clip for the statistics and PSNR")
@@ -481,7 +590,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             vae = build_vae(args.vae_base_dim, seed=args.seed)
         started = time.time()
-        rows = train_vae(vae, stages, args.vae_lr, args.vae_kl_weight, args.vae_edge_weight, args.seed,
+        weights = VaeLossWeights(args.vae_kl_weight, args.vae_edge_weight, args.vae_object_weight)
+        rows = train_vae(vae, stages, args.vae_lr, weights, args.seed,
                          out / "train_state" / "vae.pt", device=args.device,
                          max_seconds=args.vae_max_seconds)
         train_seconds = time.time() - started
@@ -493,7 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
         psnr = reconstruction_psnr(vae, args.eval_clips, args.eval_frames)
         report["vae"] = {
             "parameters": sum(p.numel() for p in vae.parameters()), "bytes": _folder_bytes(out / "vae"),
-            "stages": args.vae_stages, "train_seconds_this_run": round(train_seconds, 1),
+            "stages": args.vae_stages, "loss_weights": asdict(weights),
+            "train_seconds_this_run": round(train_seconds, 1),
             "final_train_row": rows[-1] if rows else None,
             "heldout_psnr_db": round(psnr, 2), "eval_clips": args.eval_clips, "eval_frames": args.eval_frames,
             "eval_seconds": round(time.time() - started, 1),

@@ -1,16 +1,12 @@
 # What training/demo_model.sh and training/demo_model_2gpu.sh share (sourced, not run): the repository root as the
-# working folder, RUN (env RUN_DIR), CONFIG, PY (env PYTHON), oneforcing importable, and the shell functions below.
+# working folder, RUN (env RUN_DIR), CONFIG (env CONFIG), PY (env PYTHON), oneforcing importable, and the shell functions below.
 # The functions read PHASE; OUT (optional) is where pieces and logs are shipped.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 RUN=${RUN_DIR:-/tmp/oneforcing_demo}
-CONFIG=training/configs/demo.json
+CONFIG=${CONFIG:-training/configs/demo.json}
 PY=${PYTHON:-python}
-export PYTHONUNBUFFERED=1
-if ! $PY -c "import oneforcing" 2>/dev/null; then  # a checkout not installed: import the repository under its name
-  mkdir -p /tmp/oneforcing_path && ln -sfn "$ROOT" /tmp/oneforcing_path/oneforcing
-  export PYTHONPATH=/tmp/oneforcing_path${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$ROOT/training/demo_env.sh"  # oneforcing and diffusers importable (WHEELS)
 mkdir -p "$RUN/pack" "$RUN/logs"
 started=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - started )) s)"; }

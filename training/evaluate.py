@@ -60,6 +60,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..pipelines.presets import DTYPES
 from . import metrics, world
 
 GROUND_TRUTH = "ground-truth"
@@ -69,7 +70,6 @@ SUMMARY_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness",
 TABLE_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness", "edge_sharpness", "flicker", "identity")
 RATIOS = {"sharpness": "edge_energy", "sharpness_denoised": "edge_energy_denoised", "edge_sharpness": "edge_sharpness",
           "flicker": "flicker"}  # summary key -> the clip figure whose mean is compared with ground truth's
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # settings that must agree for --resume to reuse a model's results
 RESUME_KEYS = ("mode", "prompts", "seeds", "num_frames", "height", "width", "colour_tolerance", "dtype", "speed_clips",
                "warmup", "warmup_frames")
@@ -197,7 +197,7 @@ def ground_truth_clip(prompt: str, seed: int, size: VideoSize) -> np.ndarray:
 
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     from ..pipelines.pipeline_one_forcing import OneForcingPipeline
-    from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
+    from ..pipelines.loading import load_transformer
 
     if not (Path(spec.path) / "model_index.json").is_file():
         raise ValueError(f"--model {spec.name}: {spec.path} has no model_index.json; it must be a saved "
@@ -207,15 +207,12 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
         source = Path(spec.transformer)
         if source.is_dir() and not (source / "config.json").is_file() and (source / "transformer").is_dir():
             source = source / "transformer"  # a pipeline folder given as the transformer
-        if source.is_dir():
-            if not (source / "config.json").is_file():
-                raise ValueError(f"--model {spec.name}: transformer={source} is not a diffusers model folder "
-                                 "(no config.json)")
-            extra["transformer"] = CausalWanTransformer3DModel.from_pretrained(source, torch_dtype=dtype)
-        elif source.is_file():
-            extra["transformer"] = CausalWanTransformer3DModel.from_single_file(source, dtype=dtype)
-        else:
+        if source.is_dir() and not (source / "config.json").is_file():
+            raise ValueError(f"--model {spec.name}: transformer={source} is not a diffusers model folder "
+                             "(no config.json)")
+        if not source.exists():
             raise ValueError(f"--model {spec.name}: transformer={source} is neither a folder nor a file")
+        extra["transformer"] = load_transformer(source, dtype)
     pipe = OneForcingPipeline.from_pretrained(spec.path, dtype=dtype, **extra).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -338,15 +335,19 @@ class ClipScorer:
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------------
+PROMPT_SPLITS = {"heldout": "heldout", "seen": "train"}  # --prompts name -> world split
+
+
 def prompt_list(kind: str, count: int, seed: int = 0) -> list[str]:
-    """``heldout`` (``world.heldout_prompts``) or a text file of captions, one per line; ``count`` of them."""
+    """``heldout`` (combinations never trained on), ``seen`` (combinations of the training split; see
+    ``world.split_prompts``) or a text file of captions, one per line; ``count`` of them."""
     if count < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {count}")
-    if kind == "heldout":
-        return world.heldout_prompts(count, seed=seed)
+    if kind in PROMPT_SPLITS:
+        return world.split_prompts(PROMPT_SPLITS[kind], count, seed=seed)
     path = Path(kind)
     if not path.is_file():
-        raise ValueError(f"--prompts must be 'heldout' or a text file of world captions, got {kind!r}")
+        raise ValueError(f"--prompts must be 'heldout', 'seen' or a text file of world captions, got {kind!r}")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     for number, prompt in enumerate(prompts, 1):
         try:
@@ -602,9 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH[:key=value,...]",
                         help=f"a OneForcingPipeline folder or {GROUND_TRUTH!r}; repeat for several models")
-    parser.add_argument("--prompts", default="heldout", help="'heldout' or a text file of world captions")
+    parser.add_argument("--prompts", default="heldout",
+                        help="'heldout' (combinations never trained on), 'seen' (combinations trained on) or a text "
+                             "file of world captions")
     parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--prompt-seed", type=int, default=0, help="which held-out prompts (world.heldout_prompts)")
+    parser.add_argument("--prompt-seed", type=int, default=0,
+                        help="which held-out / seen prompts (world.split_prompts)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-frames", type=int, default=81, help="1 + 4k")
     parser.add_argument("--height", type=int, default=128)

@@ -17,7 +17,8 @@
 # OUT/quality.json exists). Both files are rewritten after every model, so a run stopped by `timeout` keeps the
 # finished models; running the same command again resumes (--resume) with the models still missing.
 #
-# Settings (environment): PIPELINE (models/oneforcing-demo), PROMPTS (8 held-out prompts), SEEDS ("0 1"),
+# Settings (environment): PIPELINE (models/oneforcing-demo), SPLIT (heldout: prompts of combinations never trained
+# on; seen: of combinations trained on, written to quality_seen.json / .md), PROMPTS (8), SEEDS ("0 1"),
 # FRAMES (81), SIZE (128), DEVICE (auto: cuda when there is one), WORKERS (processes scoring clips while the next are
 # generated; default: cores - 2, at most 8; 0 with MODE=speed), ONLY (e.g. "gt framewise_1step": just these rows),
 # SAVE_VIDEOS (a folder: every clip as mp4), PYTHON, WHEELS (a folder with the diffusers wheel, installed to
@@ -35,19 +36,12 @@ ROOT=$(pwd)
 PY=${PYTHON:-python}
 PIPELINE=${PIPELINE:-models/oneforcing-demo}
 MODE=${MODE:-quality}
+SPLIT=${SPLIT:-heldout}
+SUFFIX=$([ "$SPLIT" = heldout ] && echo "" || echo "_$SPLIT")  # quality.json (held-out), quality_seen.json
 TEACHER_STEPS=${TEACHER_STEPS:-32}
 TEACHER_SHIFT=${TEACHER_SHIFT:-8}
 TEACHER_GUIDANCE=${TEACHER_GUIDANCE:-3}
-export PYTHONUNBUFFERED=1
-if ! $PY -c "import oneforcing" 2>/dev/null; then  # a checkout not installed: make the repository importable
-  mkdir -p /tmp/oneforcing_path && ln -sfn "$ROOT" /tmp/oneforcing_path/oneforcing
-  export PYTHONPATH=/tmp/oneforcing_path${PYTHONPATH:+:$PYTHONPATH}
-fi
-if ! $PY -c "import diffusers" 2>/dev/null; then  # WHEELS: a folder of wheels to install first (no registry)
-  [ -n "${WHEELS:-}" ] || { echo "diffusers is not importable: install it or set WHEELS (its wheel)"; exit 2; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$ROOT/training/demo_env.sh"  # oneforcing and diffusers importable (WHEELS)
 [ -d "$MODELS" ] || { echo "no folder $MODELS"; exit 2; }
 [ -f "$PIPELINE/model_index.json" ] || { echo "$PIPELINE is not a saved OneForcingPipeline"; exit 2; }
 mkdir -p "$DEST"
@@ -69,7 +63,7 @@ add framewise_4step framewise "steps=4,frames_per_block=1"
 add teacher teacher "sampler=teacher,steps=$TEACHER_STEPS,shift=$TEACHER_SHIFT,guidance=$TEACHER_GUIDANCE"
 if [ ${#ARGS[@]} -eq 0 ]; then echo "nothing to evaluate in $MODELS (ONLY=${ONLY:-})"; exit 2; fi
 
-COMMON=(--prompts heldout --num-prompts "${PROMPTS:-8}" --seeds ${SEEDS:-0 1} --num-frames "${FRAMES:-81}"
+COMMON=(--prompts "$SPLIT" --num-prompts "${PROMPTS:-8}" --seeds ${SEEDS:-0 1} --num-frames "${FRAMES:-81}"
         --height "${SIZE:-128}" --width "${SIZE:-128}" --resume)
 start=$(date +%s)
 if [ "$MODE" = speed ]; then
@@ -88,7 +82,7 @@ elif [ "$MODE" = quality ]; then
   fi
   $PY -m oneforcing.training.evaluate "${ARGS[@]}" "${COMMON[@]}" --device "${DEVICE:-auto}" --warmup 1 \
       --workers "$WORKERS" ${THREADS:+--threads "$THREADS"} ${SAVE_VIDEOS:+--save-videos "$SAVE_VIDEOS"} \
-      --out "$DEST/quality.json" --markdown "$DEST/quality.md" ${EXTRA:-}
+      --out "$DEST/quality$SUFFIX.json" --markdown "$DEST/quality$SUFFIX.md" ${EXTRA:-}
 else
   echo "MODE must be quality or speed, not $MODE"; exit 2
 fi

@@ -179,17 +179,24 @@ def single_object_captions() -> list[str]:
     ]
 
 
-def heldout_prompts(count: int = 16, seed: int = 0, two_object_prob: float = 0.0) -> list[str]:
-    """``count`` distinct held-out captions (deterministic in ``seed``), for evaluation."""
+def split_prompts(split: str, count: int = 16, seed: int = 0, two_object_prob: float = 0.0) -> list[str]:
+    """``count`` distinct captions of ``split`` (deterministic in ``seed``), for evaluation: "train" gives prompts of
+    combinations seen in training (not the training clips' own layouts), "heldout" of combinations never seen."""
+    _check_split(split)
     captions, attempt = [], 0
     while len(captions) < count:
-        caption = sample_scene(seed * 1_000_003 + attempt, "heldout", two_object_prob=two_object_prob).caption
+        caption = sample_scene(seed * 1_000_003 + attempt, split, two_object_prob=two_object_prob).caption
         if caption not in captions:
             captions.append(caption)
         attempt += 1
         if attempt > 100 * count + 1000:
-            raise ValueError(f"cannot find {count} distinct held-out captions")
+            raise ValueError(f"cannot find {count} distinct {split} captions")
     return captions
+
+
+def heldout_prompts(count: int = 16, seed: int = 0, two_object_prob: float = 0.0) -> list[str]:
+    """``count`` distinct held-out captions (deterministic in ``seed``), for evaluation."""
+    return split_prompts("heldout", count, seed, two_object_prob)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------------
