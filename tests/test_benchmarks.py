@@ -137,3 +137,13 @@ def test_studio_benchmark_runs_a_short_session(tmp_path):
     result = json.loads(out.read_text())
     assert result["frames_delivered"] > 0 and not result["errors"]
     assert len(result["rss_mb"]) >= 2 and all(row["rss_mb"] > 0 for row in result["rss_mb"])
+
+
+def test_memory_table_runs_every_variant_on_cpu(tmp_path):
+    out = tmp_path / "memory.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "memory_table.py"), "--tiny", "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("bf16", "fp8 storage", "model offload", "fp8 storage + model offload"):
+        assert result[name]["frames"] == 9 and result[name]["seconds"] > 0, name
