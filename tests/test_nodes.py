@@ -139,8 +139,10 @@ def test_every_node_is_declared_and_distinct_from_comfyui_native_nodes():
     # new inputs are optional and come last: workflows saved before them still load and validate
     assert info["input_order"] == {
         "required": ["model", "conditioning", "seed", "width", "height", "length", "frames_per_block", "timesteps"],
-        "optional": ["initial_latent", "context_latent", "window_frames", "sink_frames", "keep_sink_on_switch"],
+        "optional": ["initial_latent", "context_latent", "window_frames", "sink_frames", "keep_sink_on_switch",
+                     "noise"],
     }
+    assert info["input"]["optional"]["noise"][1]["default"] == "whole video"  # saved workflows keep their video
     assert info["output"] == ["LATENT"]
     assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
     # one widget per parameter: the block size is the rollout's, not also the loader's
@@ -686,7 +688,7 @@ def endless_latents(pipe, latent_frames: int, seed: int, **kwargs) -> torch.Tens
     return torch.cat(made, dim=2)[:, :, :latent_frames]
 
 
-def test_noise_per_block_reproduces_a_studio_schedule_as_the_endless_stream_bit_for_bit(roots):
+def test_noise_per_block_reproduces_a_studio_schedule_as_the_endless_stream_bit_for_bit(roots, one_thread):
     model, = Loader.execute(DEMO, "default", "auto")  # chunk-wise: 3 latent frames
     studio = json.dumps([{"start": 0, "prompt": "a red circle moves left"},
                          {"start": 13, "end": 33, "prompt": "a cat on the beach"}])  # as the studio downloads it
