@@ -211,8 +211,9 @@ class OneForcingRollout(ComfyNode):
                                         "output begins with it."),
                 io.Int.Input("window_frames", optional=True, default=0, min=0, max=MAX_CACHE_FRAMES,
                              tooltip="Rolling KV cache: the latest latent frames kept (besides the sink); 0 = keep "
-                                     "every frame (with noise per block: the endless stream's window). Set it to run past the length the model was trained for (e.g. 18 "
-                                     "with sink 3 for a model trained on 21 latent frames)."),
+                                     "every frame (with noise per block: the endless stream's window). Set it to run "
+                                     "past the length the model was trained for (e.g. 18 with sink 3 for a model "
+                                     "trained on 21 latent frames)."),
                 io.Int.Input("sink_frames", optional=True, default=3, min=0, max=MAX_CACHE_FRAMES,
                              tooltip="Rolling KV cache: the first latent frames kept for the whole video (attention "
                                      "sink); used only with window_frames > 0."),

@@ -641,6 +641,8 @@ def test_prompt_schedule_node_encodes_each_range_and_marks_its_frames(roots):
     ("0: a cat\n0: a corgi", "line 2 starts at frame 0, not after line 1"),
     ("0: a cat\na corgi", "line 2 .'a corgi'.: each line needs its first video frame"),
     ("0: a cat\n40:   ", "the prompt starting at frame 40 is empty"),
+    ('[{"start": 0, "prompt": "a cat"', "prompt schedule is not valid JSON"),  # a studio download, cut short
+    ('[{"start": 0, "end": 9, "text": "a cat"}]', "a prompt range needs keys 'start' and 'prompt'"),
 ])
 def test_bad_prompt_schedules_give_clear_errors(schedule, message):
     from oneforcing.nodes.sampling import parse_schedule_text
