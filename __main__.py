@@ -209,14 +209,10 @@ def _schedule(args):
 def _endless_end(args, schedule):
     """(schedule, frame to stop at or None): an endless run whose schedule's last range has an end stops there (the
     schedule itself then runs open-ended, as an endless stream's must)."""
-    from dataclasses import replace
-
-    from .pipelines.prompt_schedule import PromptSchedule
-
     last = schedule.ranges[-1]
     if args.num_frames != ENDLESS or last.end is None:
         return schedule, None
-    return PromptSchedule([*schedule.ranges[:-1], replace(last, end=None)]), last.end
+    return schedule.open_ended(), last.end
 
 
 def _read_image(path: Path):

@@ -22,7 +22,8 @@ from .decoding import decode_video
 from .encoding import SIZE_MULTIPLE, encode_images
 from .folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, missing_model, resolve_model
 from .model_loading import load_transformer
-from .sampling import RolloutRequest, encode_text, generate_latents, schedule_conditioning
+from .sampling import (NOISE_MODES, WHOLE_VIDEO_NOISE, RolloutRequest, encode_text, generate_latents,
+                       schedule_conditioning)
 from .workflow_inputs import install_workflow_inputs
 
 _COMFY_API = sys.modules.get("comfy_api.latest")  # present only inside a running ComfyUI
@@ -146,7 +147,8 @@ class OneForcingPromptSchedule(ComfyNode):
                 io.String.Input("schedule", default="0: ", multiline=True,
                                 tooltip="One 'FRAME: prompt' per line, in frame order, starting at 0 (e.g. '0: a cat "
                                         "walks' then '80: a cat sits'). Blank lines and lines starting with # are "
-                                        "skipped."),
+                                        "skipped. Or paste a schedule JSON (the live studio's download, as "
+                                        "--prompt-schedule reads)."),
                 io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="default",
                                tooltip=f"Encoder dtype; {DTYPE_TOOLTIP}"),
             ],
@@ -209,14 +211,21 @@ class OneForcingRollout(ComfyNode):
                                         "output begins with it."),
                 io.Int.Input("window_frames", optional=True, default=0, min=0, max=MAX_CACHE_FRAMES,
                              tooltip="Rolling KV cache: the latest latent frames kept (besides the sink); 0 = keep "
-                                     "every frame. Set it to run past the length the model was trained for (e.g. 18 "
-                                     "with sink 3 for a model trained on 21 latent frames)."),
+                                     "every frame (with noise per block: the endless stream's window). Set it to run "
+                                     "past the length the model was trained for (e.g. 18 with sink 3 for a model "
+                                     "trained on 21 latent frames)."),
                 io.Int.Input("sink_frames", optional=True, default=3, min=0, max=MAX_CACHE_FRAMES,
                              tooltip="Rolling KV cache: the first latent frames kept for the whole video (attention "
                                      "sink); used only with window_frames > 0."),
                 io.Boolean.Input("keep_sink_on_switch", optional=True, default=False,
                                  tooltip="At a prompt switch keep the sink frames as computed under the old prompt "
                                          "(only with window_frames > 0); off recomputes them under the new prompt."),
+                io.Combo.Input("noise", options=list(NOISE_MODES), default=WHOLE_VIDEO_NOISE, optional=True,
+                               tooltip="whole video: every frame's noise drawn from the seed at the start. per "
+                                       "block: drawn block by block, as an endless stream (oneforcing generate "
+                                       "--num-frames endless) and the live studio make it, with their rolling KV "
+                                       "cache when window_frames is 0: a studio branch's schedule JSON, its seed "
+                                       "and length = the schedule's end give the branch again."),
             ],
             outputs=[io.Latent.Output(display_name="latent",
                                       tooltip="Wan2.1 video latents [B, 16, F, H/8, W/8], raw VAE space.")],
@@ -225,9 +234,10 @@ class OneForcingRollout(ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, seed: int, width: int, height: int, length: int, frames_per_block: int,
                 timesteps: str, initial_latent=None, context_latent=None, window_frames: int = 0,
-                sink_frames: int = 3, keep_sink_on_switch: bool = False):
+                sink_frames: int = 3, keep_sink_on_switch: bool = False, noise: str = WHOLE_VIDEO_NOISE):
         request = RolloutRequest(conditioning, seed, width, height, length, frames_per_block, timesteps,
-                                 initial_latent, context_latent, window_frames, sink_frames, keep_sink_on_switch)
+                                 initial_latent, context_latent, window_frames, sink_frames, keep_sink_on_switch,
+                                 noise)
         return (generate_latents(model, request),)
 
 

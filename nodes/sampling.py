@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -61,7 +61,8 @@ _SCHEDULE_LINE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:(.*)$", re.DOTALL)
 
 def parse_schedule_text(text: str) -> PromptSchedule:
     """A prompt schedule written one range per line, as the CLI's repeated ``--prompt``: ``FRAME: text`` (from that
-    video frame to the next line's) or ``START-END: text`` (END exclusive); frames are 0-based video frames.
+    video frame to the next line's) or ``START-END: text`` (END exclusive); frames are 0-based video frames. Text
+    starting with ``[`` or ``{`` is read as JSON instead, as ``--prompt-schedule`` files (the live studio's download).
 
     Blank lines and lines starting with ``#`` are skipped; a single line without a frame is the prompt of the whole
     video. Lines must come in frame order. Gaps, overlaps and empty prompts are refused by :class:`PromptSchedule`;
@@ -69,6 +70,8 @@ def parse_schedule_text(text: str) -> PromptSchedule:
     """
     if not isinstance(text, str):
         raise TypeError(f"the prompt schedule must be text, got {type(text).__name__}")
+    if text.lstrip().startswith(("[", "{")):
+        return PromptSchedule.from_json(text)
     lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
              if line.strip() and not line.strip().startswith("#")]
     if not lines:
@@ -149,6 +152,11 @@ def fit_text_length(embeds: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(embeds, (0, 0, 0, length - embeds.shape[1]))
 
 
+WHOLE_VIDEO_NOISE = "whole video"
+BLOCK_NOISE = "per block (as endless streams and the studio)"
+NOISE_MODES = (WHOLE_VIDEO_NOISE, BLOCK_NOISE)
+
+
 @dataclass(frozen=True)
 class RolloutRequest:
     """What the rollout node is asked for (its inputs but the model; see ``OneForcingRollout`` for each one's meaning).
@@ -168,6 +176,10 @@ class RolloutRequest:
         window_frames: 0 = a full KV cache; else a rolling cache of ``sink_frames`` first latent frames plus the
             ``window_frames`` latest, at constant memory (videos longer than the model was trained for).
         keep_sink_on_switch: at a prompt switch keep the sink frames' keys/values from the old prompt.
+        noise: :data:`WHOLE_VIDEO_NOISE` (the pipeline's finite video: every frame's noise drawn at the start) or
+            :data:`BLOCK_NOISE`: the endless stream ``oneforcing generate --num-frames endless`` and the live studio
+            run (noise drawn block by block, the endless rolling cache unless ``window_frames`` is set), stopped
+            after ``length`` frames; a schedule's closed end must then be ``length`` (a studio branch's schedule).
     """
 
     conditioning: list
@@ -182,6 +194,7 @@ class RolloutRequest:
     window_frames: int = 0
     sink_frames: int = 3
     keep_sink_on_switch: bool = False
+    noise: str = WHOLE_VIDEO_NOISE
 
 
 def generate_latents(model: OneForcingModel, request: RolloutRequest, *,
@@ -195,6 +208,8 @@ def generate_latents(model: OneForcingModel, request: RolloutRequest, *,
     generation = generation_request(model, request)
     context_frames = 0 if generation.context_latents is None else generation.context_latents.shape[2]
     layout = pipe.block_layout(generation.num_frames, generation.frames_per_block, context_frames)
+    if request.noise == BLOCK_NOISE:
+        generation = endless_stream(generation, layout, pipe.vae_scale_factor_temporal)
     runtime.check_interrupted(should_stop)
     device = runtime.load(model.patcher)
     with runtime.cpu_threads(device):
@@ -208,6 +223,8 @@ def generation_request(model: OneForcingModel, request: RolloutRequest) -> Gener
     r, pipe = request, model.pipeline
     if r.frames_per_block < 0:
         raise ValueError(f"frames_per_block must be 0 (the model's setting) or positive, got {r.frames_per_block}")
+    if r.noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {r.noise!r}")
     if r.window_frames < 0 or r.sink_frames < 0:
         raise ValueError(f"window_frames and sink_frames must be >= 0, got {r.window_frames} and {r.sink_frames}")
     trained = model.trained_frames_per_block
@@ -241,6 +258,21 @@ def generation_request(model: OneForcingModel, request: RolloutRequest) -> Gener
         output_type="latent", context_latents=context, window_frames=r.window_frames or None,
         sink_frames=r.sink_frames if r.window_frames else None, keep_sink_on_switch=r.keep_sink_on_switch,
     )
+
+
+def endless_stream(generation: GenerationRequest, layout, temporal: int) -> GenerationRequest:
+    """The endless stream whose first ``layout.total_frames`` latent frames are the video ``generation`` asks for
+    with block-by-block noise (what ``oneforcing generate --num-frames endless`` runs for a closed schedule)."""
+    schedule = generation.prompt_schedule
+    if schedule is not None:
+        end, length = schedule.ranges[-1].end, video_frame_count(layout.total_frames, temporal)
+        if end is not None and end != length:
+            raise ValueError(f"the prompt schedule ends at video frame {end} but length is {length}: set length to "
+                             f"{end} to make the video it schedules (a studio branch's schedule ends at its last "
+                             "frame)")
+        schedule.switches_in(layout, temporal)  # the switches must land inside the video
+        schedule = schedule.open_ended()
+    return replace(generation, num_frames=None, prompt_schedule=schedule)
 
 
 def _video_size(pipe, request: RolloutRequest) -> tuple[int, tuple[int, int, int]]:
@@ -289,13 +321,15 @@ def _collect(model: OneForcingModel, stream, layout, device, on_progress, should
     try:
         runtime.check_interrupted(should_stop)
         for latents in stream:  # the context's latents first (if any), then one item per generated block
+            latents = latents[:, :, : layout.total_frames - start]  # an endless stream's last block may run over
             out.append(latents.float().to(runtime.intermediate_device()))
             start += latents.shape[2]
             if start > layout.context_frames:
                 done += 1
                 progress.update(done, preview(latents) if preview is not None else None)
-            if start < layout.total_frames:
-                runtime.check_interrupted(should_stop)  # cancel between blocks; closing the stream frees the cache
+            if start >= layout.total_frames:
+                break  # an endless stream goes on
+            runtime.check_interrupted(should_stop)  # cancel between blocks; closing the stream frees the cache
     finally:
         stream.close()
         del stream

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -148,17 +148,26 @@ class PromptSchedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PromptSchedule":
-        """A JSON file: ``[{"start": 0, "prompt": "..."}, {"start": 40, "end": 81, "prompt": "..."}]`` or
-        ``{"0": "...", "40": "..."}``."""
+        """A JSON file (see :meth:`from_json`)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"prompt schedule {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except UnicodeDecodeError as error:
             raise ValueError(f"prompt schedule {path} is not valid JSON: {error}") from None
+        return cls.from_json(text, f"prompt schedule {path}")
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "prompt schedule") -> "PromptSchedule":
+        """JSON text: ``[{"start": 0, "prompt": "..."}, {"start": 40, "end": 81, "prompt": "..."}]`` (what the live
+        studio downloads) or ``{"0": "...", "40": "..."}``; errors start with ``source``."""
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source} is not valid JSON: {error}") from None
         except ValueError as error:  # a key given twice
-            raise ValueError(f"prompt schedule {path}: {error}") from None
+            raise ValueError(f"{source}: {error}") from None
         try:
             if isinstance(data, dict):
                 return cls.from_switches(_unique_keys([(_frame_key(k), v) for k, v in data.items()]))
@@ -166,7 +175,7 @@ class PromptSchedule:
                 return cls(data)
             raise ValueError("expected a list of {start, end?, prompt} objects or a {frame: prompt} object")
         except ValueError as error:
-            raise ValueError(f"prompt schedule {path}: {error}") from None
+            raise ValueError(f"{source}: {error}") from None
 
     @classmethod
     def coerce(cls, value: Any) -> "PromptSchedule":
@@ -209,6 +218,10 @@ class PromptSchedule:
             span = f"{last.end}..{num_frames - 1}" if last.end < num_frames else f"{num_frames}..{last.end - 1}"
             raise ValueError(f"the last prompt range ends at frame {last.end} but the video has {num_frames} "
                              f"frames: frames {span} {what}")
+
+    def open_ended(self) -> "PromptSchedule":
+        """This schedule with its last range left open (an endless stream's schedule must be)."""
+        return PromptSchedule([*self.ranges[:-1], replace(self.ranges[-1], end=None)])
 
     def latent_switches(
         self,

@@ -73,3 +73,14 @@ def tiny_transformer():
 @pytest.fixture
 def tiny_pipeline():
     return make_tiny_pipeline()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: tiny models run faster on a shared CI machine, and float sums come out in one order
+    whatever the machine's load (the nodes' CPU policy runs on the idle cores, at most torch's thread count), so
+    bit-for-bit comparisons hold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,15 +18,6 @@ TINY = ["--num-frames", "5", "--height", "32", "--width", "32", "--max-sequence-
         "--num-prompts", "1"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on one thread: on a shared CI machine two threads waiting on each other cost more than they gain."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate") / "tiny"

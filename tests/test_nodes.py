@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import os
 import sys
 from dataclasses import replace
@@ -33,7 +34,7 @@ from oneforcing.nodes.folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, set
 from oneforcing.nodes import definitions, folders, runtime
 from oneforcing.nodes.latents import to_normalised, to_raw
 from oneforcing.nodes.model_loading import load_tiny_vae, wan21_latent_stats
-from oneforcing.nodes.sampling import RolloutRequest, generate_latents
+from oneforcing.nodes.sampling import BLOCK_NOISE, RolloutRequest, generate_latents
 from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from oneforcing.pipelines.vae_streaming import WanStreamingDecoder, normalize_latents
 from oneforcing.pipelines.loading import CheckpointError, export_reference_checkpoint, to_original_names
@@ -138,8 +139,10 @@ def test_every_node_is_declared_and_distinct_from_comfyui_native_nodes():
     # new inputs are optional and come last: workflows saved before them still load and validate
     assert info["input_order"] == {
         "required": ["model", "conditioning", "seed", "width", "height", "length", "frames_per_block", "timesteps"],
-        "optional": ["initial_latent", "context_latent", "window_frames", "sink_frames", "keep_sink_on_switch"],
+        "optional": ["initial_latent", "context_latent", "window_frames", "sink_frames", "keep_sink_on_switch",
+                     "noise"],
     }
+    assert info["input"]["optional"]["noise"][1]["default"] == "whole video"  # saved workflows keep their video
     assert info["output"] == ["LATENT"]
     assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
     # one widget per parameter: the block size is the rollout's, not also the loader's
@@ -638,6 +641,8 @@ def test_prompt_schedule_node_encodes_each_range_and_marks_its_frames(roots):
     ("0: a cat\n0: a corgi", "line 2 starts at frame 0, not after line 1"),
     ("0: a cat\na corgi", "line 2 .'a corgi'.: each line needs its first video frame"),
     ("0: a cat\n40:   ", "the prompt starting at frame 40 is empty"),
+    ('[{"start": 0, "prompt": "a cat"', "prompt schedule is not valid JSON"),  # a studio download, cut short
+    ('[{"start": 0, "end": 9, "text": "a cat"}]', "a prompt range needs keys 'start' and 'prompt'"),
 ])
 def test_bad_prompt_schedules_give_clear_errors(schedule, message):
     from oneforcing.nodes.sampling import parse_schedule_text
@@ -671,6 +676,42 @@ def test_rollout_rejects_schedules_that_do_not_fit_the_video(roots, schedule, le
     cond, = Schedule.execute(DEMO, schedule, "default")
     with pytest.raises(ValueError, match=message):
         Rollout.execute(model, cond, 0, 16, 16, length, 0, "one step")
+
+
+def endless_latents(pipe, latent_frames: int, seed: int, **kwargs) -> torch.Tensor:
+    """The first ``latent_frames`` latent frames of ``pipe.stream(num_frames=None)``: the CLI's endless run."""
+    stream, made = pipe.stream(num_frames=None, generator=torch.Generator().manual_seed(seed), output_type="latent",
+                               **kwargs), []
+    for latents in stream:
+        made.append(latents)
+        if sum(m.shape[2] for m in made) >= latent_frames:
+            break
+    stream.close()
+    return torch.cat(made, dim=2)[:, :, :latent_frames]
+
+
+def test_noise_per_block_reproduces_a_studio_schedule_as_the_endless_stream_bit_for_bit(roots, one_thread):
+    model, = Loader.execute(DEMO, "default", "auto")  # chunk-wise: 3 latent frames
+    studio = json.dumps([{"start": 0, "prompt": "a red circle moves left"},
+                         {"start": 13, "end": 33, "prompt": "a cat on the beach"}])  # as the studio downloads it
+    cond, = Schedule.execute(DEMO, studio, "default")
+    latent, = Rollout.execute(model, cond, 5, 16, 16, 33, 0, "one step", noise=BLOCK_NOISE)
+    first, second = cond[0][0][0], cond[1][0][0]
+    expected = endless_latents(roots["demo"], 9, 5, prompt_schedule={0: first[None], 13: second[None]}, height=16,
+                               width=16, denoising_timesteps=[1000])
+    assert torch.equal(latent["samples"], to_raw(expected, model.latents_mean, model.latents_std))
+    whole, = Rollout.execute(model, cond, 5, 16, 16, 33, 0, "one step")  # the default: every workflow unchanged
+    assert not torch.allclose(whole["samples"], latent["samples"])
+    with pytest.raises(ValueError, match="the prompt schedule ends at video frame 33 but length is 37: set length "
+                                         "to 33"):
+        Rollout.execute(model, cond, 5, 16, 16, 37, 0, "one step", noise=BLOCK_NOISE)
+    # a length that ends inside a block: the stream's first frames, whatever the length
+    single = [[first[None], {}]]
+    short, = Rollout.execute(model, single, 5, 16, 16, 29, 0, "one step", noise=BLOCK_NOISE)
+    long, = Rollout.execute(model, single, 5, 16, 16, 33, 0, "one step", noise=BLOCK_NOISE)
+    assert short["samples"].shape[2] == 8 and torch.equal(short["samples"], long["samples"][:, :, :8])
+    with pytest.raises(ValueError, match="noise must be one of"):
+        Rollout.execute(model, single, 5, 16, 16, 29, 0, "one step", noise="per frame")
 
 
 def test_rollout_refuses_a_schedule_mixed_with_plain_conditioning(roots):

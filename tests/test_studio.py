@@ -3,8 +3,8 @@
 Frames arrive and change; a prompt changes the frames after its block and not before (against a run without the
 switch, same seed); a rewind branches with the frames before it shared; downloads open in OpenCV and the schedule
 reproduces the branch through ``oneforcing generate`` (decoded mp4 frames equal, and the server's uncompressed frames
-equal an endless ``stream`` bit for bit); bad control messages get clear errors while the stream goes on;
-back-pressure, the session limit and the release of a closed page's state.
+equal an endless ``stream`` bit for bit) and through the ComfyUI nodes fed the schedule JSON; bad control messages
+get clear errors while the stream goes on; back-pressure, the session limit and the release of a closed page's state.
 """
 
 from __future__ import annotations
@@ -271,6 +271,40 @@ def test_downloads_and_the_schedule_reproduce_the_branch_through_the_cli(server,
             break
     stream.close()
     assert np.array_equal(np.concatenate(made)[: len(raw)], raw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the nodes' CPU policy and the stream below on the same thread count: one sum order
+    try:
+        comfyui_nodes_reproduce_the_branch(pipe, schedule, raw)
+    finally:
+        torch.set_num_threads(before)
+
+
+def comfyui_nodes_reproduce_the_branch(pipe, schedule: bytes, raw: np.ndarray) -> None:
+    """The ComfyUI graph fed the downloaded schedule JSON (rollout noise per block, length = the schedule's end) makes
+    the endless stream's latents bit for bit, and its decode is the branch's frames (to one level of 255: the studio
+    made them on another thread count, which changes the float sums' order)."""
+    from oneforcing.nodes.definitions import OneForcingDecode, OneForcingModelLoader, OneForcingPromptSchedule
+    from oneforcing.nodes.definitions import OneForcingRollout
+    from oneforcing.nodes.folders import BUNDLED_DEMO
+    from oneforcing.nodes.latents import to_raw
+    from oneforcing.nodes.sampling import BLOCK_NOISE
+
+    model, = OneForcingModelLoader.execute(BUNDLED_DEMO, "default", "auto")
+    cond, = OneForcingPromptSchedule.execute(BUNDLED_DEMO, schedule.decode(), "default")
+    latent, = OneForcingRollout.execute(model, cond, 11, SIZE, SIZE, len(raw), 0, "one step", noise=BLOCK_NOISE)
+    stream = pipe.stream(num_frames=None, height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(11),
+                         prompt_schedule=[(0, CAT), (5, DOG)], denoising_timesteps=[1000], output_type="latent")
+    made = []
+    for latents in stream:
+        made.append(latents)
+        if sum(m.shape[2] for m in made) >= latent["samples"].shape[2]:
+            break
+    stream.close()
+    expected = torch.cat(made, dim=2)[:, :, : latent["samples"].shape[2]]
+    assert torch.equal(latent["samples"], to_raw(expected, model.latents_mean, model.latents_std))
+    images, = OneForcingDecode.execute(latent, BUNDLED_DEMO)
+    frames = (images.numpy() * 255).round().clip(0, 255).astype("uint8")
+    assert frames.shape == raw.shape and np.abs(frames.astype(int) - raw.astype(int)).max() <= 1
 
 
 def read_mp4(path: Path) -> np.ndarray:
