@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import cv2
 import numpy as np
@@ -203,7 +204,9 @@ def test_cli_quality_run_speed_run_table_and_resume(tmp_path, tiny_folder, one_t
               "--model", f"again={model}:steps=2", "--model", f"teacher={model}:sampler=teacher,steps=2,guidance=2"]
     argv = [*models, "--seeds", "0", "1", *TINY, "--device", "auto", "--workers", "0", "--out", str(out),
             "--markdown", str(table)]
+    handler = signal.getsignal(signal.SIGTERM)
     ev.main([*argv, "--save-videos", str(tmp_path / "videos")])
+    assert signal.getsignal(signal.SIGTERM) is handler  # its SIGTERM exit is the run's, not the caller's for good
     results = json.loads(out.read_text())
     assert list(results["models"]) == ["gt", "student", "again", "teacher"]
     assert results["settings"]["mode"] == "quality" and results["settings"]["device_kind"] == "cpu"

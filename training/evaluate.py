@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # `timeout` sends SIGTERM: leave through the finally below (the worker processes are stopped; the files written
     # so far are whole, as every write is a rename)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     scorer = ClipScorer(0 if args.speed_only else args.workers, args.colour_tolerance)
     try:
         settings = {
@@ -740,6 +740,7 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
     finally:
         scorer.close()
+        signal.signal(signal.SIGTERM, previous_handler)  # a caller in the same process (a test) keeps its own
     for name, entry in previous.items():  # --resume forgets nothing: rows not asked for this time stay, last
         results["models"].setdefault(name, entry)
     table = write_outputs(results, args.out, args.markdown, speed)
