@@ -19,7 +19,9 @@ import json
 import tempfile
 
 import torch
-from rollout_benchmark import WAN_1_3B, build_vae, clean_memory, cuda_time, video_arguments  # this folder is on sys.path
+from rollout_benchmark import (  # this folder is on sys.path
+    WAN_1_3B, build_vae, clean_memory, cuda_time, report, video_arguments,
+)
 
 SETTINGS = {"chunkwise": 3, "framewise": 1}  # latent frames per block; one step per block
 
@@ -116,10 +118,7 @@ def main():
         results[name]["fp8_speed_up"] = round(results[name]["bf16_transformer_s"] / results[name]["fp8_transformer_s"],
                                               3)
         print(name, json.dumps(results[name]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    print(json.dumps(results, indent=1))
+    report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import time
 
 import torch
-from rollout_benchmark import WAN_1_3B, video_arguments  # this folder is on sys.path
+from rollout_benchmark import WAN_1_3B, report, video_arguments  # this folder is on sys.path
 
 # Wan2.1's text encoder: google/umt5-xxl's encoder (5.7B parameters)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -106,10 +106,7 @@ def main():
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    print(json.dumps(results, indent=1))
+    report(results, args.json)
 
 
 if __name__ == "__main__":

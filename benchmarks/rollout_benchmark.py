@@ -268,6 +268,14 @@ def video_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def report(results: dict, path: str | None) -> None:
+    """Print ``results`` as JSON, and write them to ``path`` when one is given (every benchmark here ends so)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
+
+
 def main():
     parser = video_arguments(argparse.ArgumentParser())
     parser.add_argument("--backends", default="auto,cudnn,flash")
@@ -292,10 +300,7 @@ def main():
     if args.tiny_vae:
         dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
         result = time_tiny_vae(latent_frame_count(args.frames), args.height // 8, args.width // 8, args.device, dtype)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
-        print(json.dumps(result, indent=1))
+        report(result, args.json)
         return
 
     from torch.nn.attention import SDPBackend
@@ -431,10 +436,7 @@ def main():
                 results[name]["overlap_frames_per_s"] = round(args.frames / overlapped, 2)
                 results[name]["overlap_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             print(name, json.dumps(results[name]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    print(json.dumps(results, indent=1))
+    report(results, args.json)
 
 
 if __name__ == "__main__":
