@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -70,6 +71,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-attention-heads", type=_positive, default=None,
                         help="attention heads of a --transformer file that does not record them (files written by "
                              "export do; released Wan2.1 models are recognised); never guessed")
+    parser.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="PATH[:STRENGTH]",
+                        help="a Wan LoRA .safetensors file (any layout diffusers reads) at a strength (default 1); "
+                             "repeat it to stack LoRAs")
     parser.add_argument("--height", type=_positive, default=None, help="pixels (default: the model's)")
     parser.add_argument("--width", type=_positive, default=None, help="pixels (default: the model's)")
     parser.add_argument("--frames-per-block", type=_positive, default=None, help="1 = frame-wise, 3 = chunk-wise")
@@ -133,6 +137,20 @@ _positive = _integer_at_least(1, "a positive integer")
 _non_negative = _integer_at_least(0, "an integer >= 0")
 
 
+def _lora_spec(text: str) -> tuple[Path, float]:
+    """``PATH[:STRENGTH]`` -> (path, strength); a tail that is no number belongs to the path."""
+    path, colon, tail = text.rpartition(":")
+    try:
+        strength = float(tail) if colon else None
+    except ValueError:
+        strength = None
+    if strength is None:
+        return Path(text), 1.0
+    if not math.isfinite(strength):
+        raise argparse.ArgumentTypeError(f"expected a finite LoRA strength, got {tail!r}")
+    return Path(path), strength
+
+
 def _seed(text: str) -> int:
     value = _non_negative(text)
     if value >= 2**64:
@@ -163,10 +181,27 @@ def _load_pipeline(args):
         pipe.transformer.register_to_config(independent_first_frame=True)
     if args.tiny_vae is not None:
         pipe.set_preview_decoder(_load_tiny_vae(args.tiny_vae, dtype))
+    _load_loras(pipe, args.lora)
     for name in ("transformer", "text_encoder", "vae"):
         source = args.transformer if name == "transformer" and args.transformer is not None else model_dir
         check_finite_weights(getattr(pipe, name), f"the {name} ({source})")
     return pipe.to(args.device)
+
+
+def _load_loras(pipe, loras: list[tuple[Path, float]]) -> None:
+    """Load each ``--lora`` as an adapter of its own and set them all at their strengths (diffusers' LoRA API)."""
+    from safetensors import SafetensorError
+
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise SystemExit(f"error: --lora {path} is not a .safetensors file")
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, SafetensorError) as error:
+            raise SystemExit(f"error: --lora {path}: {error}") from None
+    if names:
+        pipe.set_adapters(names, [strength for _, strength in loras])
 
 
 def _check_model_index(path: Path) -> None:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_pipeline
@@ -151,3 +152,52 @@ def test_independent_first_frame_layout(tmp_path, model_dir, capsys, independent
     printed = capsys.readouterr().out
     assert f"frame {switch_frame}: a cat" in printed and "wrote 17 frames" in printed
     assert int(cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT)) == 17
+
+
+def test_lora_option_loads_stacks_and_refuses(tmp_path, model_dir, capsys):
+    """--lora PATH[:STRENGTH], repeatable: the pipeline runs as its weights patched by hand with sum(s * B @ A);
+    strength 0 writes the base video exactly; a missing file or a LoRA of another model ends with one error line."""
+    from safetensors.torch import save_file
+    from test_lora import ARGS, in_layout, make_adapter, patched_by_hand
+
+    from oneforcing.__main__ import _load_pipeline, _parser
+
+    base_model = make_tiny_pipeline().transformer
+    style, subject = make_adapter(base_model, seed=1), make_adapter(base_model, seed=2)
+    files = [tmp_path / "style.safetensors", tmp_path / "sub:ject.safetensors"]  # a colon inside the path is kept
+    save_file(in_layout(style, "wan"), str(files[0]))
+    save_file(in_layout(subject, "comfyui"), str(files[1]))
+    args = _parser().parse_args(["generate", "--prompt", "x", "--out", str(tmp_path / "a.mp4"), "--model",
+                                 str(model_dir), "--device", "cpu", "--lora", f"{files[0]}:0.5", "--lora", str(files[1])])
+    pipe = _load_pipeline(args)
+    latents = pipe("a cat", generator=torch.Generator().manual_seed(0), **ARGS).frames
+    expected = patched_by_hand([(style, 0.5), (subject, 1.0)])("a cat", generator=torch.Generator().manual_seed(0),
+                                                                **ARGS).frames
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+
+    common = ["generate", "--prompt", "a cat", "--model", str(model_dir), "--num-frames", "5", *BASE]
+    assert main([*common, "--out", str(tmp_path / "base.mp4")]) == 0
+    assert main([*common, "--out", str(tmp_path / "zero.mp4"), "--lora", f"{files[0]}:0"]) == 0
+    assert main([*common, "--out", str(tmp_path / "one.mp4"), "--lora", str(files[0])]) == 0
+    base, zero, one = (_decoded(tmp_path / f"{name}.mp4") for name in ("base", "zero", "one"))
+    assert np.array_equal(zero, base) and not np.array_equal(one, base)
+
+    with pytest.raises(SystemExit, match="is not a .safetensors file"):
+        main([*common, "--out", str(tmp_path / "b.mp4"), "--lora", str(tmp_path / "none.safetensors:0.8")])
+    other = tmp_path / "other.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 99),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 4)}, str(other))
+    with pytest.raises(SystemExit, match="blocks.0.attn1.to_q.lora_A.weight"):
+        main([*common, "--out", str(tmp_path / "b.mp4"), "--lora", str(other)])
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "b.mp4"), "--lora", f"{files[0]}:nan"])
+    assert "finite LoRA strength" in capsys.readouterr().err
+
+
+def _decoded(path):
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while (frame := cap.read())[0]:
+        frames.append(frame[1])
+    cap.release()
+    return np.stack(frames)

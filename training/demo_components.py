@@ -509,6 +509,21 @@ def vae_round_trip(vae, video: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(video[None]).latent_dist.mode()).sample[0]
 
 
+def background_round_trip(vae, rgb, seeds, num_frames: int = 9, height: int = 128, width: int = 128) -> np.ndarray:
+    """Border colour per frame [T, 3] of the VAE round trip of world clips whose background is painted ``rgb`` (0..1,
+    as ``encode.world_background_rgb`` paints it), mean over the clips of ``seeds``: the colour a LoRA trained on
+    such latents can at best decode to."""
+    from . import metrics
+
+    borders = []
+    for seed in seeds:
+        video, _, _ = world.render_clip(seed, "train", num_frames, height, width, background_rgb=tuple(rgb))
+        with torch.no_grad():
+            decoded = vae_round_trip(vae, video)
+        borders.append(metrics.border_colours(metrics.world_frames(decoded.clamp(-1, 1))))
+    return np.mean(borders, axis=0)
+
+
 def psnr_db(video: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR in dB of pixel range [-1, 1] (data range 2)."""
     return -10 * math.log10(max(F.mse_loss(video.float(), reference.float()).item() / 4, 1e-12))

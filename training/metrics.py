@@ -382,6 +382,20 @@ def evaluate_clip(
     )
 
 
+def border_colours(video, margin: int = 12) -> np.ndarray:
+    """Per frame, the median RGB of the outer ``margin``-pixel ring: the background colour (an object touches the ring
+    with a small part at most, which the median ignores). video: frames [T, H, W, 3] -> [T, 3] in 0..1."""
+    frames = as_frames(video)
+    ring = np.ones(frames.shape[1:3], dtype=bool)
+    ring[margin:-margin, margin:-margin] = False
+    return np.median(frames[:, ring], axis=1)
+
+
+def colour_distance(a, b) -> np.ndarray:
+    """The largest channel difference of RGB colours (broadcast) [..., 3] -> [...]."""
+    return np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max(axis=-1)
+
+
 def world_frames(video) -> np.ndarray:
     """A clip of ``world.render`` ([3, T, H, W] in [-1, 1], torch or numpy) -> frames [T, H, W, 3] float32 in 0..1."""
     if hasattr(video, "detach"):
