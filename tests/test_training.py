@@ -22,7 +22,7 @@ from oneforcing.training.distill import (
     generator_loss,
     self_forcing_rollout,
 )
-from oneforcing.training.flow import ode_sigmas, sample_timesteps
+from oneforcing.training.flow import add_noise, ode_sigmas, sample_timesteps
 from oneforcing.training.losses import dmd_loss
 from oneforcing.training.ode import block_state_choices, ode_regression_loss, teacher_trajectory
 from oneforcing.training.teacher import teacher_loss
@@ -248,6 +248,30 @@ def test_teacher_loss_decreases_on_a_fixed_batch():
     t = torch.tensor([250.0, 800.0])
     values = _optimise(model.parameters(), lambda: teacher_loss(model, latents, embeds, t, noise), 10, 2e-3)
     assert values[-1] < 0.8 * values[0], values
+
+
+def test_block_causal_teacher_loss_trains_frames_as_the_causal_student_makes_them():
+    """attention_mode="block_causal" (teacher.attention_mode): latent frame 0 is predicted from itself alone, as the
+    frame-wise student generates it, so its loss ignores later frames; bidirectionally it does not."""
+    model = make_tiny_transformer(0)
+    embeds, t = _embeds(), torch.tensor([990.0, 1000.0])
+    latents, noise = _noise(seed=3), _noise(seed=4)
+    changed = latents.clone()
+    changed[:, :, 1:] += 1.0
+    first = (slice(None), slice(None), slice(0, 1))
+
+    def frame0_loss(x0, mode):
+        x_t = add_noise(x0, noise, t)
+        flow = model(x_t, t, embeds, attention_mode=mode).sample
+        return torch.nn.functional.mse_loss(flow[first], (noise - x0)[first])
+
+    with torch.no_grad():
+        assert torch.equal(frame0_loss(latents, "block_causal"), frame0_loss(changed, "block_causal"))
+        assert not torch.equal(frame0_loss(latents, "bidirectional"), frame0_loss(changed, "bidirectional"))
+        assert not torch.equal(teacher_loss(model, latents, embeds, t, noise, "block_causal"),
+                               teacher_loss(model, latents, embeds, t, noise))
+    with pytest.raises(ConfigError, match="teacher.attention_mode"):
+        load_config(CONFIGS / "tiny_cpu.json", ["teacher.attention_mode=causal"])
 
 
 def test_ode_trajectory_and_regression():

@@ -103,11 +103,13 @@ class OptimConfig:
 
 @dataclass
 class TeacherConfig(OptimConfig):
-    """Stage ``teacher``: bidirectional flow matching on latents.
+    """Stage ``teacher``: flow matching on latents, bidirectional by default.
 
     ``init``: a checkpoint to start from (diffusers folder or single file); null = a fresh model from
     ``model.architecture``. ``caption_dropout``: probability of training on the negative-prompt embedding instead of
-    the caption (gives the unconditional prediction classifier-free guidance needs).
+    the caption (gives the unconditional prediction classifier-free guidance needs). ``attention_mode``:
+    "bidirectional" (a teacher) or "block_causal" (blocks of ``model.frames_per_block`` see only earlier blocks, as a
+    causal student generates: the way to fine-tune one, e.g. a LoRA of the one-step generator).
     """
 
     init: str | None = None
@@ -115,6 +117,7 @@ class TeacherConfig(OptimConfig):
     min_timestep: float = 0.0
     max_timestep: float = 1000.0
     caption_dropout: float = 0.1
+    attention_mode: str = "bidirectional"
 
 
 @dataclass
@@ -353,6 +356,8 @@ def _validate(config: TrainingConfig, source: str) -> None:
             f"{name}: need 0 <= min_timestep <= max_timestep <= 1000",
         )
     need(0.0 <= config.teacher.caption_dropout <= 1.0, "teacher.caption_dropout must be in [0, 1]")
+    need(config.teacher.attention_mode in ("bidirectional", "block_causal"),
+         "teacher.attention_mode must be bidirectional or block_causal")
     need(config.ode_pairs.num_inference_steps >= 1, "ode_pairs.num_inference_steps must be >= 1")
     need(config.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1")
     gan = config.distill.gan

@@ -2,7 +2,9 @@
 
 x_t = (1 - s) x0 + s * noise at one timestep per clip (shift-``timestep_shift`` sampling), target flow noise - x0;
 with probability ``caption_dropout`` a clip is conditioned on the negative prompt instead of its caption, so the
-teacher also learns the unconditional prediction used by classifier-free guidance.
+teacher also learns the unconditional prediction used by classifier-free guidance. With ``teacher.attention_mode =
+"block_causal"`` the same loss fine-tunes a causal student (each block of ``model.frames_per_block`` latent frames
+sees only itself and earlier blocks, as when it generates).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from .single_model import train_single_model
 
 
 def teacher_loss(
-    model, latents: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+    model, latents: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    attention_mode: str = "bidirectional",
 ) -> torch.Tensor:
-    """Flow-matching loss of a bidirectional forward. latents/noise [B, C, F, H, W], timesteps [B]."""
+    """Flow-matching loss of a forward in ``attention_mode``. latents/noise [B, C, F, H, W], timesteps [B]."""
     x_t = add_noise(latents, noise, timesteps)
-    flow = model(x_t, timesteps, prompt_embeds, attention_mode="bidirectional").sample
+    flow = model(x_t, timesteps, prompt_embeds, attention_mode=attention_mode).sample
     return flow_matching_loss(flow, noise, latents)
 
 
@@ -57,6 +60,6 @@ def train_teacher(config: TrainingConfig, resume: str = "auto") -> dict:
             max_timestep=section.max_timestep, generator=generator, device=run.device,
         )
         noise = randn(latents.shape, generator, run.device)
-        return teacher_loss(model, latents, embeds, timesteps, noise), {}
+        return teacher_loss(model, latents, embeds, timesteps, noise, section.attention_mode), {}
 
     return train_single_model(run, model, "transformer", section, loss_fn)
