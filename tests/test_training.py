@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_pipeline, make_tiny_transformer
 
 from oneforcing import OneForcingScheduler, causal_rollout
+from oneforcing.pipelines.layout import BlockLayout
 from oneforcing.training.config import ConfigError, DistillConfig, GanConfig, load_config
 from oneforcing.training.data import batch_indices
 from oneforcing.training.rollout import self_forcing_blocks
@@ -25,7 +26,7 @@ from oneforcing.training.distill import (
 from oneforcing.training.flow import add_noise, ode_sigmas, sample_timesteps
 from oneforcing.training.losses import dmd_loss
 from oneforcing.training.ode import block_state_choices, ode_regression_loss, teacher_trajectory
-from oneforcing.training.teacher import teacher_loss
+from oneforcing.training.teacher import clean_context_timesteps, teacher_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 DIM = 64  # tiny transformer width (2 heads x 32)
@@ -272,6 +273,31 @@ def test_block_causal_teacher_loss_trains_frames_as_the_causal_student_makes_the
                                teacher_loss(model, latents, embeds, t, noise))
     with pytest.raises(ConfigError, match="teacher.attention_mode"):
         load_config(CONFIGS / "tiny_cpu.json", ["teacher.attention_mode=causal"])
+    with pytest.raises(ConfigError, match="teacher.clean_context"):
+        load_config(CONFIGS / "tiny_cpu.json", ["teacher.clean_context=true"])
+
+
+def test_clean_context_frames_are_context_only():
+    """teacher.clean_context: a clip's first k blocks at t = 0 (k uniform over 0 .. blocks - 1, cut at block
+    boundaries), and the loss is on the other frames only: the noise drawn for a clean frame changes nothing."""
+    layout = BlockLayout(frames_per_block=2, num_frames=5)  # blocks [2, 2, 1]
+    t = torch.full((400,), 990.0)
+    per_frame = clean_context_timesteps(t, layout, torch.Generator().manual_seed(0))
+    clean_counts = (per_frame == 0).sum(dim=1)
+    assert per_frame.shape == (400, 5) and set(per_frame.unique().tolist()) == {0.0, 990.0}
+    assert set(clean_counts.tolist()) == {0, 2, 4}  # each k occurs, and a clean prefix ends at a block's end
+    assert torch.equal(per_frame == 0, torch.arange(5)[None] < clean_counts[:, None])
+
+    model = make_tiny_transformer(0)
+    latents, embeds, noise = _noise(seed=3), _embeds(), _noise(seed=4)
+    t = torch.tensor([[0.0, 990.0, 990.0], [0.0, 0.0, 1000.0]])
+    other = noise.clone()
+    other[0, :, 0] = 5.0
+    other[1, :, :2] = -5.0
+    with torch.no_grad():
+        loss = teacher_loss(model, latents, embeds, t, noise, "block_causal")
+        assert torch.equal(loss, teacher_loss(model, latents, embeds, t, other, "block_causal"))
+        assert not torch.equal(loss, teacher_loss(model, latents, embeds, t.clamp(min=1.0), other, "block_causal"))
 
 
 def test_ode_trajectory_and_regression():

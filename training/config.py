@@ -109,7 +109,9 @@ class TeacherConfig(OptimConfig):
     ``model.architecture``. ``caption_dropout``: probability of training on the negative-prompt embedding instead of
     the caption (gives the unconditional prediction classifier-free guidance needs). ``attention_mode``:
     "bidirectional" (a teacher) or "block_causal" (blocks of ``model.frames_per_block`` see only earlier blocks, as a
-    causal student generates: the way to fine-tune one, e.g. a LoRA of the one-step generator).
+    causal student generates: the way to fine-tune one, e.g. a LoRA of the one-step generator); with it,
+    ``clean_context`` gives each clip's first k blocks (k uniform per clip) clean at t = 0, as the student's KV cache
+    holds the blocks it made, and trains the later ones only.
     """
 
     init: str | None = None
@@ -118,6 +120,7 @@ class TeacherConfig(OptimConfig):
     max_timestep: float = 1000.0
     caption_dropout: float = 0.1
     attention_mode: str = "bidirectional"
+    clean_context: bool = False
 
 
 @dataclass
@@ -358,6 +361,8 @@ def _validate(config: TrainingConfig, source: str) -> None:
     need(0.0 <= config.teacher.caption_dropout <= 1.0, "teacher.caption_dropout must be in [0, 1]")
     need(config.teacher.attention_mode in ("bidirectional", "block_causal"),
          "teacher.attention_mode must be bidirectional or block_causal")
+    need(not config.teacher.clean_context or config.teacher.attention_mode == "block_causal",
+         "teacher.clean_context needs teacher.attention_mode = block_causal")
     need(config.ode_pairs.num_inference_steps >= 1, "ode_pairs.num_inference_steps must be >= 1")
     need(config.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1")
     gan = config.distill.gan

@@ -11,9 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
-def flow_matching_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """MSE between the predicted flow and the target noise - x0 (teacher and critic training)."""
-    return F.mse_loss(flow_pred.float(), noise.float() - x0.float())
+def flow_matching_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor,
+                       frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the predicted flow and the target noise - x0 (teacher and critic training), over the frames of
+    ``frame_mask`` [B, F] (bool) if given, else over all."""
+    if frame_mask is None:
+        return F.mse_loss(flow_pred.float(), noise.float() - x0.float())
+    error = (flow_pred.float() - (noise.float() - x0.float())).square()
+    weight = frame_mask[:, None, :, None, None].to(error.dtype).expand_as(error)
+    return (error * weight).sum() / weight.sum()
 
 
 def x0_regression_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:
