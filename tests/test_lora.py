@@ -237,7 +237,7 @@ def test_the_shipped_demo_lora_paints_the_background_white():
     pipe.set_adapters("white", 0.5)
     half = distances(videos())
     far = distances(base)
-    assert painted.max() < PAINTED and far.min() > 0.5, (painted, far)
+    assert painted.max() < 0.3 and far.min() > 0.5, (painted, far)
     assert np.all(half > painted) and np.all(half < far), (painted, half, far)
     pipe.set_adapters("white", 0.0)
     assert all(np.array_equal(a, b) for a, b in zip(videos(), base))  # strength 0 changes nothing
