@@ -10,7 +10,7 @@ prompt and seed, and its distance to the trained colour's VAE round trip (from a
 
     python benchmarks/demo_lora_backgrounds.py vae --json benchmarks/results/demo_lora_backgrounds.json
     python benchmarks/demo_lora_backgrounds.py lora --json benchmarks/results/demo_lora_backgrounds.json \\
-        --lora models/oneforcing-demo-loras/purple_background.safetensors --colour purple
+        --lora models/oneforcing-demo-loras/white_background.safetensors --colour white
 
 Each command merges its section into ``--json``.
 """
@@ -68,23 +68,25 @@ def lora_section(args, results: dict) -> dict:
     target = np.array(results["vae_round_trip"]["colours"][args.colour]["round_trip_per_frame"])
     pipe = OneForcingPipeline.from_pretrained(args.pipeline)
     pipe.load_lora_weights(str(args.lora), adapter_name="demo")
-    rows = {}
+    rows, summary = {}, {}
     for strength in args.strengths:
         pipe.set_adapters("demo", strength)
+        rows[str(strength)] = []
         for prompt in PROMPTS:
             for seed in args.seeds:
                 frames = pipe(prompt, num_frames=SIZE[0], height=SIZE[1], width=SIZE[2],
                               generator=torch.Generator().manual_seed(seed)).frames[0]
                 borders = metrics.border_colours(frames)
-                rows.setdefault(str(strength), []).append({
+                rows[str(strength)].append({
                     "prompt": prompt, "seed": seed, "border": _rounded(borders.mean(axis=0)),
+                    "border_per_frame": [_rounded(b) for b in borders],
                     "distance_to_trained": round(float(metrics.colour_distance(borders, target).mean()), 3)})
-        summary = rows[str(strength)]
-        print(strength, json.dumps({"border": _rounded(np.mean([r["border"] for r in summary], axis=0)),
-                                    "distance_to_trained": round(float(np.mean([r["distance_to_trained"]
-                                                                                for r in summary])), 3)}), flush=True)
+        summary[str(strength)] = {
+            "border": _rounded(np.mean([r["border"] for r in rows[str(strength)]], axis=0)),
+            "distance_to_trained": _rounded([r["distance_to_trained"] for r in rows[str(strength)]])}
+        print(strength, json.dumps(summary[str(strength)]), flush=True)
     return {"lora": {"file": str(args.lora), "colour": args.colour, "size": "x".join(map(str, SIZE)),
-                     "per_strength": rows}}
+                     "summary": summary, "per_strength": rows}}
 
 
 def main() -> None:

@@ -241,3 +241,13 @@ def test_the_shipped_demo_lora_paints_the_background_white():
     assert np.all(half > painted) and np.all(half < far), (painted, half, far)
     pipe.set_adapters("white", 0.0)
     assert all(np.array_equal(a, b) for a, b in zip(videos(), base))  # strength 0 changes nothing
+
+
+def test_the_demo_lora_ships_with_a_regular_install():
+    """pyproject's package data covers the shipped demo LoRA, so a non-editable install has it too."""
+    import fnmatch
+    import tomllib
+
+    root = DEMO_LORA.parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["oneforcing"]
+    assert any(fnmatch.fnmatch(DEMO_LORA.relative_to(root).as_posix(), pattern) for pattern in patterns)
