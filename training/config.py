@@ -361,8 +361,10 @@ def _validate(config: TrainingConfig, source: str) -> None:
     need(0.0 <= config.teacher.caption_dropout <= 1.0, "teacher.caption_dropout must be in [0, 1]")
     need(config.teacher.attention_mode in ("bidirectional", "block_causal"),
          "teacher.attention_mode must be bidirectional or block_causal")
-    need(not config.teacher.clean_context or config.teacher.attention_mode == "block_causal",
-         "teacher.clean_context needs teacher.attention_mode = block_causal")
+    need(not config.teacher.clean_context or (config.teacher.attention_mode == "block_causal"
+                                               and config.teacher.min_timestep > 0),
+         "teacher.clean_context needs teacher.attention_mode = block_causal and teacher.min_timestep > 0 (t = 0 marks "
+         "the clean context)")
     need(config.ode_pairs.num_inference_steps >= 1, "ode_pairs.num_inference_steps must be >= 1")
     need(config.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1")
     gan = config.distill.gan
