@@ -24,7 +24,7 @@ import torch
 
 from . import DEMO_MODEL_DIR
 
-from .pipelines.presets import DTYPES, TIMESTEP_PRESETS, cli_name, resolve_dtype, timestep_preset
+from .pipelines.presets import DTYPE_CHOICES, TIMESTEP_PRESETS, cli_name, resolve_dtype, storage_dtype, timestep_preset
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,8 +83,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timesteps", choices=sorted(map(cli_name, TIMESTEP_PRESETS)), default="one-step")
     parser.add_argument("--fps", type=_positive, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="default",
+                        help="default: bfloat16 on CUDA, float32 on CPU; fp8_e4m3fn: the transformer's and text "
+                             "encoder's weights kept in fp8, computed in the default dtype")
 
 
 def _add_studio_parser(commands) -> None:
@@ -169,14 +170,14 @@ def _load_pipeline(args):
             raise SystemExit(f"error: the demo model is not installed at {DEMO_MODEL_DIR}; pass --model DIR")
         raise SystemExit(f"error: --model {model_dir} is not a folder")
     _check_model_index(Path(model_dir) / "model_index.json")
-    dtype = resolve_dtype(args.dtype or "default", args.device)
+    dtype, storage = resolve_dtype(args.dtype, args.device), storage_dtype(args.dtype)
     extra = {}
     if args.transformer is not None:
         path = args.transformer
         if not path.exists():
             raise SystemExit(f"error: --transformer {path} does not exist")
-        extra["transformer"] = load_transformer(path, dtype, args.num_attention_heads)
-    pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, **extra)
+        extra["transformer"] = load_transformer(path, dtype, args.num_attention_heads, storage)
+    pipe = OneForcingPipeline.from_pretrained(model_dir, dtype=dtype, storage_dtype=storage, **extra)
     if args.independent_first_frame:
         pipe.transformer.register_to_config(independent_first_frame=True)
     if args.tiny_vae is not None:

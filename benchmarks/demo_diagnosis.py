@@ -83,7 +83,7 @@ def components(args) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.pipeline / "tokenizer"))
     text_encoder = UMT5EncoderModel.from_pretrained(str(args.pipeline / "text_encoder")).eval()
-    vae = AutoencoderKLWan.from_pretrained(str(args.pipeline / "vae")).eval()
+    vae = AutoencoderKLWan.from_pretrained(str(args.pipeline / "vae")).to(args.device).eval()
     sections = {"tokenizer": tokenizer_section(tokenizer),
                 "text_encoder": demo_components.word_probe(tokenizer, text_encoder)}
     print(json.dumps(sections), flush=True)
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the VAE round trips run")
     parser.add_argument("--eval", nargs="*", default=[], metavar="NAME=EVAL_JSON")
     parser.add_argument("--summary", nargs="*", default=[], metavar="NAME=SUMMARY_JSON")
     parser.add_argument("--components", nargs="*", default=[], metavar="NAME=COMPONENTS_JSON",

@@ -1,6 +1,7 @@
 """What fits on a consumer GPU: the full pipeline at its real sizes (UMT5-XXL text encoder, 1.3B transformer, Wan2.1
 VAE; random weights) with bfloat16 weights, fp8 weight storage (``pipe.enable_fp8_storage()``), diffusers' model CPU
-offload (``pipe.enable_model_cpu_offload()``) and both, each from a clean state: peak GPU memory (allocated and
+offload (``pipe.enable_model_cpu_offload()``), block-level group offload (``pipe.enable_group_offload(device)``) and
+fp8 storage with either offload, each from a clean state: peak GPU memory (allocated and
 reserved, GiB) and the time of one call (prompt to decoded frames, after a warm-up call), 81 frames at 480x832.
 
     python benchmarks/memory_table.py --json out.json
@@ -23,8 +24,10 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
 TINY_UMT5 = {**UMT5_XXL, "vocab_size": 64, "d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 2, "d_kv": 32}
 TINY_TRANSFORMER = {**WAN_1_3B, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 32,
                     "ffn_dim": 128, "text_dim": 64}
-VARIANTS = {"bf16": (False, False), "fp8 storage": (True, False), "model offload": (False, True),
-            "fp8 storage + model offload": (True, True)}
+# name -> (fp8 weight storage, offload: None, "model" (enable_model_cpu_offload) or "group" (block-level group offload))
+VARIANTS = {"bf16": (False, None), "fp8 storage": (True, None), "model offload": (False, "model"),
+            "fp8 storage + model offload": (True, "model"), "group offload": (False, "group"),
+            "fp8 storage + group offload": (True, "group")}
 PROMPT = "a corgi surfing a wave"
 
 
@@ -92,14 +95,21 @@ def main():
         args.frames, args.height, args.width = 9, 32, 32
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
                "frames": args.frames, "size": f"{args.width}x{args.height}", "frames_per_block": 3}
+    if args.device == "cuda":  # what the process holds beyond PyTorch's allocator (CUDA context, kernels)
+        torch.zeros(1, device="cuda")
+        free, total = torch.cuda.mem_get_info()
+        results["context_gib"] = round((total - free - torch.cuda.memory_reserved()) / 2**30, 2)
     for name in args.variants.split(","):
         fp8, offload = VARIANTS[name]
         pipe = build_pipeline(args.tiny, args.device)
         if fp8:
             pipe.enable_fp8_storage()
-        if offload:  # components wait on the CPU and move to the GPU while they run
+        if offload:  # weights wait on the CPU and move to the GPU while they run (a whole model, or one block)
             pipe.to("cpu")
-            pipe.enable_model_cpu_offload(device=args.device)
+            if offload == "model":
+                pipe.enable_model_cpu_offload(device=args.device)
+            else:
+                pipe.enable_group_offload(torch.device(args.device))
         results[name] = measure(pipe, args, args.device)
         print(name, json.dumps(results[name]), flush=True)
         del pipe

@@ -36,7 +36,8 @@ MAX_SIZE = 4096
 MAX_LENGTH = 4097  # 1 + 4 * 1024 video frames: the rotary time table's 1024 latent frames
 MAX_CACHE_FRAMES = 1024  # latent frames
 TEXT_ENCODER_TOOLTIP = "A UMT5 file or folder in models/text_encoders, or the bundled demo."
-DTYPE_TOOLTIP = "default = bfloat16 on a GPU, float32 on the CPU."
+DTYPE_TOOLTIP = ("default = bfloat16 on a GPU, float32 on the CPU; fp8_e4m3fn keeps the weights in fp8 (about half the "
+                 "memory of bfloat16) and computes in the default dtype.")
 VAE_NAME_TOOLTIP = "A Wan2.1 VAE in models/vae, or the bundled demo's; ignored when a VAE is connected."
 VAE_TOOLTIP = "Optional: ComfyUI's Wan2.1 VAE (from VAELoader) instead of vae_name."
 

@@ -22,7 +22,7 @@ from ..pipelines.loading import (
     load_wan_vae_single_file,
 )
 from ..pipelines.pipeline_one_forcing import OneForcingPipeline
-from ..pipelines.presets import resolve_dtype
+from ..pipelines.presets import resolve_dtype, storage_dtype
 from ..pipelines.scheduling_one_forcing import OneForcingScheduler
 from ..pipelines.tiny_vae import TinyWanVAE
 from ..pipelines.transformer_causal_wan import CausalWanTransformer3DModel
@@ -97,14 +97,14 @@ def load_transformer(model_name: str, dtype: str = "default", attention_backend:
     Args:
         model_name: a choice of ``list_models("diffusion_models")``: a One-Forcing/Self-Forcing ``.pt``, a ComfyUI or
             original single ``.safetensors`` file, a diffusers ``transformer/`` folder, or a pipeline folder.
-        dtype: one of ``pipelines.presets.DTYPE_CHOICES``.
+        dtype: one of ``pipelines.presets.DTYPE_CHOICES`` (``"fp8_e4m3fn"``: fp8 weight storage).
         attention_backend: see ``pipelines.attention.ATTENTION_BACKENDS``.
         num_attention_heads: 0 reads the head count from the file; a count for single files that record none.
     """
     path = resolve_model("diffusion_models", model_name)
     component = component_path("diffusion_models", path)
     transformer = load_causal_transformer(component, resolve_dtype(dtype, runtime.default_device()),
-                                          num_attention_heads or None)
+                                          num_attention_heads or None, storage_dtype(dtype))
     transformer.set_attention_backend(attention_backend)
     transformer.eval().requires_grad_(False)
     folder = pipeline_folder("diffusion_models", path)
@@ -198,7 +198,8 @@ def load_text_encoder(text_encoder_name: str, dtype: str = "default"):
     torch_dtype = resolve_dtype(dtype, runtime.default_device())
     component = component_path("text_encoders", path)
     tokenizer = _tokenizer_for(path if pipeline_folder("text_encoders", path) else component)
-    encoder = load_umt5_encoder_single_file(component, dtype=torch_dtype).requires_grad_(False)
+    encoder = load_umt5_encoder_single_file(component, dtype=torch_dtype, storage_dtype=storage_dtype(dtype))
+    encoder.requires_grad_(False)
     return tokenizer, runtime.manage(runtime.ModelHolder(text_encoder=encoder), "text_encoder")
 
 

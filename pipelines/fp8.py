@@ -67,10 +67,12 @@ def is_fp8_stored(module: torch.nn.Module) -> bool:
 
 
 def store_linear_in_fp8(linear: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
-    """Keep ``linear``'s weight in fp8 (quantized now unless it already is, with scale 1) and compute in
-    ``compute_dtype``; the bias is cast to ``compute_dtype``. Works on meta layers too (structure before loading)."""
+    """Keep ``linear``'s weight in fp8 (quantized now unless it already is: then its scale is kept, or 1 when it has
+    none) and compute in ``compute_dtype``; the bias is cast to ``compute_dtype``. Works on meta layers too (structure
+    before loading)."""
     if linear.weight.dtype == FP8_STORAGE_DTYPE:
-        weight, scale = linear.weight.detach(), torch.ones((), device=linear.weight.device)
+        scale = getattr(linear, "scale_weight", None)
+        weight, scale = linear.weight.detach(), torch.ones((), device=linear.weight.device) if scale is None else scale
     else:
         weight, scale = quantize_weight(linear.weight)
     linear.weight = torch.nn.Parameter(weight, requires_grad=False)

@@ -818,18 +818,24 @@ def load_umt5_encoder_single_file(path: str | os.PathLike, dtype: torch.dtype | 
 
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     num_attention_heads: int | None = None):
+                     num_attention_heads: int | None = None, storage_dtype: torch.dtype | None = None):
     """A :class:`~.transformer_causal_wan.CausalWanTransformer3DModel` from ``path``: a diffusers model folder (it
     holds ``config.json``) through ``from_pretrained``, anything else (a weights file, a folder of original or sharded
-    weights) through ``from_single_file`` (``num_attention_heads`` for files that record none). Every failure is a
+    weights) through ``from_single_file`` (``num_attention_heads`` for files that record none). ``storage_dtype`` as
+    ``from_single_file`` takes it (``torch.float8_e4m3fn``: fp8 weight storage). Every failure is a
     :class:`CheckpointError` naming ``path``."""
     from .transformer_causal_wan import CausalWanTransformer3DModel
 
     path = Path(path)
+    check_storage_dtype(storage_dtype)
     try:
         if path.is_dir() and (path / "config.json").is_file():
-            return CausalWanTransformer3DModel.from_pretrained(path, dtype=dtype)
-        return CausalWanTransformer3DModel.from_single_file(path, dtype=dtype, num_attention_heads=num_attention_heads)
+            model = CausalWanTransformer3DModel.from_pretrained(path, dtype=dtype)
+            if storage_dtype == FP8_STORAGE_DTYPE:
+                model.enable_fp8_storage()
+            return model
+        return CausalWanTransformer3DModel.from_single_file(path, dtype=dtype, num_attention_heads=num_attention_heads,
+                                                            storage_dtype=storage_dtype)
     except CheckpointError:
         raise
     except (OSError, ValueError) as err:

@@ -17,7 +17,9 @@ TIMESTEP_PRESETS = {
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """Weight dtypes by name; ``"default"`` (see :func:`resolve_dtype`) is offered beside them."""
-DTYPE_CHOICES = ("default", *DTYPES)
+STORAGE_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn}
+"""Weight-only storage dtypes by name (ComfyUI's spelling): weights kept so, computed in the default dtype."""
+DTYPE_CHOICES = ("default", *DTYPES, *STORAGE_DTYPES)
 
 
 def cli_name(preset: str) -> str:
@@ -35,10 +37,16 @@ def timestep_preset(name: str) -> tuple[list[int], list[int] | None]:
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """The dtype called ``name`` (:data:`DTYPE_CHOICES`); ``"default"`` is bfloat16 on a GPU and float32 on the CPU
-    (CPU half precision is slow and inexact)."""
-    if name == "default":
+    """The compute dtype of the choice ``name`` (:data:`DTYPE_CHOICES`); ``"default"`` and the storage dtypes compute
+    in bfloat16 on a GPU and float32 on the CPU (CPU half precision is slow and inexact)."""
+    if name == "default" or name in STORAGE_DTYPES:
         return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
     return DTYPES[name]
+
+
+def storage_dtype(name: str) -> torch.dtype | None:
+    """The weight storage dtype of the choice ``name``: ``torch.float8_e4m3fn`` for ``"fp8_e4m3fn"``, else None (the
+    weights as the file stores them, in the compute dtype; an fp8 file stays fp8)."""
+    return STORAGE_DTYPES.get(name)

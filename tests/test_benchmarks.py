@@ -145,5 +145,6 @@ def test_memory_table_runs_every_variant_on_cpu(tmp_path):
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    for name in ("bf16", "fp8 storage", "model offload", "fp8 storage + model offload"):
+    for name in ("bf16", "fp8 storage", "model offload", "fp8 storage + model offload", "group offload",
+                 "fp8 storage + group offload"):
         assert result[name]["frames"] == 9 and result[name]["seconds"] > 0, name

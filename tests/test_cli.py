@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import make_tiny_pipeline
 
-from oneforcing.__main__ import main
+from oneforcing.__main__ import _load_pipeline, _parser, main
+from oneforcing.pipelines.fp8 import is_fp8_stored
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,22 @@ def test_transformer_override_from_single_file(tmp_path, model_dir, capsys):
     assert main([*common, "--transformer", str(bare)]) == 1
     assert "--num-attention-heads" in capsys.readouterr().err
     assert main([*common, "--transformer", str(bare), "--num-attention-heads", "2"]) == 0
+
+
+def test_fp8_weight_storage(tmp_path, model_dir):
+    from oneforcing.pipelines.loading import export_reference_checkpoint
+
+    transformer = make_tiny_pipeline(seed=4).transformer
+    ckpt = export_reference_checkpoint(transformer.state_dict(), tmp_path / "of.pt", config=transformer.config)
+    out = tmp_path / "clip.mp4"
+    common = ["generate", "--prompt", "a cat", "--out", str(out), "--model", str(model_dir), "--num-frames", "5",
+              "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp8_e4m3fn"]
+    for extra in ([], ["--transformer", str(ckpt)]):
+        pipe = _load_pipeline(_parser().parse_args([*common, *extra]))
+        assert is_fp8_stored(pipe.transformer.blocks[0].attn1.to_q)
+        assert is_fp8_stored(pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q)
+        assert pipe.transformer.proj_out.weight.dtype == torch.float32  # computed in the CPU's default dtype
+        assert main([*common, *extra]) == 0 and _frames(out) == 5
 
 
 def test_bad_arguments(tmp_path, model_dir):

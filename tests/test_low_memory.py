@@ -95,6 +95,14 @@ def test_a_scaled_fp8_file_loads_without_a_wider_copy(tmp_path):
         _close_for_fp8(model(x, torch.tensor([500.0]), text).sample, source(x, torch.tensor([500.0]), text).sample)
 
 
+def test_storing_an_fp8_model_in_fp8_again_keeps_its_scales(tmp_path):
+    path = tmp_path / "wan_tiny_fp8_e4m3fn_scaled.safetensors"
+    in_file = _scaled_fp8_comfy_file(make_tiny_transformer(seed=1), path)
+    model = CausalWanTransformer3DModel.from_single_file(path, num_attention_heads=2)
+    model.enable_fp8_storage()  # e.g. from_pretrained(storage_dtype=fp8) given this transformer
+    assert model.blocks[0].attn1.to_q.scale_weight == in_file["model.diffusion_model.blocks.0.self_attn.q.scale_weight"]
+
+
 def test_a_full_precision_file_can_be_stored_in_fp8(tmp_path):
     source = make_tiny_transformer(seed=2)
     path = tmp_path / "wan_tiny.safetensors"

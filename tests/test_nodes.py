@@ -37,6 +37,7 @@ from oneforcing.nodes.model_loading import load_tiny_vae, wan21_latent_stats
 from oneforcing.nodes.sampling import BLOCK_NOISE, RolloutRequest, generate_latents
 from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from oneforcing.pipelines.vae_streaming import WanStreamingDecoder, normalize_latents
+from oneforcing.pipelines.fp8 import is_fp8_stored
 from oneforcing.pipelines.loading import CheckpointError, export_reference_checkpoint, to_original_names
 
 DEMO = BUNDLED_DEMO
@@ -234,6 +235,10 @@ def test_loader_reads_every_layout_and_the_frames_per_block_default(roots):
     assert comfy_model.transformer.config.num_attention_heads == HEAD128["num_attention_heads"]
     folder_model, = Loader.execute("tiny_diffusers/", "default", "auto")
     assert folder_model.frames_per_block == 3
+    for name in ("tiny_diffusers/", "sub/tiny_comfy.safetensors"):  # a folder and a single file, stored in fp8
+        fp8_model, = Loader.execute(name, "fp8_e4m3fn", "auto", 1)
+        assert is_fp8_stored(fp8_model.transformer.blocks[0].attn1.to_q)
+        assert fp8_model.transformer.proj_out.weight.dtype == torch.float32  # the compute dtype on the CPU
     assert type(folder_model.patcher.model).__name__ == "ModelHolder"  # what ComfyUI's ModelPatcher manages
 
 
@@ -248,6 +253,8 @@ def test_text_encoder_from_comfy_single_file_and_bundled_demo(roots):
     torch.testing.assert_close(demo_cond[0][0], expected)
     with pytest.raises(CheckpointError, match="no tokenizer found"):
         TextEncode.execute("no_tokenizer.safetensors", "a cat", "default")
+    (fp8_cond,) = TextEncode.execute(DEMO, "a corgi surfing", "fp8_e4m3fn")  # fp8 weight storage: close, not equal
+    assert 0 < (fp8_cond[0][0] - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
 # -- rollout -------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from comfyui_node_info import recorded
 
 from oneforcing.__main__ import _parser
 from oneforcing.pipelines.presets import (
-    DTYPE_CHOICES, DTYPES, TIMESTEP_PRESETS, cli_name, resolve_dtype, timestep_preset,
+    DTYPE_CHOICES, TIMESTEP_PRESETS, cli_name, resolve_dtype, storage_dtype, timestep_preset,
 )
 
 
@@ -26,7 +26,7 @@ def test_the_cli_and_the_nodes_offer_the_same_presets_and_dtypes():
     for name in TIMESTEP_PRESETS:
         args = _parser().parse_args(["generate", "--out", "clip.mp4", "--timesteps", cli_name(name)])
         assert timestep_preset(args.timesteps) == timestep_preset(name)
-    for name in DTYPES:
+    for name in DTYPE_CHOICES:
         assert _parser().parse_args(["generate", "--out", "clip.mp4", "--dtype", name]).dtype == name
     nodes = recorded()
     rollout = nodes["OneForcingRollout"]["input"]["required"]["timesteps"][1]
@@ -39,5 +39,13 @@ def test_default_dtype_follows_the_device():
     assert resolve_dtype("default", "cpu") == torch.float32
     assert resolve_dtype("default", torch.device("cuda", 0)) == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
-    with pytest.raises(ValueError, match="dtype must be one of default, bfloat16, float16, float32, got 'fp64'"):
+    with pytest.raises(ValueError, match="dtype must be one of default, bfloat16, float16, float32, fp8_e4m3fn, got "
+                                         "'fp64'"):
         resolve_dtype("fp64", "cpu")
+
+
+def test_fp8_storage_computes_in_the_default_dtype():
+    assert resolve_dtype("fp8_e4m3fn", "cpu") == torch.float32
+    assert resolve_dtype("fp8_e4m3fn", "cuda") == torch.bfloat16
+    assert storage_dtype("fp8_e4m3fn") == torch.float8_e4m3fn
+    assert storage_dtype("default") is None and storage_dtype("bfloat16") is None

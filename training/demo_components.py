@@ -505,8 +505,10 @@ def reconstruction_psnr(vae, num_clips: int = 4, num_frames: int = 81, size: int
 
 @torch.no_grad()
 def vae_round_trip(vae, video: torch.Tensor) -> torch.Tensor:
-    """Video [3, T, H, W] in [-1, 1] -> encode (posterior mean) -> decode: [3, T, H, W] in [-1, 1]."""
-    return vae.decode(vae.encode(video[None]).latent_dist.mode()).sample[0]
+    """Video [3, T, H, W] in [-1, 1] -> encode (posterior mean) -> decode: [3, T, H, W] in [-1, 1], computed where
+    ``vae`` is and returned where ``video`` is."""
+    coded = vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mode()
+    return vae.decode(coded).sample[0].to(video.device, video.dtype)
 
 
 def background_round_trip(vae, rgb, seeds, num_frames: int = 9, height: int = 128, width: int = 128) -> np.ndarray:

@@ -21,7 +21,7 @@
 # with tokenizer/, text_encoder/, vae/; default $RUN/parts when it exists, else models/oneforcing-demo) and the
 # other phases' models from BASE (their pieces or an unpacked pack; default $RUN/pack). Latents, checkpoints and the
 # VAE's training state stay in RUN (default /tmp/oneforcing_demo) and survive between calls only while the machine
-# does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (400), VAE_ARGS (more
+# does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12,400x128x33x4), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (400), VAE_ARGS (more
 # demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip check), NUM_SAMPLES
 # (8192), TEACHER_SECONDS (240), TEACHER_STEPS (6000), ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), EVAL_SEEDS
 # ("0 1 2 3 4 5"), EVAL_PROMPTS (8), EVAL_EXTRA (more evaluate arguments; FRAMES, SIZE, WORKERS, THREADS of
@@ -34,7 +34,7 @@ VAE_INIT=${VAE_INIT-models/oneforcing-demo/vae}  # set it empty for a fresh VAE
 if [ "$PHASE" = vae ]; then  # the shipped tokenizer and text encoder; the VAE fine-tuned (or trained afresh)
   mkdir -p "$RUN/parts" && cp -rn models/oneforcing-demo/tokenizer models/oneforcing-demo/text_encoder "$RUN/parts/"
   run_stage vae $PY -m oneforcing.training.demo_components --out "$RUN/parts" --parts vae \
-      --vae-stages "${VAE_STAGES:-1200x64x5x32,600x128x9x12}" --vae-object-weight "${VAE_OBJECT_WEIGHT:-4}" \
+      --vae-stages "${VAE_STAGES:-1200x64x5x32,600x128x9x12,400x128x33x4}" --vae-object-weight "${VAE_OBJECT_WEIGHT:-4}" \
       --vae-max-seconds "${VAE_SECONDS:-400}" --eval-clips 4 --stat-clips 8 ${VAE_INIT:+--vae-init "$VAE_INIT"} \
       ${VAE_ARGS:-}
   run_stage vae-check $PY benchmarks/demo_diagnosis.py components --pipeline "$RUN/parts" \
