@@ -520,8 +520,7 @@ def background_round_trip(vae, rgb, seeds, num_frames: int = 9, height: int = 12
     borders = []
     for seed in seeds:
         video, _, _ = world.render_clip(seed, "train", num_frames, height, width, background_rgb=tuple(rgb))
-        with torch.no_grad():
-            decoded = vae_round_trip(vae, video)
+        decoded = vae_round_trip(vae, video)
         borders.append(metrics.border_colours(metrics.world_frames(decoded.clamp(-1, 1))))
     return np.mean(borders, axis=0)
 
