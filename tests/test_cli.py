@@ -79,12 +79,7 @@ def test_module_entry_point_help():
 
 
 def _frames(path):
-    cap = cv2.VideoCapture(str(path))
-    count = 0
-    while cap.read()[0]:
-        count += 1
-    cap.release()
-    return count
+    return len(_decoded(path))
 
 
 BASE = ["--height", "32", "--width", "32", "--frames-per-block", "1", "--seed", "2"]
@@ -212,6 +207,7 @@ def test_lora_option_loads_stacks_and_refuses(tmp_path, model_dir, capsys):
 
 
 def _decoded(path):
+    """The frames of a video file, [T, H, W, 3] uint8 (BGR)."""
     cap = cv2.VideoCapture(str(path))
     frames = []
     while (frame := cap.read())[0]:
