@@ -1,10 +1,11 @@
 """The nodes: one ComfyUI V3 class each (``comfy_api.latest.io``), listed in :data:`NODES`.
 
-Model loader -> ONEFORCING_MODEL (a LoRA node takes one and returns another with one more LoRA); text encoder -> CONDITIONING (one prompt); prompt schedule -> CONDITIONING (one
-prompt per frame range); encoder (IMAGE + Wan VAE) -> LATENT (a start image or clip); rollout (model + CONDITIONING,
-optionally a context LATENT) -> LATENT (raw Wan VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT
-+ Wan VAE, or a tiny preview VAE from ``vae_approx``) -> IMAGE. A node's ``execute`` calls the plain function of
-``model_loading``, ``sampling``, ``encoding`` or ``decoding`` that does its work.
+Model loader -> ONEFORCING_MODEL; LoRA (ONEFORCING_MODEL + a LoRA file) -> ONEFORCING_MODEL with one more LoRA; text
+encoder -> CONDITIONING (one prompt); prompt schedule -> CONDITIONING (one prompt per frame range); encoder (IMAGE +
+Wan VAE) -> LATENT (a start image or clip); rollout (model + CONDITIONING, optionally a context LATENT) -> LATENT (raw
+Wan VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT + Wan VAE, or a tiny preview VAE from
+``vae_approx``) -> IMAGE. A node's ``execute`` calls the plain function of ``model_loading``, ``sampling``,
+``encoding`` or ``decoding`` that does its work.
 
 Inside a running ComfyUI the classes derive from ``io.ComfyNode`` (ComfyUI imports ``comfy_api.latest`` before it loads
 custom nodes). Elsewhere (tests, scripts) ComfyUI is not imported, the classes are plain classes whose ``execute``,
@@ -360,8 +361,8 @@ class OneForcingDecode(ComfyNode):
         return wan if tiny_vae == NO_TINY_VAE else (wan, file_fingerprint("vae_approx", tiny_vae))
 
 
-NODES = [OneForcingModelLoader, OneForcingLora, OneForcingTextEncode, OneForcingPromptSchedule, OneForcingRollout, OneForcingEncode,
-         OneForcingDecode]
+NODES = [OneForcingModelLoader, OneForcingLora, OneForcingTextEncode, OneForcingPromptSchedule, OneForcingRollout,
+         OneForcingEncode, OneForcingDecode]
 """Every node of the package, in menu order; a new node is its class and an entry here."""
 
 

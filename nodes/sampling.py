@@ -2,8 +2,9 @@
 
 The rollout is the model's ``OneForcingPipeline`` run on a :class:`GenerationRequest` (``stream_request``,
 ``output_type="latent"``: the pipeline's session with its context, prompt-switch and rolling-cache handling), with the
-model's LoRA stack on its transformer; this module only converts ComfyUI's values (CONDITIONING, raw VAE-space LATENTs, the widgets) to that request, reports
-progress, honours cancellation between blocks and converts the result back to a ComfyUI LATENT (raw VAE space).
+model's LoRA stack on its transformer; this module only converts ComfyUI's values (CONDITIONING, raw VAE-space
+LATENTs, the widgets) to that request, reports progress, honours cancellation between blocks and converts the result
+back to a ComfyUI LATENT (raw VAE space).
 """
 
 from __future__ import annotations

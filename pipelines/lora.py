@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError
 from diffusers.loaders import WanLoraLoaderMixin
+from safetensors import SafetensorError
 
 from .fp8 import is_fp8_stored
 

@@ -9,6 +9,10 @@ tiny stand-in pipeline unless ``COMFYUI_BUNDLED_DEMO=1`` lets the workflows use 
 ``models/oneforcing-demo`` (then the image-to-video video must also start with its start image, the demo world's frame
 the package copies into ``input/``).
 
+The LoRA workflow's LoRA is the shipped demo LoRA when the real demo runs and the file is there, else a random LoRA for
+the demo in use, in ``models/loras`` under the same name; that workflow is also run with its LoRA node bypassed and at
+strength 0, which must both give the plain video.
+
 The workflow that needs downloads (``properties.models`` on its loaders) is first queued without its models and must be
 refused at queue time naming every one; then tiny stand-ins take their names. ComfyUI's ``CLIPLoader`` always builds
 the full UMT5-XXL (5.7 B parameters), which no tiny file can stand in for: unless ``COMFYUI_UMT5`` names a real
@@ -220,7 +224,7 @@ def server(tmp_path_factory):
     instance = Server(base, python)
     instance.base, instance.python = base, python
     instance.report = {"startup_s": round(instance.startup_s, 1), "bundled_demo": "real" if REAL_DEMO else "tiny",
-                       "demo LoRA": f"shipped {DEMO_LORA}" if USES_SHIPPED_LORA else f"random, models/loras/{DEMO_LORA}",
+                       "demo LoRA": f"{'shipped' if USES_SHIPPED_LORA else 'random, in models/loras'}: {DEMO_LORA}",
                        "workflows": {}}
     yield instance
     instance.stop()
