@@ -178,8 +178,6 @@ def _node(prompt: dict, class_type: str) -> tuple[str, dict]:
 LORA_WORKFLOW = REPO / "workflows" / "api" / "One-Forcing text to video with a LoRA.json"
 DEMO_LORA = _node(json.loads(LORA_WORKFLOW.read_text()), "OneForcingLora")[1]["inputs"]["lora_name"]
 SHIPPED_DEMO_LORA = REPO / "models" / BUNDLED_DEMO_LORAS / DEMO_LORA
-
-
 USES_SHIPPED_LORA = REAL_DEMO and SHIPPED_DEMO_LORA.is_file()
 
 
@@ -445,7 +443,7 @@ def test_workflow_needing_downloads_runs_once_they_are_there(server):
 
 
 def _video_frames(server, prompt: dict):
-    """The frames [T, H, W, 3] (uint8) of the video ``prompt``'s SaveVideo writes."""
+    """(frames [T, H, W, 3] as floats in 0..255 of the video ``prompt``'s SaveVideo writes, seconds it took)."""
     import numpy as np
 
     entry, seconds = server.run(prompt)
