@@ -190,19 +190,13 @@ def _load_pipeline(args):
 
 
 def _load_loras(pipe, loras: list[tuple[Path, float]]) -> None:
-    """Load each ``--lora`` as an adapter of its own and set them all at their strengths (diffusers' LoRA API)."""
-    from safetensors import SafetensorError
+    """Put each ``--lora`` on the pipeline at its strength (``pipelines/lora.py``'s stack, as the ComfyUI LoRA node)."""
+    from .pipelines.lora import apply_lora_stack, choose_lora_file
 
-    names = [f"lora{i}" for i in range(len(loras))]
-    for name, (path, _) in zip(names, loras):
-        if path.suffix != ".safetensors" or not path.is_file():
-            raise SystemExit(f"error: --lora {path} is not a .safetensors file")
-        try:
-            pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, SafetensorError) as error:
-            raise SystemExit(f"error: --lora {path}: {error}") from None
-    if names:
-        pipe.set_adapters(names, [strength for _, strength in loras])
+    try:
+        apply_lora_stack(pipe, [choose_lora_file(pipe, path, strength) for path, strength in loras])
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --lora: {error}") from None
 
 
 def _check_model_index(path: Path) -> None:

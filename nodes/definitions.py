@@ -1,10 +1,11 @@
 """The nodes: one ComfyUI V3 class each (``comfy_api.latest.io``), listed in :data:`NODES`.
 
-Model loader -> ONEFORCING_MODEL; text encoder -> CONDITIONING (one prompt); prompt schedule -> CONDITIONING (one
-prompt per frame range); encoder (IMAGE + Wan VAE) -> LATENT (a start image or clip); rollout (model + CONDITIONING,
-optionally a context LATENT) -> LATENT (raw Wan VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT
-+ Wan VAE, or a tiny preview VAE from ``vae_approx``) -> IMAGE. A node's ``execute`` calls the plain function of
-``model_loading``, ``sampling``, ``encoding`` or ``decoding`` that does its work.
+Model loader -> ONEFORCING_MODEL; LoRA (ONEFORCING_MODEL + a LoRA file) -> ONEFORCING_MODEL with one more LoRA; text
+encoder -> CONDITIONING (one prompt); prompt schedule -> CONDITIONING (one prompt per frame range); encoder (IMAGE +
+Wan VAE) -> LATENT (a start image or clip); rollout (model + CONDITIONING, optionally a context LATENT) -> LATENT (raw
+Wan VAE space, so ComfyUI's own ``VAEDecode`` also works); decoder (LATENT + Wan VAE, or a tiny preview VAE from
+``vae_approx``) -> IMAGE. A node's ``execute`` calls the plain function of ``model_loading``, ``sampling``,
+``encoding`` or ``decoding`` that does its work.
 
 Inside a running ComfyUI the classes derive from ``io.ComfyNode`` (ComfyUI imports ``comfy_api.latest`` before it loads
 custom nodes). Elsewhere (tests, scripts) ComfyUI is not imported, the classes are plain classes whose ``execute``,
@@ -21,7 +22,7 @@ from ..pipelines.presets import DTYPE_CHOICES, TIMESTEP_PRESETS
 from .decoding import decode_video
 from .encoding import SIZE_MULTIPLE, encode_images
 from .folders import BUNDLED_DEMO, NO_TINY_VAE, list_models, missing_model, resolve_model
-from .model_loading import load_transformer
+from .model_loading import add_lora, load_transformer
 from .sampling import (NOISE_MODES, WHOLE_VIDEO_NOISE, RolloutRequest, encode_text, generate_latents,
                        schedule_conditioning)
 from .workflow_inputs import install_workflow_inputs
@@ -93,6 +94,44 @@ class OneForcingModelLoader(ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, model_name=None, **_):
         return file_fingerprint("diffusion_models", model_name)
+
+
+class OneForcingLora(ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OneForcingLora",
+            display_name="One-Forcing LoRA",
+            category=f"{CATEGORY}/loaders",
+            description="Applies a Wan2.1 LoRA from models/loras (diffusers, original Wan, ComfyUI or kohya/musubi "
+                        "layout; .safetensors only) to a One-Forcing model at a strength. Chain several to stack "
+                        "them. The model it is given stays as it was, so a graph can run the same model with and "
+                        "without the LoRA; a LoRA made for another model is refused naming the first key that does "
+                        "not fit.",
+            inputs=[
+                io.Custom(MODEL_TYPE).Input("model", tooltip="From One-Forcing Model Loader or another One-Forcing "
+                                                             "LoRA."),
+                io.Combo.Input("lora_name", options=list_models("loras"),
+                               tooltip="A .safetensors LoRA file in models/loras (or a bundled demo LoRA)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly the LoRA acts: 0 leaves the model as it is, negative values "
+                                       "invert it."),
+            ],
+            outputs=[io.Custom(MODEL_TYPE).Output(display_name="model",
+                                                  tooltip="The same model with this LoRA added (weights shared).")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name: str, strength: float):
+        return (add_lora(model, lora_name, strength),)
+
+    @classmethod
+    def validate_inputs(cls, lora_name):
+        return queue_check(missing_model("loras", lora_name))
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name=None, **_):
+        return file_fingerprint("loras", lora_name)
 
 
 class OneForcingTextEncode(ComfyNode):
@@ -323,8 +362,8 @@ class OneForcingDecode(ComfyNode):
         return wan if tiny_vae == NO_TINY_VAE else (wan, file_fingerprint("vae_approx", tiny_vae))
 
 
-NODES = [OneForcingModelLoader, OneForcingTextEncode, OneForcingPromptSchedule, OneForcingRollout, OneForcingEncode,
-         OneForcingDecode]
+NODES = [OneForcingModelLoader, OneForcingLora, OneForcingTextEncode, OneForcingPromptSchedule, OneForcingRollout,
+         OneForcingEncode, OneForcingDecode]
 """Every node of the package, in menu order; a new node is its class and an entry here."""
 
 

@@ -8,7 +8,7 @@ when a node needs it and offloads it when another model needs the room.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..pipelines.loading import (
     load_umt5_encoder_single_file,
     load_wan_vae_single_file,
 )
+from ..pipelines.lora import LoraChoice, choose_lora_file
 from ..pipelines.pipeline_one_forcing import OneForcingPipeline
 from ..pipelines.presets import resolve_dtype, storage_dtype
 from ..pipelines.scheduling_one_forcing import OneForcingScheduler
@@ -50,6 +51,9 @@ class OneForcingModel:
     ``latents_mean``/``latents_std`` are the statistics of the VAE the model was trained with (its pipeline's
     ``vae/config.json``, else Wan2.1's): the rollout uses them to hand out raw VAE-space LATENTs.
     ``trained_frames_per_block``: what the model's config records (None for single files, which record nothing).
+    ``loras``: the LoRA files (and strengths) this model runs with, in the order the LoRA nodes added them; models
+    that differ only here share the loaded weights, and the rollout puts exactly these adapters on the transformer
+    (``pipelines.lora.apply_lora_stack``). Nodes never change a model they are given: they return a new one.
     """
 
     patcher: object
@@ -58,6 +62,7 @@ class OneForcingModel:
     latents_std: list[float]
     source: str
     trained_frames_per_block: int | None = None
+    loras: tuple[LoraChoice, ...] = ()
 
     @property
     def transformer(self) -> CausalWanTransformer3DModel:
@@ -118,6 +123,17 @@ def load_transformer(model_name: str, dtype: str = "default", attention_backend:
     patcher = runtime.manage(runtime.ModelHolder(transformer=transformer), "diffusion_model")
     trained = int(transformer.config.frames_per_block) if component.is_dir() else None
     return OneForcingModel(patcher, pipeline, mean, std, model_name, trained)
+
+
+def add_lora(model: OneForcingModel, lora_name: str, strength: float = 1.0) -> OneForcingModel:
+    """``model`` with the LoRA file ``lora_name`` (a choice of ``list_models("loras")``) at ``strength`` added to its
+    ``loras``: a new model sharing the loaded weights; ``model`` itself is left as it is. The file is read and checked
+    against the transformer now (missing, corrupt or made for another model: an error naming it); the rollout loads
+    it."""
+    if not isinstance(model, OneForcingModel):
+        raise TypeError(f"model must come from One-Forcing Model Loader, got {type(model).__name__}")
+    choice = choose_lora_file(model.pipeline, resolve_model("loras", lora_name), strength)
+    return replace(model, loras=model.loras + (choice,))
 
 
 # -- text encoder --------------------------------------------------------------------------------------------------

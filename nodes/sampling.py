@@ -1,9 +1,10 @@
 """Text encoding, prompt schedules and the autoregressive rollout, as plain functions the nodes call.
 
 The rollout is the model's ``OneForcingPipeline`` run on a :class:`GenerationRequest` (``stream_request``,
-``output_type="latent"``: the pipeline's session with its context, prompt-switch and rolling-cache handling); this
-module only converts ComfyUI's values (CONDITIONING, raw VAE-space LATENTs, the widgets) to that request, reports
-progress, honours cancellation between blocks and converts the result back to a ComfyUI LATENT (raw VAE space).
+``output_type="latent"``: the pipeline's session with its context, prompt-switch and rolling-cache handling), with the
+model's LoRA stack on its transformer; this module only converts ComfyUI's values (CONDITIONING, raw VAE-space
+LATENTs, the widgets) to that request, reports progress, honours cancellation between blocks and converts the result
+back to a ComfyUI LATENT (raw VAE space).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..pipelines.layout import latent_frame_count, video_frame_count
+from ..pipelines.lora import apply_lora_stack
 from ..pipelines.pipeline_one_forcing import GenerationRequest, encode_prompt
 from ..pipelines.presets import timestep_preset
 from ..pipelines.prompt_schedule import PromptRange, PromptSchedule
@@ -211,6 +213,7 @@ def generate_latents(model: OneForcingModel, request: RolloutRequest, *,
     if request.noise == BLOCK_NOISE:
         generation = endless_stream(generation, layout, pipe.vae_scale_factor_temporal)
     runtime.check_interrupted(should_stop)
+    apply_lora_stack(pipe, model.loras)  # the pipeline is shared by every model of one loader: set its adapters
     device = runtime.load(model.patcher)
     with runtime.cpu_threads(device):
         return _collect(model, pipe.stream_request(generation), layout, device, on_progress, should_stop)

@@ -8,15 +8,25 @@ shapes and one rank per layer, else the file is refused naming the first key tha
 The causal forward calls each linear layer as a module, so PEFT's wrapped layers (unfused adapters, any strength) run
 in it; the fused kernels of ``kernels/ops.py`` only do elementwise and norm work. :func:`adapter_state` is what a
 recorded forward (``cuda_graphs``) bakes in of the adapters, so graphs are dropped when it changes.
+
+A stack of LoRA files at strengths (:class:`LoraChoice`, what the ComfyUI LoRA node builds) is read and checked by
+:func:`choose_lora_file` and put on a pipeline by :func:`apply_lora_stack`, which brings its adapters to exactly that
+stack: one adapter per file content, loaded once and kept while the stack holds it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from diffusers.loaders import WanLoraLoaderMixin
+from safetensors import SafetensorError
 
 from .fp8 import is_fp8_stored
 
@@ -143,3 +153,93 @@ def wan_lora_file_tensors(state_dict: dict[str, torch.Tensor], adapter_name: str
     if not out:
         raise ValueError(f"no LoRA weights of adapter {adapter_name!r} in this state dict")
     return out
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA file at a strength. ``digest`` (SHA-256 of the file's bytes) names its adapter, so a file is loaded once
+    whatever its path, and a file rewritten in place becomes a new adapter."""
+
+    path: Path
+    digest: str
+    strength: float = 1.0
+
+    @property
+    def adapter_name(self) -> str:
+        return f"lora_{self.digest[:16]}"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_lora_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
+    """The LoRA at ``path`` in diffusers layout, read only as safetensors (no pickle); ValueError naming the file."""
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"LoRA file {path}: only .safetensors LoRA files are read (a pickled file could run code)")
+    try:
+        return pipe.lora_state_dict(str(path), use_safetensors=True)
+    except (OSError, SafetensorError, ValueError, KeyError) as err:
+        raise ValueError(f"LoRA file {path} cannot be read as a LoRA: {err}") from err
+
+
+def choose_lora_file(pipe, path: str | Path, strength: float = 1.0) -> LoraChoice:
+    """``path`` at ``strength`` for ``pipe``'s transformer, read and checked now (missing, not safetensors, corrupt,
+    or made for another model: a ValueError / FileNotFoundError naming the file; the pipeline is left as it is)."""
+    path = Path(path)
+    if not math.isfinite(strength):
+        raise ValueError(f"LoRA file {path}: strength must be a finite number, got {strength}")
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    digest = _file_digest(path)
+    state_dict = _read_lora_state_dict(pipe, path)
+    try:
+        check_lora_matches(pipe.transformer, state_dict)
+    except ValueError as err:
+        raise ValueError(f"LoRA file {path}: {err}") from err
+    return LoraChoice(path, digest, float(strength))
+
+
+def _load_adapter(pipe, choice: LoraChoice) -> None:
+    if _file_digest(choice.path) != choice.digest:
+        raise ValueError(f"LoRA file {choice.path} changed on disk since it was chosen: choose it again (in ComfyUI: "
+                         "queue the graph again, the LoRA node re-reads it)")
+    try:
+        pipe.load_lora_weights(str(choice.path), adapter_name=choice.adapter_name, use_safetensors=True)
+    except (OSError, SafetensorError, ValueError, KeyError) as err:
+        raise ValueError(f"LoRA file {choice.path}: {err}") from err
+
+
+def loaded_adapters(pipe) -> list[str]:
+    """The adapters loaded into ``pipe``'s transformer (active or not)."""
+    return list(getattr(pipe.transformer, "peft_config", None) or {})
+
+
+def apply_lora_stack(pipe, stack: Sequence[LoraChoice]) -> None:
+    """Bring ``pipe``'s adapters to exactly ``stack``: each file's adapter active at its strength (a file listed twice
+    at the sum of its strengths), nothing else loaded. Files not loaded yet are loaded, adapters the stack does not
+    hold (or holds at strength 0) are deleted; an empty stack unloads every adapter, which gives the base model's
+    output bit for bit. Expects unfused adapters (what the ComfyUI nodes make)."""
+    strengths: dict[str, float] = {}
+    files: dict[str, LoraChoice] = {}
+    for choice in stack:
+        strengths[choice.adapter_name] = strengths.get(choice.adapter_name, 0.0) + choice.strength
+        files.setdefault(choice.adapter_name, choice)
+    wanted = {name: strength for name, strength in strengths.items() if strength != 0}
+    loaded = loaded_adapters(pipe)
+    if not wanted:
+        if loaded:
+            pipe.unload_lora_weights()
+        return
+    stale = [name for name in loaded if name not in wanted]
+    if stale:
+        pipe.delete_adapters(stale)
+    for name in wanted:
+        if name not in loaded:
+            _load_adapter(pipe, files[name])
+    pipe.enable_lora()
+    pipe.set_adapters(list(wanted), list(wanted.values()))

@@ -194,8 +194,12 @@ def test_lora_option_loads_stacks_and_refuses(tmp_path, model_dir, capsys):
     base, zero, one = (_decoded(tmp_path / f"{name}.mp4") for name in ("base", "zero", "one"))
     assert np.array_equal(zero, base) and not np.array_equal(one, base)
 
-    with pytest.raises(SystemExit, match="is not a .safetensors file"):
+    with pytest.raises(SystemExit, match="none.safetensors does not exist"):
         main([*common, "--out", str(tmp_path / "b.mp4"), "--lora", str(tmp_path / "none.safetensors:0.8")])
+    pickled = tmp_path / "style.pt"
+    pickled.write_bytes(files[0].read_bytes())
+    with pytest.raises(SystemExit, match="only .safetensors LoRA files are read"):
+        main([*common, "--out", str(tmp_path / "b.mp4"), "--lora", str(pickled)])
     other = tmp_path / "other.safetensors"
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 99),
                "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 4)}, str(other))

@@ -9,6 +9,10 @@ tiny stand-in pipeline unless ``COMFYUI_BUNDLED_DEMO=1`` lets the workflows use 
 ``models/oneforcing-demo`` (then the image-to-video video must also start with its start image, the demo world's frame
 the package copies into ``input/``).
 
+The LoRA workflow's LoRA is the shipped demo LoRA when the real demo runs and the file is there, else a random LoRA for
+the demo in use, in ``models/loras`` under the same name; that workflow is also run with its LoRA node bypassed and at
+strength 0, which must both give the plain video.
+
 The workflow that needs downloads (``properties.models`` on its loaders) is first queued without its models and must be
 refused at queue time naming every one; then tiny stand-ins take their names. ComfyUI's ``CLIPLoader`` always builds
 the full UMT5-XXL (5.7 B parameters), which no tiny file can stand in for: unless ``COMFYUI_UMT5`` names a real
@@ -34,10 +38,11 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_transformer
-from test_nodes import HEAD128, build_model_tree, comfy_umt5_file
+from test_nodes import HEAD128, build_model_tree, comfy_umt5_file, lora_file
 
 from comfyui_node_info import recorded as recorded_node_info
-from oneforcing.nodes.folders import BUNDLED_DEMO
+from oneforcing import DEMO_MODEL_DIR, CausalWanTransformer3DModel
+from oneforcing.nodes.folders import BUNDLED_DEMO, BUNDLED_DEMO_LORAS, NO_TINY_VAE
 from oneforcing.pipelines.loading import export_reference_checkpoint
 
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
@@ -166,12 +171,35 @@ NATIVE_MODELS = {  # the tiny stand-ins of the downloads: folder / file name -> 
 }
 
 
+def _node(prompt: dict, class_type: str) -> tuple[str, dict]:
+    return next((k, n) for k, n in prompt.items() if n["class_type"] == class_type)
+
+
+LORA_WORKFLOW = REPO / "workflows" / "api" / "One-Forcing text to video with a LoRA.json"
+DEMO_LORA = _node(json.loads(LORA_WORKFLOW.read_text()), "OneForcingLora")[1]["inputs"]["lora_name"]
+SHIPPED_DEMO_LORA = REPO / "models" / BUNDLED_DEMO_LORAS / DEMO_LORA
+USES_SHIPPED_LORA = REAL_DEMO and SHIPPED_DEMO_LORA.is_file()
+
+
+def add_demo_lora(base: Path) -> None:
+    """The LoRA the LoRA workflow names, for the demo model the server runs: with the real demo, the shipped file
+    (which the package finds beside the demo) if it is there; else a random one for that demo's transformer (the
+    real one, or the tiny stand-in) in ``models/loras``."""
+    if USES_SHIPPED_LORA:
+        return
+    demo = DEMO_MODEL_DIR if REAL_DEMO else base / "oneforcing-demo"
+    transformer = CausalWanTransformer3DModel.from_pretrained(demo / "transformer")
+    lora_file(transformer, base / "models" / "loras" / DEMO_LORA, seed=3, scale=0.15)
+
+
 def build_base(base: Path) -> Path:
     """A ComfyUI base directory: this repository in ``custom_nodes/``, ``models/`` with tiny files (see
-    ``test_nodes.build_model_tree``) and a tiny stand-in demo in ``oneforcing-demo/``; none of the downloads."""
+    ``test_nodes.build_model_tree``), a tiny stand-in demo in ``oneforcing-demo/`` and the LoRA workflow's LoRA
+    (:func:`add_demo_lora`); none of the downloads."""
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "oneforcing").symlink_to(REPO, target_is_directory=True)
     build_model_tree(base)
+    add_demo_lora(base)
     return base
 
 
@@ -194,6 +222,7 @@ def server(tmp_path_factory):
     instance = Server(base, python)
     instance.base, instance.python = base, python
     instance.report = {"startup_s": round(instance.startup_s, 1), "bundled_demo": "real" if REAL_DEMO else "tiny",
+                       "demo LoRA": f"{'shipped' if USES_SHIPPED_LORA else 'random, in models/loras'}: {DEMO_LORA}",
                        "workflows": {}}
     yield instance
     instance.stop()
@@ -203,17 +232,18 @@ def server(tmp_path_factory):
     shutil.rmtree(base / "output", ignore_errors=True)
 
 
-MODEL_LISTS = ("model_name", "text_encoder_name", "vae_name", "tiny_vae")  # combos of the model folders' files
+MODEL_LISTS = ("model_name", "text_encoder_name", "vae_name", "tiny_vae", "lora_name")  # the model folders' files
 
 
 def _model_lists_apart(entry: dict) -> tuple[dict, list]:
     """An /object_info entry without the choices of its model-file combos (they list the machine's folders), and
-    the first choice of each (the bundled demo, or ``none``)."""
+    the fixed first choice of each (the bundled demo, ``none``; None for a list of files only, as the LoRAs')."""
     entry, firsts = json.loads(json.dumps(entry)), []
     for entries in entry["input"].values():
         for name, (_, options) in entries.items():
             if name in MODEL_LISTS:
-                firsts.append(options.pop("options")[0])
+                choices = options.pop("options")
+                firsts.append(choices[0] if choices and choices[0] in (BUNDLED_DEMO, NO_TINY_VAE) else None)
     return entry, firsts
 
 
@@ -228,6 +258,7 @@ def test_object_info_lists_the_nodes_as_declared(server):
         assert live.pop("python_module") == "custom_nodes.oneforcing"
         assert _model_lists_apart(live) == _model_lists_apart(declared), node_id
     assert "tiny_oneforcing.pt" in info["OneForcingModelLoader"]["input"]["required"]["model_name"][1]["options"]
+    assert DEMO_LORA in info["OneForcingLora"]["input"]["required"]["lora_name"][1]["options"]
     # the package copied the image-to-video start image into ComfyUI's input folder when it loaded
     assert "oneforcing_demo_start.png" in info["LoadImage"]["input"]["required"]["image"][0]
     server.report["nodes_listed"] = [node_id for node_id in ours if node_id in info]
@@ -267,10 +298,6 @@ def _frames(path: Path, keep: tuple[int, ...] = ()) -> tuple[int, int, int] | tu
         count, size = count + 1, frame.shape[:2]
     capture.release()
     return (count, *size, kept) if keep else (count, *size)
-
-
-def _node(prompt: dict, class_type: str) -> tuple[str, dict]:
-    return next((k, n) for k, n in prompt.items() if n["class_type"] == class_type)
 
 
 def _demo_video_size(server) -> dict:
@@ -413,3 +440,36 @@ def test_workflow_needing_downloads_runs_once_they_are_there(server):
     entry, seconds = server.run(prompt)
     assert _frames(_saved_video(server, entry, save_id)) == (9, 48, 64)
     server.report["workflows"]["native graph, OneForcingDecode with ComfyUI's VAE object"] = round(seconds, 1)
+
+
+def _video_frames(server, prompt: dict):
+    """(frames [T, H, W, 3] as floats in 0..255 of the video ``prompt``'s SaveVideo writes, seconds it took)."""
+    import numpy as np
+
+    entry, seconds = server.run(prompt)
+    path = _saved_video(server, entry, _node(prompt, "SaveVideo")[0])
+    count = _frames(path)[0]
+    return np.stack(_frames(path, keep=tuple(range(count)))[3]).astype(float), seconds
+
+
+def test_lora_workflow_bypassed_or_at_strength_0_gives_the_plain_video(server):
+    """ComfyUI caches node outputs and shares the loaded model between the LoRA node and everything else the loader
+    feeds: after the LoRA video, the same graph with the LoRA node bypassed (the frontend then links the rollout to
+    the loader) and at strength 0 must both give the plain demo's video."""
+    import numpy as np
+
+    prompt = json.loads(LORA_WORKFLOW.read_text())
+    lora_id, lora = _node(prompt, "OneForcingLora")
+    _, rollout = _node(prompt, "OneForcingRollout")
+    rollout["inputs"].update(length=21, seed=11)  # not the cached result of the run as shipped
+    with_lora, seconds = _video_frames(server, prompt)
+    bypassed = {k: v for k, v in json.loads(json.dumps(prompt)).items() if k != lora_id}
+    _node(bypassed, "OneForcingRollout")[1]["inputs"]["model"] = lora["inputs"]["model"]
+    plain, _ = _video_frames(server, bypassed)
+    lora["inputs"]["strength"] = 0.0
+    strength_0, _ = _video_frames(server, prompt)
+    assert np.array_equal(strength_0, plain)
+    difference = float(np.abs(with_lora - plain).mean())
+    assert difference > 2.0, difference
+    server.report["LoRA workflow: mean |LoRA - plain| (0..255), 21 frames"] = round(difference, 1)
+    server.report["workflows"]["LoRA workflow, 21 frames"] = round(seconds, 1)

