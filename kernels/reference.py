@@ -33,10 +33,21 @@ def qk_norm_rope(
         [B, L, H, D] in ``x.dtype``.
     """
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return rope((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype), cos, sin,
+                num_heads)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Split into heads and rotate adjacent channel pairs (the second half of :func:`qk_norm_rope`).
+
+    Args:
+        x: [B, L, H*D] normalised query or key projections.
+        cos, sin: [L, D/2] float32 rotary tables.
+    Returns:
+        [B, L, H, D] in ``x.dtype``.
+    """
     b, l, _ = x.shape
-    pairs = normed.float().view(b, l, num_heads, -1, 2)
-    x0, x1 = pairs.unbind(-1)
+    x0, x1 = x.float().view(b, l, num_heads, -1, 2).unbind(-1)
     c = cos[None, :, None, :]
     s = sin[None, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)

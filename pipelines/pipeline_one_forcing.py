@@ -135,24 +135,15 @@ class OneForcingPipeline(DiffusionPipeline, OneForcingLoraLoaderMixin):
         """diffusers' group offload at block level (each transformer and text-encoder block is moved to
         ``onload_device`` when called). The VAE is moved to ``onload_device`` and stays there unless
         ``exclude_modules`` says otherwise: the streaming decoder runs between the transformer's blocks. Leaf level is
-        refused: the causal forward reads a few weights (q/k norms, rotary tables) without calling their modules,
-        where leaf hooks would wait for it."""
+        refused (not verified with the causal forward, which reads each block's modulation table outside any leaf
+        module); block level, model offload and ``enable_sequential_cpu_offload`` (the VAE kept resident) work."""
         if offload_type != "block_level":
             raise NotImplementedError(f"offload_type {offload_type!r} is not supported by OneForcingPipeline; use "
-                                      '"block_level" or enable_model_cpu_offload()')
+                                      '"block_level", enable_model_cpu_offload() or enable_sequential_cpu_offload()')
         kwargs.setdefault("exclude_modules", ["vae"])
         super().enable_group_offload(onload_device, offload_device, offload_type, num_blocks_per_group or 1, **kwargs)
         if "vae" in kwargs["exclude_modules"] and self.vae is not None:
             self.vae.to(onload_device)
-
-    def enable_sequential_cpu_offload(self, *args, **kwargs):
-        """Not supported: accelerate's per-module hooks load a module's weights when that module is called, and the
-        causal forward reads a few (q/k norms, rotary tables) directly. Use :meth:`enable_model_cpu_offload` or
-        ``enable_group_offload(..., offload_type="block_level")``."""
-        raise NotImplementedError("OneForcingPipeline does not support sequential CPU offload (the causal forward "
-                                  "reads q/k norm weights and rotary tables without calling their modules); use "
-                                  'enable_model_cpu_offload() or enable_group_offload(device, offload_type='
-                                  '"block_level")')
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------------
     _kept_kv_cache: tuple | None = None  # (geometry, KVCache) of the last run, kept while CUDA graphs are on

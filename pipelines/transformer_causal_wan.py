@@ -32,6 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from diffusers.utils import BaseOutput
 
 from ..kernels import ops
+from ..kernels.reference import rope
 from .attention import attention, block_causal_mask, check_attention_backend
 from .kv_cache import CrossAttentionEntry, KVCache, RollingWindow
 from .layout import BlockLayout
@@ -107,6 +108,18 @@ class CausalWanBlock(WanTransformerBlock):
     modulation, the three attention modes, the KV cache. The model calls each block as a module, so hooks on blocks
     (diffusers' block-level group offload, accelerate's) run."""
 
+    def _queries_and_keys(self, h, cos, sin):
+        """Self-attention queries and keys of ``h`` [B, L, dim], RMS-normalised and rotated: [B, L, heads, D] each.
+        The fused op reads the q/k norm gains; where they are not on ``h``'s device (a per-module offload hook, such as
+        accelerate's sequential CPU offload, brings a module's weights only when the module is called) the norms run
+        as modules."""
+        attn = self.attn1
+        q, k = attn.to_q(h), attn.to_k(h)
+        if attn.norm_q.weight.device == h.device and attn.norm_k.weight.device == h.device:
+            return ops.qk_norm_rope_pair(q, k, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.heads,
+                                         self.norm1.eps)
+        return rope(attn.norm_q(q), cos, sin, attn.heads), rope(attn.norm_k(k), cos, sin, attn.heads)
+
     def forward(self, x, index: int, context, time_mod, plan: ForwardPlan):
         """x: [B, L, dim] -> [B, L, dim]; ``index``: this block's layer in the KV cache; context: [B, Ltext, dim]
         embedded prompt (None when the cache holds its keys/values); time_mod: [B, F, 6, dim] float32 (without the
@@ -121,8 +134,7 @@ class CausalWanBlock(WanTransformerBlock):
         # self-attention
         attn = self.attn1
         h = ops.adaln_modulate(x, shift1, scale1, eps)
-        q, k = ops.qk_norm_rope_pair(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, cos, sin,
-                                     heads, eps)
+        q, k = self._queries_and_keys(h, cos, sin)
         v = attn.to_v(h).view(batch, length, heads, -1)
         if kv_cache is not None:
             # keys that record autograd stay out of the shared buffers (later writes would change what backward

@@ -1,5 +1,6 @@
 """Low memory: weight-only fp8 storage (transformer and text encoder, from files and from a loaded pipeline), fp8 files
-loaded without a wider copy, LoRA on fp8 weights, and diffusers' model CPU offload with the pipeline."""
+loaded without a wider copy, LoRA on fp8 weights, and diffusers' model, block-level group and sequential CPU offload with
+the pipeline."""
 
 import pytest
 import torch
@@ -176,5 +177,25 @@ def test_block_level_group_offload_calls_each_block_through_its_hooks():
     assert called == set(range(len(pipe.transformer.blocks)))
     with pytest.raises(NotImplementedError, match="block_level"):
         make_tiny_pipeline().enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
-    with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
-        make_tiny_pipeline().enable_sequential_cpu_offload()
+
+
+def test_sequential_cpu_offload_runs_the_causal_forward_through_per_module_hooks():
+    """diffusers' sequential offload (accelerate's per-module hooks: a module's weights exist only while it runs)
+    leaves the VAE resident; the causal forward then calls the q/k norms as modules instead of reading their gains.
+    On a CPU machine diffusers asks accelerate for device "cpu:0", which accelerate's hooks cannot offload back to
+    (an upstream limit), so the run applies accelerate's ``cpu_offload`` per component as diffusers does, on "cpu"."""
+    from accelerate import cpu_offload
+
+    pipe = make_tiny_pipeline()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert pipe.transformer.blocks[0].attn1.norm_q.weight.device.type == "meta"
+    assert pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight.device.type == "meta"
+    assert pipe.vae.decoder.conv_in.weight.device.type == "cpu"  # excluded: decoded between the transformer's blocks
+
+    base = _latents(make_tiny_pipeline())
+    pipe = make_tiny_pipeline()
+    for name in ("text_encoder", "transformer"):
+        model = getattr(pipe, name)
+        cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+    assert pipe.transformer.blocks[0].attn1.norm_q.weight.device.type == "meta"
+    torch.testing.assert_close(_latents(pipe), base, atol=1e-5, rtol=1e-5)
