@@ -257,24 +257,14 @@ def _read_image(path: Path):
 
 def _read_video(path: Path):
     """All frames of a video file as uint8 RGB [T, H, W, 3]."""
-    import cv2
-    import numpy as np
+    from .pipelines.video_io import read_video_frames
 
     if not path.is_file():
         raise SystemExit(f"error: --video {path} does not exist")
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    try:
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(frame[:, :, ::-1])
-    finally:
-        capture.release()
-    if not frames:
+    frames = read_video_frames(path)
+    if not len(frames):
         raise SystemExit(f"error: --video {path}: no frame could be read")
-    return np.stack(frames)
+    return frames
 
 
 def _check_arguments(args) -> None:

@@ -228,6 +228,24 @@ def _out_of_room(path: Path) -> str | None:
     return None
 
 
+def read_video_frames(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """The frames of a video file (the first ``max_frames`` if given) as uint8 RGB [T, H, W, 3]; T = 0 when nothing
+    can be read (a missing or unplayable file)."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while max_frames is None or len(frames) < max_frames:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    finally:
+        capture.release()
+    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+
+
 def export_to_mp4(frames, path: str | os.PathLike, fps: float = 16.0) -> Path:
     """Write a whole clip to ``path``: frames [T, H, W, 3] (uint8 or 0..1) or a video [1, 3, T, H, W] in [-1, 1]."""
     frames = video_to_uint8(frames)

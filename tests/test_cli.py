@@ -11,6 +11,7 @@ from conftest import make_tiny_pipeline
 
 from oneforcing.__main__ import _load_pipeline, _parser, main
 from oneforcing.pipelines.fp8 import is_fp8_stored
+from oneforcing.pipelines.video_io import read_video_frames
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_module_entry_point_help():
 
 
 def _frames(path):
-    return len(_decoded(path))
+    return len(read_video_frames(path))
 
 
 BASE = ["--height", "32", "--width", "32", "--frames-per-block", "1", "--seed", "2"]
@@ -191,7 +192,7 @@ def test_lora_option_loads_stacks_and_refuses(tmp_path, model_dir, capsys):
     assert main([*common, "--out", str(tmp_path / "base.mp4")]) == 0
     assert main([*common, "--out", str(tmp_path / "zero.mp4"), "--lora", f"{files[0]}:0"]) == 0
     assert main([*common, "--out", str(tmp_path / "one.mp4"), "--lora", str(files[0])]) == 0
-    base, zero, one = (_decoded(tmp_path / f"{name}.mp4") for name in ("base", "zero", "one"))
+    base, zero, one = (read_video_frames(tmp_path / f"{name}.mp4") for name in ("base", "zero", "one"))
     assert np.array_equal(zero, base) and not np.array_equal(one, base)
 
     with pytest.raises(SystemExit, match="none.safetensors does not exist"):
@@ -209,12 +210,3 @@ def test_lora_option_loads_stacks_and_refuses(tmp_path, model_dir, capsys):
         main([*common, "--out", str(tmp_path / "b.mp4"), "--lora", f"{files[0]}:nan"])
     assert "finite LoRA strength" in capsys.readouterr().err
 
-
-def _decoded(path):
-    """The frames of a video file, [T, H, W, 3] uint8 (BGR)."""
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while (frame := cap.read())[0]:
-        frames.append(frame[1])
-    cap.release()
-    return np.stack(frames)

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from oneforcing.pipelines.atomic import is_partial
 from oneforcing.pipelines.checks import ConcurrentUseError
-from oneforcing.pipelines.video_io import export_to_mp4
+from oneforcing.pipelines.video_io import export_to_mp4, read_video_frames
 from oneforcing.training.data import write_latent_sample, write_negative_prompt
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
@@ -39,20 +38,6 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("faults_model")
     make_tiny_pipeline().save_pretrained(folder)
     return folder
-
-
-def _frames(path: Path) -> np.ndarray:
-    """Every frame of a playable video, [T, H, W, 3]; an assertion error when it does not open."""
-    capture = cv2.VideoCapture(str(path))
-    assert capture.isOpened(), f"{path} is not a playable video"
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return np.stack(frames) if frames else np.zeros((0,))
 
 
 def _cli(args: list[str], cwd: Path, limit_file_size: int | None = None) -> subprocess.Popen:
@@ -107,19 +92,19 @@ def test_a_signal_during_generation_finishes_a_playable_file(signum, tmp_path, m
     assert process.returncode == 128 + signum, stderr
     assert f"interrupted ({signal.Signals(signum).name})" in stdout
     written = int(stdout.split("wrote ")[1].split()[0])
-    assert written >= 1 and len(_frames(out)) == written
+    assert written >= 1 and len(read_video_frames(out)) == written
     assert not _partials(tmp_path)
 
 
 def test_sigkill_during_generation_keeps_the_existing_file(tmp_path, model_dir):
     out = tmp_path / "out.mp4"
     export_to_mp4(np.full((5, 32, 32, 3), 0.5, np.float32), out)
-    before = _frames(out)
+    before = read_video_frames(out)
     process, _ = _start_endless(tmp_path, model_dir)
     process.kill()
     _finish(process)
     assert process.returncode == -signal.SIGKILL
-    assert np.array_equal(_frames(out), before)  # untouched: the new frames went to the temporary file
+    assert np.array_equal(read_video_frames(out), before)  # untouched: the new frames went to the temporary file
 
 
 def test_a_full_file_system_is_an_error_with_path_and_cause(tmp_path, model_dir):
@@ -132,7 +117,7 @@ def test_a_full_file_system_is_an_error_with_path_and_cause(tmp_path, model_dir)
     assert process.returncode == 1, (stdout, stderr)
     assert f"error: cannot write {out}: the file-size limit (ulimit -f) of {limit} bytes is reached" in stderr
     assert "wrote" not in stdout
-    assert len(_frames(out)) == 5 and not _partials(tmp_path)  # the earlier file is intact, nothing torn is left
+    assert len(read_video_frames(out)) == 5 and not _partials(tmp_path)  # the earlier file is intact, nothing torn is left
 
 
 def test_nan_weights_are_refused_naming_the_tensor(tmp_path, model_dir, capsys):

@@ -29,6 +29,7 @@ aiohttp = pytest.importorskip("aiohttp", reason="the studio needs aiohttp (the '
 from aiohttp import web  # noqa: E402
 
 from oneforcing import DEMO_MODEL_DIR  # noqa: E402
+from oneforcing.pipelines.video_io import read_video_frames  # noqa: E402
 from oneforcing.studio.export import read_comment, with_comment  # noqa: E402
 from oneforcing.studio.live import StudioSettings  # noqa: E402
 from oneforcing.studio.protocol import ControlError, parse_control, read_frame_message  # noqa: E402
@@ -248,7 +249,7 @@ def test_downloads_and_the_schedule_reproduce_the_branch_through_the_cli(server,
     (tmp_path / "schedule.json").write_bytes(schedule)
     ranges = json.loads(schedule)
     assert [(r["start"], r["prompt"]) for r in ranges] == [(0, CAT), (5, DOG)] and ranges[-1]["end"] == len(raw)
-    studio_frames = read_mp4(tmp_path / "studio.mp4")
+    studio_frames = read_video_frames(tmp_path / "studio.mp4")
     assert len(studio_frames) == len(raw)  # the frames shown, all of them
     metadata = json.loads(read_comment(mp4))
     assert metadata["prompt_schedule"] == ranges and metadata["seed"] == 11
@@ -258,7 +259,7 @@ def test_downloads_and_the_schedule_reproduce_the_branch_through_the_cli(server,
     arguments = command.split()[1:]
     subprocess.run([sys.executable, "-m", "oneforcing", *arguments], cwd=tmp_path, check=True, capture_output=True,
                    timeout=300, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-    cli_frames = read_mp4(tmp_path / "branch.mp4")
+    cli_frames = read_video_frames(tmp_path / "branch.mp4")
     assert len(cli_frames) == len(raw) and np.array_equal(cli_frames, studio_frames)
 
     # uncompressed: the server's frames are those of the endless stream the CLI runs, bit for bit
@@ -305,18 +306,6 @@ def comfyui_nodes_reproduce_the_branch(pipe, schedule: bytes, raw: np.ndarray) -
     images, = OneForcingDecode.execute(latent, BUNDLED_DEMO)
     frames = (images.numpy() * 255).round().clip(0, 255).astype("uint8")
     assert frames.shape == raw.shape and np.abs(frames.astype(int) - raw.astype(int)).max() <= 1
-
-
-def read_mp4(path: Path) -> np.ndarray:
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return np.stack(frames)
 
 
 def test_bad_control_messages_get_clear_errors_and_the_stream_goes_on(server):
@@ -425,7 +414,7 @@ def test_mp4_comment_round_trip(tmp_path):
     assert read_comment(data) == '{"prompt": "a cat ✓"}'
     assert read_comment(with_comment(data, "again")) == "again"  # replaced, not added twice
     (tmp_path / "x.mp4").write_bytes(data)
-    assert len(read_mp4(tmp_path / "x.mp4")) == 5
+    assert len(read_video_frames(tmp_path / "x.mp4")) == 5
 
 
 def test_the_command_serves_on_loopback_and_warns_otherwise():

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+
+from oneforcing.pipelines.video_io import read_video_frames
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no Chromium at {CHROMIUM} (set CHROMIUM)")
@@ -85,18 +86,6 @@ def download(tab, selector: str, path: Path) -> Path:
     return path
 
 
-def read_mp4(path: Path) -> np.ndarray:
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return np.stack(frames)
-
-
 def test_watch_steer_rewind_and_download(studio_url, browser, shots, tmp_path):
     tab = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
     tab.goto(studio_url)
@@ -116,7 +105,7 @@ def test_watch_steer_rewind_and_download(studio_url, browser, shots, tmp_path):
     assert tab.locator("#latency-ms").inner_text() != "–"
     tab.screenshot(path=shots / "02-prompt-changed.png")
     length = settle(tab)
-    switched = read_mp4(download(tab, "#download-mp4", tmp_path / "switched.mp4"))
+    switched = read_video_frames(download(tab, "#download-mp4", tmp_path / "switched.mp4"))
     assert len(switched) == length  # every frame of the branch
 
     # rewind: click the boundary of block 3 (frame 9) with another prompt -> branch 1
@@ -128,7 +117,7 @@ def test_watch_steer_rewind_and_download(studio_url, browser, shots, tmp_path):
     assert tab.locator("#branch option").count() == 2
     tab.screenshot(path=shots / "03-branched.png")
     settle(tab)
-    branch = read_mp4(download(tab, "#download-mp4", tmp_path / "branch.mp4"))
+    branch = read_video_frames(download(tab, "#download-mp4", tmp_path / "branch.mp4"))
     assert np.array_equal(branch[:9], switched[:9]) and not np.array_equal(branch[9:13], switched[9:13])
 
     # the same seed without the switch: the frames before the switch are the same, those after are not
@@ -138,7 +127,7 @@ def test_watch_steer_rewind_and_download(studio_url, browser, shots, tmp_path):
     tab.wait_for_function(f"window.studio.branch === 0 && window.studio.lastFrame >= {switch + 8}",
                           timeout=120_000)
     settle(tab)
-    plain = read_mp4(download(tab, "#download-mp4", tmp_path / "plain.mp4"))
+    plain = read_video_frames(download(tab, "#download-mp4", tmp_path / "plain.mp4"))
     assert np.array_equal(plain[:switch], switched[:switch])
     assert not np.array_equal(plain[switch:switch + 4], switched[switch:switch + 4])
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from oneforcing.pipelines import video_io
-from oneforcing.pipelines.video_io import Mp4Writer, export_to_mp4, to_uint8_frames, video_to_uint8
+from oneforcing.pipelines.video_io import (
+    Mp4Writer, export_to_mp4, read_video_frames, to_uint8_frames, video_to_uint8,
+)
 
 BACKGROUND = np.array([0.1, 0.2, 0.6])  # RGB, bluish
 SQUARE = np.array([1.0, 0.9, 0.0])  # yellow
@@ -59,6 +61,19 @@ def test_written_block_by_block_reads_back(tmp_path):
     back, fps = _read(path)
     assert fps == pytest.approx(16, abs=0.01)
     _assert_matches_clip(back, clip)
+
+
+def test_read_video_frames_gives_rgb_frames(tmp_path):
+    frames = np.zeros((6, 32, 48, 3), dtype=np.uint8)
+    frames[..., 0] = 220  # red
+    path = export_to_mp4(frames, tmp_path / "red.mp4")
+    read = read_video_frames(path)
+    assert read.shape == (6, 32, 48, 3) and read.dtype == np.uint8
+    assert read[..., 0].mean() > 180 and read[..., 2].mean() < 40  # RGB order, not OpenCV's BGR
+    assert read_video_frames(path, max_frames=2).shape == (2, 32, 48, 3)
+    assert read_video_frames(tmp_path / "missing.mp4").shape[0] == 0
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    assert read_video_frames(tmp_path / "junk.mp4").shape[0] == 0
 
 
 def test_export_decoder_output(tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 from ..pipelines.pipeline_one_forcing import OneForcingPipeline
 from ..pipelines.vae_streaming import encode_video
+from ..pipelines.video_io import read_video_frames
 from .config import TrainingConfig
 from .data import NEGATIVE_PROMPT_FILE, write_latent_sample, write_negative_prompt
 from .runner import StageRun
@@ -49,20 +50,15 @@ def read_video(path: Path, num_frames: int, height: int, width: int) -> torch.Te
     """The first ``num_frames`` frames of a video file as [3, T, H, W] in [-1, 1] (cover-scaled, centre-cropped)."""
     import cv2
 
-    capture = cv2.VideoCapture(str(path))
     frames = []
-    while len(frames) < num_frames:
-        ok, frame = capture.read()
-        if not ok:
-            break
+    for frame in read_video_frames(path, num_frames):
         h, w = frame.shape[:2]
         scale = max(height / h, width / w)
         frame = cv2.resize(frame, (max(width, round(w * scale)), max(height, round(h * scale))),
                            interpolation=cv2.INTER_AREA)
         top = (frame.shape[0] - height) // 2
         left = (frame.shape[1] - width) // 2
-        frames.append(cv2.cvtColor(frame[top : top + height, left : left + width], cv2.COLOR_BGR2RGB))
-    capture.release()
+        frames.append(frame[top : top + height, left : left + width])
     if len(frames) < num_frames:
         raise ValueError(f"{path}: has {len(frames)} readable frames, encode.num_frames needs {num_frames}")
     video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float()
