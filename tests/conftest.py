@@ -16,6 +16,21 @@ TINY_TRANSFORMER = dict(
     ffn_dim=128,
     num_layers=2,
 )
+
+
+def write_random_latent_folder(folder, count: int = 4):
+    """``count`` random latent clips [16, 3, 8, 8] with 8x32 prompt embeddings, and the negative prompt, in ``folder``
+    (what ``encode`` writes; seed 0). Returns ``folder``."""
+    from oneforcing.training.data import write_latent_sample, write_negative_prompt
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        write_latent_sample(folder / f"sample_{i:06d}.safetensors", torch.randn(16, 3, 8, 8, generator=g),
+                            torch.randn(8, 32, generator=g), f"clip {i}")
+    write_negative_prompt(folder, torch.zeros(8, 32))
+    return folder
+
+
 WORDS = ["a", "corgi", "surfing", "wave", "red", "circle", "moves", "left", "right", "cat", "on", "the", "beach"]
 
 

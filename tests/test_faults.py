@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER, make_tiny_pipeline
+from conftest import TINY_TRANSFORMER, make_tiny_pipeline, write_random_latent_folder
 from safetensors.torch import load_file, save_file
 
 from oneforcing.pipelines.atomic import is_partial
 from oneforcing.pipelines.checks import ConcurrentUseError
 from oneforcing.pipelines.video_io import export_to_mp4, read_video_frames
-from oneforcing.training.data import write_latent_sample, write_negative_prompt
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 SMALL = ["--height", "32", "--width", "32", "--frames-per-block", "1", "--seed", "3"]
@@ -168,11 +167,7 @@ def test_two_threads_on_one_pipeline_get_a_clear_error():
 @pytest.fixture
 def recipe(tmp_path):
     """A latent folder and a teacher config that saves a checkpoint at every step."""
-    g = torch.Generator().manual_seed(0)
-    for i in range(4):
-        write_latent_sample(tmp_path / "latents" / f"sample_{i:06d}.safetensors", torch.randn(16, 3, 8, 8, generator=g),
-                            torch.randn(8, 32, generator=g), f"clip {i}")
-    write_negative_prompt(tmp_path / "latents", torch.zeros(8, 32))
+    write_random_latent_folder(tmp_path / "latents")
     config = json.loads((CONFIGS / "tiny_cpu.json").read_text())
     config.update(output_dir=str(tmp_path / "run"), data={"latents": str(tmp_path / "latents")})
     config["model"]["architecture"] = dict(TINY_TRANSFORMER)

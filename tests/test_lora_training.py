@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_pipeline
+from conftest import make_tiny_pipeline, write_random_latent_folder
 from safetensors.torch import load_file
 
 from oneforcing.training.__main__ import main
 from oneforcing.training.config import load_config
-from oneforcing.training.data import write_latent_sample, write_negative_prompt
 from oneforcing.training.runner import load_transformer
 
 pytest.importorskip("peft")
@@ -26,11 +25,7 @@ def lora_recipe(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lora_recipe")
-    g = torch.Generator().manual_seed(0)
-    for i in range(4):
-        write_latent_sample(root / "latents" / f"sample_{i:06d}.safetensors", torch.randn(16, 3, 8, 8, generator=g),
-                            torch.randn(8, 32, generator=g), f"clip {i}")
-    write_negative_prompt(root / "latents", torch.zeros(8, 32))
+    write_random_latent_folder(root / "latents")
     config = json.loads((CONFIGS / "tiny_cpu.json").read_text())
     config.update(output_dir=str(root / "run"), data={"latents": str(root / "latents")}, lora={"rank": 4})
     config["teacher"].update(steps=3, log_every=100)
