@@ -203,7 +203,7 @@ def test_cli_quality_run_speed_run_table_and_resume(tmp_path, tiny_folder, one_t
     models = ["--model", "gt=ground-truth", "--model", f"student={model}:steps=2",
               "--model", f"again={model}:steps=2", "--model", f"teacher={model}:sampler=teacher,steps=2,guidance=2"]
     argv = [*models, "--seeds", "0", "1", *TINY, "--device", "auto", "--workers", "0", "--out", str(out),
-            "--markdown", str(table)]
+            "--markdown", str(table), "--compare", "gt:student"]
     handler = signal.getsignal(signal.SIGTERM)
     ev.main([*argv, "--save-videos", str(tmp_path / "videos")])
     assert signal.getsignal(signal.SIGTERM) is handler  # its SIGTERM exit is the run's, not the caller's for good
@@ -226,6 +226,18 @@ def test_cli_quality_run_speed_run_table_and_resume(tmp_path, tiny_folder, one_t
     assert any(line.startswith("| student |") for line in lines)
     assert any(line.startswith("| gt | 1.000 ± 0.000 | 1.000") for line in lines)
     assert len(list((tmp_path / "videos").glob("*/*.mp4"))) == 8
+    # the paired sharpness test: ground truth against the untrained model's noise-free blur, clip by clip
+    sharpness = {name: [c["edge_sharpness"] for c in results["models"][name]["clips"]] for name in ("gt", "student")}
+    higher = sum(a > b for a, b in zip(sharpness["gt"], sharpness["student"]))
+    assert f"- paired test, edge sharpness: gt vs student over the same 2 (prompt, seed) clips" in table.read_text()
+    assert f"gt higher in {higher} of 2; one-sided sign-flip permutation p = " in table.read_text()
+    compared = ev.paired_comparison(results, "gt", "student")
+    differences = np.subtract(sharpness["gt"], sharpness["student"])
+    assert compared["p_one_sided"] == metrics.paired_sign_flip_p(differences)
+    with pytest.raises(SystemExit, match="no model 'nope'"):
+        ev.main(["--tabulate", "--out", str(out), "--compare", "gt:nope"])
+    with pytest.raises(SystemExit, match="FIRST:SECOND"):
+        ev.main(["--tabulate", "--out", str(out), "--compare", "gt"])
 
     # speed on its own, then merged into the quality table as a column
     speed = tmp_path / "speed.json"
@@ -291,3 +303,24 @@ def test_prompt_list_gives_seen_or_heldout_combinations(tmp_path):
     assert heldout == world.heldout_prompts(6, seed=1)
     with pytest.raises(ValueError, match="'heldout', 'seen' or a text file"):
         ev.prompt_list(str(tmp_path / "missing.txt"), 2)
+
+
+def test_paired_sign_flip_test():
+    # every one of 10 pairs favours the first: only the all-positive sign pattern reaches the observed mean
+    assert metrics.paired_sign_flip_p(np.linspace(0.1, 1.0, 10)) == pytest.approx(1 / 1024)
+    assert metrics.paired_sign_flip_p(-np.linspace(0.1, 1.0, 10)) == pytest.approx(1.0)
+    assert metrics.paired_sign_flip_p([0.0, 0.0, 0.0]) == 1.0  # no difference at all is no evidence
+    symmetric = np.array([1.0, -1.0, 2.0, -2.0, 0.5, -0.5])
+    assert 0.5 <= metrics.paired_sign_flip_p(symmetric) < 0.7
+    rng = np.random.default_rng(0)
+    shifted = rng.normal(0.5, 1.0, size=60)  # a real shift, seen through noise: the Monte Carlo branch
+    assert metrics.paired_sign_flip_p(shifted) < 0.01
+    assert metrics.paired_sign_flip_p(rng.normal(0.0, 1.0, size=60)) > 0.05
+    # the Monte Carlo branch agrees with the exact count where both apply
+    twelve = rng.normal(0.3, 1.0, size=12)
+    exact = metrics.paired_sign_flip_p(twelve)
+    assert 0.01 < exact < 0.9 and exact * 4096 == pytest.approx(round(exact * 4096))  # a count of the 4096 patterns
+    assert metrics.paired_sign_flip_p(twelve, exact_up_to=0) == pytest.approx(exact, abs=0.005)
+    for bad in ([], [1.0, float("nan")], [[1.0]]):
+        with pytest.raises(ValueError, match="finite differences"):
+            metrics.paired_sign_flip_p(bad)

@@ -364,3 +364,17 @@ def test_object_weight_raises_the_loss_of_errors_on_objects_only():
     a, _ = dc.vae_loss(vae, flat, dc.VaeLossWeights(), torch.Generator().manual_seed(0))
     b, _ = dc.vae_loss(vae, flat, dc.VaeLossWeights(objects=4.0), torch.Generator().manual_seed(0))
     assert a.item() == pytest.approx(b.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_clip_drawn_on_the_gpu_is_the_cpu_clip():
+    on_cpu, caption, _ = world.render_clip(7, "train", 17, 64, 64)
+    on_gpu, same_caption, _ = world.render_clip(7, "train", 17, 64, 64, device="cuda")
+    assert on_gpu.device.type == "cuda" and same_caption == caption
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-5, rtol=0)
+
+
+def test_the_device_argument_draws_there():
+    default, _, _ = world.render_clip(3, "train", 5, 32, 32)
+    explicit, _, _ = world.render_clip(3, "train", 5, 32, 32, device=torch.device("cpu"))
+    assert torch.equal(default, explicit) and explicit.device.type == "cpu"

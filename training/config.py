@@ -52,9 +52,14 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    """``latents``: folder of ``sample_*.safetensors`` (see :mod:`.data`); null = ``<output_dir>/latents``."""
+    """``latents``: folder of ``sample_*.safetensors`` (see :mod:`.data`); null = ``<output_dir>/latents``.
+
+    ``stream``: the teacher stage renders new world clips for every batch and encodes them with the ``encode``
+    section's components and sizes instead of reading ``latents`` (:mod:`.stream`: no clip is seen twice).
+    """
 
     latents: str | None = None
+    stream: bool = False
 
 
 @dataclass

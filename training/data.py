@@ -155,3 +155,22 @@ def batch_indices(
         order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(order[offset]))
     return out
+
+
+class FolderBatches:
+    """A latent folder as the teacher stage's batches: ``batch(step)`` (1-based) collates the folder's samples at
+    :func:`batch_indices` of that step; the same interface as :class:`.stream.WorldLatentStream`."""
+
+    def __init__(self, folder: LatentFolder, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.folder, self.batch_size, self.seed, self.rank, self.world_size = folder, batch_size, seed, rank, world_size
+
+    def negative_prompt_embeds(self) -> torch.Tensor:
+        return self.folder.negative_prompt_embeds()
+
+    def describe(self) -> str:
+        return f"{len(self.folder)} clips in {self.folder.folder}"
+
+    def batch(self, step: int) -> dict:
+        index = batch_indices(len(self.folder), self.batch_size, step - 1, seed=self.seed, rank=self.rank,
+                              world_size=self.world_size)
+        return self.folder.collate([self.folder[i] for i in index])

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The demo model on ONE GPU, as calls of at most ~9 minutes (issue 20's recipe; benchmarks/results/demo_diagnosis.md
 # says why): first a VAE that keeps the objects' colour and shape (trained with extra weight on object pixels and
-# checked by the adherence metrics on its round trips of ground-truth clips), then a teacher on many more distinct
-# clips than the first demo model's 1024, then the students. The tokenizer and text encoder are the shipped ones (the
-# diagnosis found they keep every word apart). Run the phases in order; repeat a phase while it says "not finished"
-# (every stage resumes):
+# checked by the adherence metrics on its round trips of ground-truth clips), then a teacher on clips rendered on the
+# fly (data.stream: it never sees a clip twice), then the students. The tokenizer and text encoder are the shipped
+# ones (the diagnosis found they keep every word apart). Run the phases in order, one call or several (PHASE takes a
+# list, e.g. PHASE="ode students"); repeat a phase while it says "not finished" (every stage resumes):
 #
 #   PHASE=vae      bash training/demo_model_1gpu.sh  # fine-tune the VAE (VAE_INIT, default the shipped one; empty:
 #                                                    # a fresh VAE) for VAE_SECONDS, then its round-trip check
-#   PHASE=teacher  bash training/demo_model_1gpu.sh  # encode NUM_SAMPLES clips (kept: a later call on the same
-#                                                    # machine skips them), teacher for TEACHER_SECONDS, then its
-#                                                    # evaluation on seen and held-out prompts
-#   PHASE=ode      bash training/demo_model_1gpu.sh  # ODE pairs and frame-wise + chunk-wise ODE initialisations
-#   PHASE=students bash training/demo_model_1gpu.sh  # frame-wise One-Forcing, frame-wise DMD-only, chunk-wise
+#   PHASE=teacher  bash training/demo_model_1gpu.sh  # teacher for TEACHER_SECONDS on streamed clips (STREAM=0: on
+#                                                    # NUM_SAMPLES encoded clips), then its evaluation on seen and
+#                                                    # held-out prompts
+#   PHASE=ode      bash training/demo_model_1gpu.sh  # 1024 encoded clips (the later stages' prompts and real data),
+#                                                    # ODE pairs, frame-wise + chunk-wise ODE initialisations
+#   PHASE=students bash training/demo_model_1gpu.sh  # STUDENTS (default: framewise framewise_nogan chunkwise):
+#                                                    # frame-wise One-Forcing, frame-wise DMD-only, chunk-wise
 #                                                    # One-Forcing, DISTILL_SECONDS each
 #   PHASE=evaluate bash training/demo_model_1gpu.sh  # all rows of training/evaluate_demo.sh, seen and held-out
 #
@@ -21,94 +23,117 @@
 # with tokenizer/, text_encoder/, vae/; default $RUN/parts when it exists, else models/oneforcing-demo) and the
 # other phases' models from BASE (their pieces or an unpacked pack; default $RUN/pack). Latents, checkpoints and the
 # VAE's training state stay in RUN (default /tmp/oneforcing_demo) and survive between calls only while the machine
-# does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12,400x128x33x4), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (400), VAE_ARGS (more
-# demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip check), NUM_SAMPLES
-# (8192), TEACHER_SECONDS (240), TEACHER_STEPS (6000), ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), EVAL_SEEDS
-# ("0 1 2 3 4 5"), EVAL_PROMPTS (8), EVAL_EXTRA (more evaluate arguments; FRAMES, SIZE, WORKERS, THREADS of
-# training/evaluate_demo.sh pass through), WHEELS (diffusers' wheel when it is not installed), EXTRA (more config
-# overrides for every stage).
+# does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6), VAE_OBJECT_WEIGHT (4), VAE_SECONDS
+# (400), VAE_ARGS (more demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip
+# check), STREAM (1), NUM_SAMPLES (8192, with STREAM=0), TEACHER_SECONDS (240), TEACHER_STEPS (6000),
+# ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), STUDENTS, EVAL_SEEDS ("0 1 2 3 4 5"), EVAL_PROMPTS (8), EVAL_EXTRA
+# (more evaluate arguments; FRAMES, SIZE, WORKERS, THREADS of training/evaluate_demo.sh pass through), WHEELS
+# (diffusers' wheel when it is not installed), EXTRA (more config overrides for every stage).
 set -euo pipefail
 source "$(dirname "$0")/demo_lib.sh"  # the repository root as working folder, RUN, CONFIG, PY, run_stage, half...
-PHASE=${PHASE:?set PHASE=vae, teacher, ode, students or evaluate}
+PHASES=${PHASE:?set PHASE to vae, teacher, ode, students or evaluate (or several, in that order)}
 VAE_INIT=${VAE_INIT-models/oneforcing-demo/vae}  # set it empty for a fresh VAE
-if [ "$PHASE" = vae ]; then  # the shipped tokenizer and text encoder; the VAE fine-tuned (or trained afresh)
+
+vae_phase() {  # the shipped tokenizer and text encoder; the VAE fine-tuned (or trained afresh), then its check
   mkdir -p "$RUN/parts" && cp -rn models/oneforcing-demo/tokenizer models/oneforcing-demo/text_encoder "$RUN/parts/"
   run_stage vae $PY -m oneforcing.training.demo_components --out "$RUN/parts" --parts vae \
-      --vae-stages "${VAE_STAGES:-1200x64x5x32,600x128x9x12,400x128x33x4}" --vae-object-weight "${VAE_OBJECT_WEIGHT:-4}" \
-      --vae-max-seconds "${VAE_SECONDS:-400}" --eval-clips 4 --stat-clips 8 ${VAE_INIT:+--vae-init "$VAE_INIT"} \
-      ${VAE_ARGS:-}
+      --vae-stages "${VAE_STAGES:-1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6}" \
+      --vae-object-weight "${VAE_OBJECT_WEIGHT:-4}" --vae-max-seconds "${VAE_SECONDS:-400}" --eval-clips 4 \
+      --stat-clips 8 ${VAE_INIT:+--vae-init "$VAE_INIT"} ${VAE_ARGS:-}
   run_stage vae-check $PY benchmarks/demo_diagnosis.py components --pipeline "$RUN/parts" \
       --size "${VAE_CHECK_SIZE:-81x128x128}" --seeds 0 1 --json "$RUN/parts/diagnosis.json"
   cp -r "$RUN/parts/tokenizer" "$RUN/parts/text_encoder" "$RUN/parts/vae" "$RUN/parts"/*.json "$RUN/pack/"
   ship
-  exit 0
-fi
-[ -d "$RUN/parts/vae" ] && DEFAULT_PARTS=$RUN/parts || DEFAULT_PARTS=models/oneforcing-demo
-parts_settings "${PARTS:-$DEFAULT_PARTS}"
-BASE=${BASE:-$RUN/pack}
+}
+use_parts() {  # PARTS, COMMON and BASE for the phases after the VAE's
+  local default=models/oneforcing-demo
+  [ -d "$RUN/parts/vae" ] && default=$RUN/parts
+  parts_settings "${PARTS:-$default}"
+  BASE=${BASE:-$RUN/pack}
+}
 model_dir() {  # name -> its folder: unpacked from BASE's pieces, or BASE/name
   local unpacked
   unpacked=$(unpack "$BASE" "$1")
   if [ -d "$unpacked/$1" ]; then echo "$unpacked/$1"; else echo "$BASE/$1"; fi
+}
+encode() {  # clips -> $RUN/latents (kept: a later call on the same machine skips those already there)
+  run_stage encode $PY -m oneforcing.training encode --config "$CONFIG" output_dir="$RUN" \
+      encode.num_samples="$1" "${COMMON[@]}" ${EXTRA:-}
 }
 evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-out quality into $RUN/eval
   local pipeline=$RUN/eval_pipeline  # the parts as a pipeline folder (the rows bring their own transformers)
   [ -f "$pipeline/model_index.json" ] || $PY -m oneforcing.training.assemble_demo --parts "$PARTS" \
       --transformer "$1/teacher" --out "$pipeline" --max-mb 0
   for split in seen heldout; do
-    EXTRA=${EVAL_EXTRA:-} ONLY=${2:+gt $2} SPLIT=$split SEEDS="${EVAL_SEEDS:-0 1 2 3 4 5}" \
+    # TEACHER_STEPS here counts training steps; the evaluation's teacher samples with the recipe's 32 Euler steps
+    EXTRA=${EVAL_EXTRA:-} ONLY=${2:+gt $2} SPLIT=$split SEEDS="${EVAL_SEEDS:-0 1 2 3 4 5}" TEACHER_STEPS=32 \
         PROMPTS="${EVAL_PROMPTS:-8}" PIPELINE="$pipeline" bash training/evaluate_demo.sh "$1" "$RUN/eval"
   done
-  mkdir -p "${OUT:-$RUN}/eval" && cp "$RUN"/eval/quality*.{json,md} "${OUT:-$RUN}/eval/"
+  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/eval" && cp "$RUN"/eval/quality*.{json,md} "$OUT/eval/"; fi
 }
-if [ "$PHASE" != evaluate ]; then  # the teacher learns from NUM_SAMPLES clips; the later stages need 1024 (prompts)
-  SAMPLES=$([ "$PHASE" = teacher ] && echo "${NUM_SAMPLES:-8192}" || echo 1024)
-  run_stage encode $PY -m oneforcing.training encode --config "$CONFIG" output_dir="$RUN" \
-      encode.num_samples="$SAMPLES" "${COMMON[@]}" ${EXTRA:-}
-fi
-
-if [ "$PHASE" = teacher ]; then
-  STEPS=${TEACHER_STEPS:-6000}
+teacher_phase() {
+  local steps=${TEACHER_STEPS:-6000} data=(data.stream=true)
+  if [ "${STREAM:-1}" = 0 ]; then encode "${NUM_SAMPLES:-8192}"; data=(); fi
   run_stage teacher $PY -m oneforcing.training teacher --config "$CONFIG" output_dir="$RUN" "${COMMON[@]}" \
-      teacher.steps="$STEPS" teacher.max_seconds="${TEACHER_SECONDS:-240}" teacher.save_every=500 ${EXTRA:-}
+      "${data[@]}" teacher.steps="$steps" teacher.max_seconds="${TEACHER_SECONDS:-240}" teacher.save_every=500 \
+      ${EXTRA:-}
   half "$RUN/teacher/final/transformer_ema" "$RUN/pack/teacher"
   ship_folder teacher
-  grep -q '"steps": \?'"$STEPS"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
+  grep -q '"steps": \?'"$steps"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
   evaluate "$RUN/pack" teacher
-elif [ "$PHASE" = ode ]; then
-  TEACHER=$(model_dir teacher)
-  SET=(ode_pairs.teacher="$TEACHER" ode_init.init="$TEACHER" ode_init.max_seconds="${ODE_INIT_SECONDS:-150}"
-       "${COMMON[@]}" ${EXTRA:-})
+}
+ode_phase() {
+  encode 1024
+  local teacher name stage
+  teacher=$(model_dir teacher)
+  local set=(ode_pairs.teacher="$teacher" ode_init.init="$teacher" ode_init.max_seconds="${ODE_INIT_SECONDS:-150}"
+             "${COMMON[@]}" ${EXTRA:-})
   for layout in framewise:1 chunkwise:3; do
     name=${layout%%:*}
     for stage in ode-pairs ode-init; do
       run_stage "$stage-$name" $PY -m oneforcing.training "$stage" --config "$CONFIG" output_dir="$RUN/$name" \
-          model.frames_per_block="${layout#*:}" "${SET[@]}"
+          model.frames_per_block="${layout#*:}" "${set[@]}"
     done
     half "$RUN/$name/ode_init/final/generator" "$RUN/pack/ode_init_$name"
     ship_folder "ode_init_$name"
   done
-elif [ "$PHASE" = students ]; then
-  SET=("${COMMON[@]}" distill.teacher="$(model_dir teacher)" distill.max_seconds="${DISTILL_SECONDS:-150}" ${EXTRA:-})
-  distill() {  # name, ODE initialisation, overrides...: one student, shipped when done
-    local name=$1 init=$2; shift 2
-    run_stage "distill-$name" $PY -m oneforcing.training distill --config "$CONFIG" "${SET[@]}" \
-        output_dir="$RUN/$name" distill.generator="$(model_dir "$init")" "$@"
-    half "$RUN/$name/distill/final/generator_ema" "$RUN/pack/$name"
-    ship_folder "$name"
-  }
-  distill framewise ode_init_framewise
-  distill framewise_nogan ode_init_framewise --no-gan
-  distill chunkwise ode_init_chunkwise model.frames_per_block=3 distill.gan.feature_layers="[5]"
-elif [ "$PHASE" = evaluate ]; then
+}
+distill() {  # name, ODE initialisation, overrides...: one student, shipped when done
+  local name=$1 init=$2; shift 2
+  run_stage "distill-$name" $PY -m oneforcing.training distill --config "$CONFIG" "${COMMON[@]}" \
+      distill.teacher="$(model_dir teacher)" distill.max_seconds="${DISTILL_SECONDS:-150}" ${EXTRA:-} \
+      output_dir="$RUN/$name" distill.generator="$(model_dir "$init")" "$@"
+  half "$RUN/$name/distill/final/generator_ema" "$RUN/pack/$name"
+  ship_folder "$name"
+}
+students_phase() {
+  encode 1024
+  local name
+  for name in ${STUDENTS:-framewise framewise_nogan chunkwise}; do
+    case $name in
+      framewise) distill framewise ode_init_framewise ;;
+      framewise_nogan) distill framewise_nogan ode_init_framewise --no-gan ;;
+      chunkwise) distill chunkwise ode_init_chunkwise model.frames_per_block=3 distill.gan.feature_layers="[5]" ;;
+      *) echo "STUDENTS: unknown student $name (framewise, framewise_nogan, chunkwise)"; exit 2 ;;
+    esac
+  done
+}
+evaluate_phase() {
+  local name
   for name in teacher framewise framewise_nogan chunkwise; do
     [ -d "$RUN/pack/$name" ] || cp -r "$(model_dir "$name")" "$RUN/pack/$name"
   done
   evaluate "$RUN/pack" ""
-else
-  echo "PHASE must be teacher, ode, students or evaluate, not $PHASE"; exit 2
-fi
-for d in "$RUN" "$RUN"/{framewise,chunkwise,framewise_nogan}; do
-  [ -d "$d" ] && $PY -m oneforcing.training.report "$d" 2>/dev/null || true
+}
+
+for PHASE in $PHASES; do
+  case $PHASE in
+    vae) vae_phase; continue ;;
+    teacher|ode|students|evaluate) use_parts; "${PHASE}_phase" ;;
+    *) echo "PHASE must be vae, teacher, ode, students or evaluate, not $PHASE"; exit 2 ;;
+  esac
+  for d in "$RUN" "$RUN"/{framewise,chunkwise,framewise_nogan}; do
+    [ -d "$d" ] && $PY -m oneforcing.training.report "$d" 2>/dev/null || true
+  done
+  stamp "$PHASE done"
 done
-stamp "done"

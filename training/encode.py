@@ -84,17 +84,23 @@ def list_clips(config: TrainingConfig) -> list:
     return clips[: e.num_samples] if e.num_samples > 0 else clips
 
 
-def load_clip(config: TrainingConfig, clip) -> tuple[torch.Tensor, str]:
-    e = config.encode
-    if e.source == "world":
-        from . import world
+def render_world_clip(config: TrainingConfig, seed: int, device=None) -> tuple[torch.Tensor, str]:
+    """(video [3, T, H, W] in [-1, 1] on ``device``, caption) of the world scene ``seed``, as the ``encode`` section
+    sets it up."""
+    from . import world
 
-        video, caption, _ = world.render_clip(
-            config.seed * 1_000_000 + clip, e.world_split, e.num_frames, e.height, e.width,
-            e.world_two_object_prob, e.world_texture_prob,
-            background_rgb=tuple(e.world_background_rgb) if e.world_background_rgb else None,
-        )
-        return video, caption
+    e = config.encode
+    video, caption, _ = world.render_clip(
+        seed, e.world_split, e.num_frames, e.height, e.width, e.world_two_object_prob, e.world_texture_prob,
+        background_rgb=tuple(e.world_background_rgb) if e.world_background_rgb else None, device=device,
+    )
+    return video, caption
+
+
+def load_clip(config: TrainingConfig, clip) -> tuple[torch.Tensor, str]:
+    if config.encode.source == "world":
+        return render_world_clip(config, config.seed * 1_000_000 + clip)
+    e = config.encode
     path, caption = clip
     return read_video(path, e.num_frames, e.height, e.width), caption
 

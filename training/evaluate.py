@@ -485,6 +485,37 @@ def _model_lines(results: dict) -> list[str]:
     return lines
 
 
+def paired_comparison(results: dict, first: str, second: str, key: str = "edge_sharpness") -> dict:
+    """``first`` vs ``second`` on the per-clip figure ``key``, paired by (prompt, seed): how many pairs, the means,
+    how often ``first`` is higher, and the one-sided sign-flip permutation p-value that it is higher on average."""
+    missing = [name for name in (first, second) if name not in results["models"]]
+    if missing:
+        raise ValueError(f"--compare: no model {missing[0]!r} in the results (have {sorted(results['models'])})")
+    clips = [{(c["prompt"], c["seed"]): c[key] for c in results["models"][name]["clips"]} for name in (first, second)]
+    pairs = sorted(clips[0].keys() & clips[1].keys())
+    if not pairs:
+        raise ValueError(f"--compare: {first} and {second} share no (prompt, seed) clip")
+    a = np.array([clips[0][p] for p in pairs])
+    b = np.array([clips[1][p] for p in pairs])
+    return {"first": first, "second": second, "key": key, "pairs": len(pairs), "mean_first": float(a.mean()),
+            "mean_second": float(b.mean()), "first_higher": int(np.sum(a > b)),
+            "p_one_sided": metrics.paired_sign_flip_p(a - b)}
+
+
+def _comparison_lines(results: dict) -> list[str]:
+    lines = []
+    for first, second in results["settings"].get("compare") or []:
+        if not {first, second} <= results["models"].keys():
+            continue  # a run still making one of them
+        c = paired_comparison(results, first, second)
+        lines.append(
+            f"- paired test, {c['key'].replace('_', ' ')}: {first} vs {second} over the same {c['pairs']} (prompt, "
+            f"seed) clips: means {c['mean_first']:.4f} vs {c['mean_second']:.4f}, {first} higher in "
+            f"{c['first_higher']} of {c['pairs']}; one-sided sign-flip permutation p = {c['p_one_sided']:.2g}"
+        )
+    return lines
+
+
 def markdown_table(results: dict, speed: dict | None = None) -> str:
     """Rows = models. Quality results: adherence accuracies, ratios to ground truth, identity, frames/s (of this run
     and, with ``speed``, of a ``--speed-only`` run, models matched by name). Speed results: frames/s only."""
@@ -518,7 +549,7 @@ def markdown_table(results: dict, speed: dict | None = None) -> str:
         if speed is not None:
             cells.append(_fps(speed["models"].get(name, {}).get("fps")))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [""] + _model_lines(results) + [
+    lines += [""] + _model_lines(results) + _comparison_lines(results) + [
         "",
         "background acc: fraction of clips whose dominant background colour is the caption's. "
         "colour/shape/motion acc: fraction of the caption's objects recovered from the frames with that attribute "
@@ -586,6 +617,14 @@ def read_results(path: Path, what: str) -> dict:
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
+def parse_comparison(text: str) -> list[str]:
+    """"FIRST:SECOND" -> [FIRST, SECOND] (two model names)."""
+    names = text.split(":")
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise ValueError(f"--compare takes FIRST:SECOND, two different model names, got {text!r}")
+    return names
+
+
 def check_video_size(size: VideoSize, what: str = "--num-frames/--height/--width") -> None:
     """The world's size rule (:func:`.world.check_size`), the error naming the options."""
     try:
@@ -638,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="keep the models that --out already holds with the same request and settings")
     parser.add_argument("--save-videos", type=Path, default=None, help="also write every clip as DIR/NAME/*.mp4")
+    parser.add_argument("--compare", action="append", default=None, metavar="FIRST:SECOND",
+                        help="add a paired test of per-clip edge sharpness (FIRST sharper than SECOND) to the table; "
+                             "repeatable; with --tabulate it replaces the comparisons of --out")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="results table (Markdown)")
     return parser
@@ -650,8 +692,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: --out must be a .json file, got {args.out}")
     try:
         speed = read_results(args.speed_from, "--speed-from") if args.speed_from else None
+        compare = [parse_comparison(text) for text in args.compare] if args.compare is not None else None
         if args.tabulate:
             results = read_results(args.out, "--out")
+            if compare is not None:
+                for first, second in compare:
+                    paired_comparison(results, first, second)  # names a model the results lack: say so
+                results["settings"]["compare"] = compare
             log(write_outputs(results, args.out, args.markdown, speed))
             return results
         if not args.model:
@@ -689,7 +736,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "warmup": args.warmup,
             "warmup_frames": warmup_size.num_frames, "colour_tolerance": args.colour_tolerance,
             "speed_clips": args.speed_clips if args.speed_only else None,
-            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "compare": compare or [],
         }
         previous = {}
         if args.resume and args.out.is_file():

@@ -12,7 +12,8 @@
 #   framewise_4step  the frame-wise One-Forcing student sampled with 4 steps (1000, 750, 500, 250 before the warp)
 #   teacher          the bidirectional teacher: TEACHER_STEPS Euler steps, shift TEACHER_SHIFT, guidance
 #                    TEACHER_GUIDANCE (training/configs/demo.json ode_pairs: 32, 8, 3)
-# Outputs in OUT (default: $OUT, else runs/eval_demo): quality.json + quality.md (MODE=quality, the default) or
+# Outputs in OUT (default: $OUT, else runs/eval_demo): quality.json + quality.md (MODE=quality, the default; with the
+# paired test of framewise_1step against dmd_1step edge sharpness when both rows are there) or
 # speed.json + speed.md (MODE=speed; also table.md = the quality table with a CPU frames/s column when
 # OUT/quality.json exists). Both files are rewritten after every model, so a run stopped by `timeout` keeps the
 # finished models; running the same command again resumes (--resume) with the models still missing.
@@ -82,7 +83,8 @@ elif [ "$MODE" = quality ]; then
   fi
   $PY -m oneforcing.training.evaluate "${ARGS[@]}" "${COMMON[@]}" --device "${DEVICE:-auto}" --warmup 1 \
       --workers "$WORKERS" ${THREADS:+--threads "$THREADS"} ${SAVE_VIDEOS:+--save-videos "$SAVE_VIDEOS"} \
-      --out "$DEST/quality$SUFFIX.json" --markdown "$DEST/quality$SUFFIX.md" ${EXTRA:-}
+      --compare framewise_1step:dmd_1step --out "$DEST/quality$SUFFIX.json" --markdown "$DEST/quality$SUFFIX.md" \
+      ${EXTRA:-}
 else
   echo "MODE must be quality or speed, not $MODE"; exit 2
 fi

@@ -288,6 +288,29 @@ def edge_sharpness(video) -> float:
     return squares / weights if weights > 0 else 0.0
 
 
+def paired_sign_flip_p(differences, draws: int = 200_000, seed: int = 0, exact_up_to: int = 16) -> float:
+    """One-sided p-value that paired ``differences`` (first minus second, one per pair) have a mean above 0.
+
+    A sign-flip permutation test: under "no difference" each pair's sign is a coin flip, so p is the share of sign
+    patterns whose mean is at least the observed one -- over all 2^n patterns when n <= ``exact_up_to``, else
+    ``draws`` random ones (``(hits + 1) / (draws + 1)``, seeded). Needs no normality and no equal variances.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0 or not np.isfinite(d).all():
+        raise ValueError(f"need a non-empty 1-D array of finite differences, got shape {d.shape}")
+    observed = d.mean()
+    tolerance = 1e-12 * max(1.0, np.abs(d).max())  # ties with the observed mean count as hits
+    if len(d) <= exact_up_to:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+        return float(np.mean((signs * d).mean(axis=1) >= observed - tolerance))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, draws, 10_000):
+        signs = rng.choice((-1.0, 1.0), size=(min(10_000, draws - start), len(d)))
+        hits += int(np.sum((signs * d).mean(axis=1) >= observed - tolerance))
+    return (hits + 1) / (draws + 1)
+
+
 def flicker(video) -> float:
     """Mean absolute difference between consecutive frames (0..1 intensities); 0 for a single frame."""
     frames = as_frames(video)

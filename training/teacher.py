@@ -16,11 +16,12 @@ import torch
 
 from ..pipelines.layout import BlockLayout
 from .config import TrainingConfig
-from .data import LatentFolder, batch_indices
+from .data import FolderBatches, LatentFolder
 from .flow import add_noise, randn, sample_timesteps
 from .losses import flow_matching_loss
 from .runner import StageRun, load_transformer
 from .single_model import train_single_model
+from .stream import WorldLatentStream
 
 
 def teacher_loss(
@@ -57,16 +58,15 @@ def drop_captions(
 def train_teacher(config: TrainingConfig, resume: str = "auto") -> dict:
     section = config.teacher
     run = StageRun(config, "teacher", resume, section.log_every)
-    data = LatentFolder(config.latents_dir())
+    data = WorldLatentStream(config, run.device, section.batch_size, run.rank, run.world_size) if config.data.stream \
+        else FolderBatches(LatentFolder(config.latents_dir()), section.batch_size, config.seed, run.rank, run.world_size)
     negative = data.negative_prompt_embeds().to(run.device, torch.float32) if section.caption_dropout > 0 else None
     model = load_transformer(section.init, config, what="teacher", trained=True)
-    run.print(f"[teacher] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(data)} clips, "
+    run.print(f"[teacher] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {data.describe()}, "
               f"{run.world_size} process(es) on {run.device}")
 
     def loss_fn(model, step, generator):
-        index = batch_indices(len(data), section.batch_size, step - 1, seed=config.seed, rank=run.rank,
-                              world_size=run.world_size)
-        batch = data.collate([data[i] for i in index])
+        batch = data.batch(step)
         latents = batch["latents"].to(run.device, torch.float32)
         embeds = drop_captions(batch["prompt_embeds"].to(run.device, torch.float32), negative, section.caption_dropout, generator)
         timesteps = sample_timesteps(

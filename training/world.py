@@ -305,17 +305,18 @@ def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: torch.Te
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def _background(scene: Scene, height: int, width: int) -> torch.Tensor:
+def _background(scene: Scene, height: int, width: int, device=None) -> torch.Tensor:
     """[3, H, W] in 0..1."""
-    colour = torch.tensor(scene.background_rgb or BACKGROUNDS[scene.background], dtype=torch.float32).view(3, 1, 1)
-    ys = torch.arange(height).view(-1, 1) // TEXTURE_PERIOD
-    xs = torch.arange(width).view(1, -1) // TEXTURE_PERIOD
+    colour = torch.tensor(scene.background_rgb or BACKGROUNDS[scene.background], dtype=torch.float32, device=device)
+    colour = colour.view(3, 1, 1)
+    ys = torch.arange(height, device=device).view(-1, 1) // TEXTURE_PERIOD
+    xs = torch.arange(width, device=device).view(1, -1) // TEXTURE_PERIOD
     if scene.texture == "checkered":
         pattern = ((ys + xs) % 2).float()
     elif scene.texture == "striped":
         pattern = (xs % 2).float().expand(height, width)
     elif scene.texture == "plain":
-        pattern = torch.full((height, width), 0.5)
+        pattern = torch.full((height, width), 0.5, device=device)
     else:
         raise ValueError(f"unknown texture {scene.texture!r}; known: {TEXTURES}")
     return (colour + TEXTURE_CONTRAST * (pattern - 0.5)).clamp(0, 1).expand(3, height, width)
@@ -327,27 +328,29 @@ def render(
     height: int = 128,
     width: int = 128,
     frames: slice | np.ndarray | list[int] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, list[ObjectTruth]]:
     """Render a scene: video [3, T', H, W] in [-1, 1] and per-object truth for those frames.
 
     ``frames`` picks frames of the ``num_frames``-frame clip (e.g. a window of 5 for VAE training); T' is their count.
-    Objects are drawn in order, the later on top.
+    Objects are drawn in order, the later on top. ``device``: where the video is drawn (default the CPU; the same
+    picture on any device, to float rounding).
     """
     check_size(num_frames, height, width)
     index = np.arange(num_frames)[frames] if frames is not None else np.arange(num_frames)
     index = np.atleast_1d(index)
-    ys = torch.arange(height, dtype=torch.float32).view(1, -1, 1) + 0.5
-    xs = torch.arange(width, dtype=torch.float32).view(1, 1, -1) + 0.5
-    video = _background(scene, height, width).unsqueeze(1).repeat(1, len(index), 1, 1)  # [3, T, H, W]
+    ys = torch.arange(height, dtype=torch.float32, device=device).view(1, -1, 1) + 0.5
+    xs = torch.arange(width, dtype=torch.float32, device=device).view(1, 1, -1) + 0.5
+    video = _background(scene, height, width, device).unsqueeze(1).repeat(1, len(index), 1, 1)  # [3, T, H, W]
     truths = []
     for obj in scene.objects:
         centers, sizes = object_track(obj, num_frames, height, width)
         centers, sizes = centers[index], sizes[index]
-        c = torch.from_numpy(centers).float()
-        r = torch.from_numpy(sizes).float().view(-1, 1, 1)
+        c = torch.from_numpy(centers).float().to(device)
+        r = torch.from_numpy(sizes).float().view(-1, 1, 1).to(device)
         distance = _signed_distance(obj.shape, xs - c[:, 0].view(-1, 1, 1), ys - c[:, 1].view(-1, 1, 1), r)
         alpha = (0.5 - distance).clamp(0, 1)  # area coverage of a pixel by a straight edge, to first order
-        colour = torch.tensor(COLOURS[obj.colour], dtype=torch.float32).view(3, 1, 1, 1)
+        colour = torch.tensor(COLOURS[obj.colour], dtype=torch.float32, device=device).view(3, 1, 1, 1)
         video = torch.lerp(video, colour, alpha.unsqueeze(0))
         truths.append(ObjectTruth(obj.shape, obj.colour, obj.motion, centers, sizes))
     return video * 2 - 1, truths
@@ -363,11 +366,12 @@ def render_clip(
     texture_prob: float = 0.3,
     caption: str | None = None,
     background_rgb: tuple[float, float, float] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, str, Truth]:
-    """(video [3, T, H, W] in [-1, 1], caption, truth) of the scene ``sample_scene(seed, split, ...)``;
+    """(video [3, T, H, W] in [-1, 1], on ``device``, caption, truth) of the scene ``sample_scene(seed, split, ...)``;
     ``background_rgb`` (0..1) paints every background that colour while the caption still names the usual one."""
     scene = replace(sample_scene(seed, split, two_object_prob, texture_prob, caption), background_rgb=background_rgb)
-    video, objects = render(scene, num_frames, height, width)
+    video, objects = render(scene, num_frames, height, width, device=device)
     truth = Truth(scene.caption, scene.background, scene.texture, split, seed, objects)
     return video, scene.caption, truth
 
