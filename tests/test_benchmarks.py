@@ -1,6 +1,6 @@
 """The benchmark scripts still run against the library (their GPU-only parts are exercised on the device): the VAE
-benchmark end to end on CPU with a tiny saved VAE, the rollout benchmark's FLOP count, and the comparison with the
-public reference code (when ONEFORCING_REFERENCE_ROOT names a work tree of it)."""
+benchmark end to end on CPU with a tiny saved VAE, the rollout benchmark's FLOP count, the frame-strip tool, and the
+comparison with the public reference code (when ONEFORCING_REFERENCE_ROOT names a work tree of it)."""
 
 import json
 import os
@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_tiny_vae
+
+from oneforcing.training import world
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -148,3 +151,61 @@ def test_memory_table_runs_every_variant_on_cpu(tmp_path):
     for name in ("bf16", "fp8 storage", "model offload", "fp8 storage + model offload", "group offload",
                  "fp8 storage + group offload"):
         assert result[name]["frames"] == 9 and result[name]["seconds"] > 0, name
+
+
+def _solid_clip(colours: list[tuple[int, int, int]], size: int = 32) -> np.ndarray:
+    """uint8 frames [T, size, size, 3], frame t all of colours[t]."""
+    return np.stack([np.full((size, size, 3), colour, np.uint8) for colour in colours])
+
+
+def test_frame_strip_places_each_clips_frames_in_its_row_and_columns():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from frame_strip import frame_strip
+    finally:
+        sys.path.pop(0)
+    first = _solid_clip([(10 * i, 0, 0) for i in range(6)])
+    second = _solid_clip([(0, 10 * i, 0) for i in range(6)])
+    strip = frame_strip([first, second], [1, 5, -1], gap=2)
+    assert strip.shape == (2 * 32 + 2, 3 * 32 + 4, 3)
+    assert tuple(strip[5, 5]) == (10, 0, 0) and tuple(strip[5, 34 + 5]) == (50, 0, 0)
+    assert tuple(strip[34 + 5, 68 + 5]) == (0, 50, 0)
+    assert tuple(strip[32, 5]) == (255, 255, 255)  # the gap between rows
+    with pytest.raises(ValueError, match="no frame 6"):
+        frame_strip([first], [6])
+    with pytest.raises(ValueError, match="clip 1 has frames of 16x16"):
+        frame_strip([first, _solid_clip([(0, 0, 0)], size=16)], [0])
+
+
+def test_frame_strip_command_writes_a_png_of_mp4_frames(tmp_path):
+    import cv2
+
+    from oneforcing.pipelines.video_io import export_to_mp4
+
+    clip = export_to_mp4(_solid_clip([(200, 40, 40)] * 3 + [(40, 40, 200)] * 2), tmp_path / "clip.mp4")
+    out = tmp_path / "strip.png"
+    command = [sys.executable, str(BENCHMARKS / "frame_strip.py"), str(clip), "--frames", "0", "4", "--scale", "2"]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    picture = cv2.imread(str(out))[:, :, ::-1].astype(int)
+    assert picture.shape == (64, 2 * (64 + 4) - 4, 3)
+    assert abs(picture[30, 30] - (200, 40, 40)).max() < 25  # mp4 is lossy: close, not equal
+    assert abs(picture[30, 68 + 30] - (40, 40, 200)).max() < 25
+
+    caption = "a white square moves right on a dark blue background"
+    done = subprocess.run([*command, "--ground-truth", caption, "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    picture = cv2.imread(str(out))[:, :, ::-1].astype(int)
+    assert picture.shape == (2 * (64 + 4) - 4, 2 * (64 + 4) - 4, 3)
+    blue = np.array(world.BACKGROUNDS["dark blue"]) * 255
+    assert abs(picture[2, 2] - blue).max() < 3  # the world's render, first row; the clip below it
+    assert abs(picture[68 + 30, 30] - (200, 40, 40)).max() < 25
+
+    for extra, message in ((["--frames", "9"], "5 frames; no frame 9"),
+                           (["--ground-truth", "a plaid circle moves right on a black background"], "--ground-truth")):
+        done = subprocess.run([*command[:3], *extra, "--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    done = subprocess.run([*command[:2], str(tmp_path / "missing.mp4"), "--out", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "no frames could be read" in done.stderr

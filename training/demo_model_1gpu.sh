@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The demo model on ONE GPU, as calls of at most ~9 minutes (issue 20's recipe; benchmarks/results/demo_diagnosis.md
 # says why): first a VAE that keeps the objects' colour and shape (trained with extra weight on object pixels and
-# checked by the adherence metrics on its round trips of ground-truth clips), then a teacher on clips rendered on the
-# fly (data.stream: it never sees a clip twice), then the students. The tokenizer and text encoder are the shipped
-# ones (the diagnosis found they keep every word apart). Run the phases in order, one call or several (PHASE takes a
-# list, e.g. PHASE="ode students"); repeat a phase while it says "not finished" (every stage resumes):
+# checked by the adherence metrics on its round trips of ground-truth clips), then a teacher on encoded clips (or,
+# with STREAM=1, on clips rendered on the fly: it never sees a clip twice, but a step takes several times as long),
+# then the students. The tokenizer and text encoder are the shipped ones (the diagnosis found they keep every word
+# apart). Run the phases in order, one call or several (PHASE takes a list, e.g. PHASE="ode students"); repeat a
+# phase while it says "not finished" (every stage resumes):
 #
 #   PHASE=vae      bash training/demo_model_1gpu.sh  # fine-tune the VAE (VAE_INIT, default the shipped one; empty:
 #                                                    # a fresh VAE) for VAE_SECONDS, then its round-trip check
-#   PHASE=teacher  bash training/demo_model_1gpu.sh  # teacher for TEACHER_SECONDS on streamed clips (STREAM=0: on
-#                                                    # NUM_SAMPLES encoded clips), then its evaluation on seen and
-#                                                    # held-out prompts
+#   PHASE=teacher  bash training/demo_model_1gpu.sh  # teacher for TEACHER_SECONDS on NUM_SAMPLES encoded clips
+#                                                    # (STREAM=1: on streamed clips), then its evaluation on seen
+#                                                    # and held-out prompts
 #   PHASE=ode      bash training/demo_model_1gpu.sh  # 1024 encoded clips (the later stages' prompts and real data),
-#                                                    # ODE pairs, frame-wise + chunk-wise ODE initialisations
+#                                                    # ODE pairs (once), frame-wise + chunk-wise ODE initialisations
 #   PHASE=students bash training/demo_model_1gpu.sh  # STUDENTS (default: framewise framewise_nogan chunkwise):
 #                                                    # frame-wise One-Forcing, frame-wise DMD-only, chunk-wise
 #                                                    # One-Forcing, DISTILL_SECONDS each
@@ -25,7 +26,7 @@
 # VAE's training state stay in RUN (default /tmp/oneforcing_demo) and survive between calls only while the machine
 # does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6), VAE_OBJECT_WEIGHT (4), VAE_SECONDS
 # (400), VAE_ARGS (more demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip
-# check), STREAM (1), NUM_SAMPLES (8192, with STREAM=0), TEACHER_SECONDS (240), TEACHER_STEPS (6000),
+# check), STREAM (0), NUM_SAMPLES (3072, without STREAM), TEACHER_SECONDS (240), TEACHER_STEPS (12000),
 # ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), STUDENTS, EVAL_SEEDS ("0 1 2 3 4 5"), EVAL_PROMPTS (8), EVAL_EXTRA
 # (more evaluate arguments; FRAMES, SIZE, WORKERS, THREADS of training/evaluate_demo.sh pass through), WHEELS
 # (diffusers' wheel when it is not installed), EXTRA (more config overrides for every stage).
@@ -72,14 +73,15 @@ evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-o
   if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/eval" && cp "$RUN"/eval/quality*.{json,md} "$OUT/eval/"; fi
 }
 teacher_phase() {
-  local steps=${TEACHER_STEPS:-6000} data=(data.stream=true)
-  if [ "${STREAM:-1}" = 0 ]; then encode "${NUM_SAMPLES:-8192}"; data=(); fi
+  local steps=${TEACHER_STEPS:-12000} data=(data.stream=true)
+  if [ "${STREAM:-0}" = 0 ]; then encode "${NUM_SAMPLES:-3072}"; data=(); fi
   run_stage teacher $PY -m oneforcing.training teacher --config "$CONFIG" output_dir="$RUN" "${COMMON[@]}" \
       "${data[@]}" teacher.steps="$steps" teacher.max_seconds="${TEACHER_SECONDS:-240}" teacher.save_every=500 \
       ${EXTRA:-}
   half "$RUN/teacher/final/transformer_ema" "$RUN/pack/teacher"
   ship_folder teacher
   grep -q '"steps": \?'"$steps"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
+  rm -f "$RUN"/eval/quality*.json  # rows of an earlier call's teacher (evaluate --resume would keep them)
   evaluate "$RUN/pack" teacher
 }
 ode_phase() {
@@ -88,12 +90,12 @@ ode_phase() {
   teacher=$(model_dir teacher)
   local set=(ode_pairs.teacher="$teacher" ode_init.init="$teacher" ode_init.max_seconds="${ODE_INIT_SECONDS:-150}"
              "${COMMON[@]}" ${EXTRA:-})
+  # the teacher's trajectories do not depend on the student's layout: made once, read by both initialisations
+  run_stage ode-pairs $PY -m oneforcing.training ode-pairs --config "$CONFIG" output_dir="$RUN/framewise" "${set[@]}"
   for layout in framewise:1 chunkwise:3; do
     name=${layout%%:*}
-    for stage in ode-pairs ode-init; do
-      run_stage "$stage-$name" $PY -m oneforcing.training "$stage" --config "$CONFIG" output_dir="$RUN/$name" \
-          model.frames_per_block="${layout#*:}" "${set[@]}"
-    done
+    run_stage "ode-init-$name" $PY -m oneforcing.training ode-init --config "$CONFIG" output_dir="$RUN/$name" \
+        model.frames_per_block="${layout#*:}" ode_init.pairs="$RUN/framewise/ode_pairs" "${set[@]}"
     half "$RUN/$name/ode_init/final/generator" "$RUN/pack/ode_init_$name"
     ship_folder "ode_init_$name"
   done
