@@ -36,8 +36,10 @@ def frame_strip(clips: list[np.ndarray], frames: list[int], gap: int = 2) -> np.
             raise ValueError(f"clip {r} has {len(clip)} frames; no frame {bad[0]}")
     strip = np.full((len(clips) * (height + gap) - gap, len(frames) * (width + gap) - gap, 3), 255, np.uint8)
     for r, clip in enumerate(clips):
+        top = r * (height + gap)
         for c, f in enumerate(frames):
-            strip[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = clip[f]
+            left = c * (width + gap)
+            strip[top:top + height, left:left + width] = clip[f]
     return strip
 
 
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=1, help="enlarge every pixel to scale x scale (nearest)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
+    if args.scale < 1:
+        print(f"error: --scale must be >= 1, got {args.scale}", file=sys.stderr)
+        return 2
     import cv2
 
     clips = []
@@ -66,9 +71,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --ground-truth: {error}", file=sys.stderr)
             return 2
         clips.insert(0, video_to_uint8(video[None]))
-    if args.scale < 1:
-        print(f"error: --scale must be >= 1, got {args.scale}", file=sys.stderr)
-        return 2
     try:
         strip = frame_strip(clips, args.frames)
     except ValueError as error:

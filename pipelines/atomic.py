@@ -7,6 +7,7 @@ A process killed mid-write leaves the target as it was (an older file, or none) 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -14,6 +15,15 @@ from pathlib import Path
 from typing import Iterator
 
 PARTIAL_MARK = ".partial-"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex: the name of its content (a file rewritten in place gets a new one)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def partial_name(path: str | os.PathLike) -> Path:

@@ -16,7 +16,6 @@ stack: one adapter per file content, loaded once and kept while the stack holds 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import sys
@@ -28,6 +27,7 @@ import torch
 from diffusers.loaders import WanLoraLoaderMixin
 from safetensors import SafetensorError
 
+from .atomic import file_digest
 from .fp8 import is_fp8_stored
 
 TRANSFORMER_PREFIX = "transformer."
@@ -169,14 +169,6 @@ class LoraChoice:
         return f"lora_{self.digest[:16]}"
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_lora_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
     """The LoRA at ``path`` in diffusers layout, read only as safetensors (no pickle); ValueError naming the file."""
     if path.suffix.lower() != ".safetensors":
@@ -195,7 +187,7 @@ def choose_lora_file(pipe, path: str | Path, strength: float = 1.0) -> LoraChoic
         raise ValueError(f"LoRA file {path}: strength must be a finite number, got {strength}")
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
-    digest = _file_digest(path)
+    digest = file_digest(path)
     state_dict = _read_lora_state_dict(pipe, path)
     try:
         check_lora_matches(pipe.transformer, state_dict)
@@ -205,7 +197,7 @@ def choose_lora_file(pipe, path: str | Path, strength: float = 1.0) -> LoraChoic
 
 
 def _load_adapter(pipe, choice: LoraChoice) -> None:
-    if _file_digest(choice.path) != choice.digest:
+    if file_digest(choice.path) != choice.digest:
         raise ValueError(f"LoRA file {choice.path} changed on disk since it was chosen: choose it again (in ComfyUI: "
                          "queue the graph again, the LoRA node re-reads it)")
     try:

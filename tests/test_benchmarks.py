@@ -209,3 +209,7 @@ def test_frame_strip_command_writes_a_png_of_mp4_frames(tmp_path):
     done = subprocess.run([*command[:2], str(tmp_path / "missing.mp4"), "--out", str(out)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "no frames could be read" in done.stderr
+    # a bad --scale is refused before any video is read
+    done = subprocess.run([*command[:2], str(tmp_path / "missing.mp4"), "--scale", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--scale must be >= 1, got 0" in done.stderr

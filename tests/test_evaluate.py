@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from conftest import make_tiny_pipeline
 
 from oneforcing.training import evaluate as ev
@@ -263,6 +265,26 @@ def test_cli_quality_run_speed_run_table_and_resume(tmp_path, tiny_folder, one_t
     assert again["models"]["one_step"]["spec"]["block_timesteps"] == [1000.0]
     with pytest.raises(SystemExit, match="other settings .*seeds"):
         ev.main([*argv[:4], "--seeds", "0", *TINY, "--out", str(out), "--resume"])
+
+
+def test_resume_reruns_a_model_retrained_in_place(tmp_path, tiny_folder, one_thread, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    out = tmp_path / "results.json"
+    argv = ["--model", f"student={model}:steps=1", "--seeds", "0", *TINY, "--device", "cpu", "--workers", "0",
+            "--out", str(out), "--resume"]
+    ev.main(argv)
+    first = json.loads(out.read_text())["models"]["student"]
+    capsys.readouterr()
+    ev.main(argv)  # nothing changed: kept
+    assert "[student] kept from" in capsys.readouterr().out
+    weights = next((model / "transformer").glob("*.safetensors"))
+    save_file({k: v + 0.5 for k, v in load_file(weights).items()}, weights)  # same path, new weights
+    ev.main(argv)
+    assert "[student] kept from" not in capsys.readouterr().out
+    again = json.loads(out.read_text())["models"]["student"]
+    assert again["request"]["weights"] != first["request"]["weights"]
+    assert again["request"]["path"] == first["request"]["path"]
 
 
 def test_results_are_written_after_every_model(tmp_path, tiny_folder, one_thread):

@@ -33,7 +33,8 @@ figures to the table of a quality run (models matched by name).
 
 Robustness: ``--out`` (and ``--markdown``) are rewritten, atomically, after every model, so a run cut short (e.g. by
 ``timeout``) keeps every finished model; ``--resume`` skips the models that ``--out`` already holds with the same
-request and settings. ``--workers N`` scores clips in N processes while the next clips are generated.
+request, weights (the files' content, not their paths) and settings. ``--workers N`` scores clips in N processes
+while the next clips are generated.
 
 Outputs: ``--out`` JSON (settings, per model the per-seed and mean/std summaries and every clip's metrics, per-object
 details included; or, with ``--speed-only``, the timings) and ``--markdown`` table (rows = models; mean +- std over
@@ -43,6 +44,7 @@ seeds). See :mod:`.metrics` for what each number measures.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -60,6 +62,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..pipelines.atomic import file_digest
 from ..pipelines.presets import DTYPES
 from . import metrics, world
 
@@ -263,6 +266,18 @@ def pipeline_generator(pipe, spec: ModelSpec, max_sequence_length: int) -> Gener
         return ((video[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
 
     return generate_teacher
+
+
+def weights_fingerprint(spec: ModelSpec) -> str | None:
+    """SHA-256 over the names and digests of the model's weight files (its pipeline folder's and its transformer
+    override's), so that ``--resume`` reruns a model retrained in place at the same path. None for ground truth."""
+    if spec.is_ground_truth:
+        return None
+    digest = hashlib.sha256()
+    for folder in (Path(p) for p in (spec.path, spec.transformer) if p):
+        for file in sorted(folder.rglob("*.safetensors")):
+            digest.update(f"{file.relative_to(folder).as_posix()} {file_digest(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def spec_settings(spec: ModelSpec, pipe=None) -> dict:
@@ -753,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = None if args.speed_only else reference_figures(prompts, seeds, size)
         results = {"settings": settings, "models": {}}
         for spec in specs:
-            request = asdict(spec)
+            request = {**asdict(spec), "weights": weights_fingerprint(spec)}
             if spec.name in previous and previous[spec.name].get("request") == request:
                 log(f"[{spec.name}] kept from {args.out} (--resume)")
                 results["models"][spec.name] = previous[spec.name]
