@@ -44,7 +44,9 @@ ship() {  # tar of $RUN/pack -> $OUT/<phase>.tar.part-* (15 MiB pieces), logs ->
 ship_folder() {  # one model of $RUN/pack -> $OUT/<name>.tar.part-*, and the logs so far (a later stage may not finish)
   [ -n "${OUT:-}" ] || return 0
   tar -C "$RUN/pack" -cf - "$1" | split -b 15M - "$OUT/$1.tar.part-"
-  find "$RUN" -maxdepth 3 \( -name "log.jsonl" -o -name "summary.json" \) | tar -czf "$OUT/${PHASE}_logs.tar.gz" -T - "$RUN/logs"
+  local aside="$OUT/.logs.$BASHPID"  # written aside, then renamed: students side by side (demo_model_2gpu.sh) ship apart
+  find "$RUN" -maxdepth 3 \( -name "log.jsonl" -o -name "summary.json" \) | tar -czf "$aside" -T - "$RUN/logs"
+  mv "$aside" "$OUT/${PHASE}_logs.tar.gz"
 }
 unpack() {  # folder holding <phase>.tar.part-* pieces (from an earlier call) or an unpacked pack -> the folder
   local src=$1 name=$2

@@ -19,10 +19,14 @@
 #                                                    # One-Forcing, DISTILL_SECONDS each
 #   PHASE=evaluate bash training/demo_model_1gpu.sh  # all rows of training/evaluate_demo.sh, seen and held-out
 #
+# The stages run one after another: two processes sharing the GPU ran slower in all than one alone (the README's
+# "Retraining on one GPU" has the measurement).
+#
 # Every phase leaves its models in $RUN/pack (float16) and, with OUT set, ships them as $OUT/<name>.tar.part-* plus
 # the logs. A phase on a fresh machine reads the VAE phase's parts from PARTS (its vae.tar.part-* pieces or a folder
 # with tokenizer/, text_encoder/, vae/; default $RUN/parts when it exists, else models/oneforcing-demo) and the
-# other phases' models from BASE (their pieces or an unpacked pack; default $RUN/pack). Latents, checkpoints and the
+# other phases' models from $RUN/pack when an earlier phase made them on this machine, else from BASE (their pieces
+# or an unpacked pack). Latents, checkpoints and the
 # VAE's training state stay in RUN (default /tmp/oneforcing_demo) and survive between calls only while the machine
 # does. Settings: VAE_STAGES (1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6), VAE_OBJECT_WEIGHT (4), VAE_SECONDS
 # (400), VAE_ARGS (more demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip
@@ -52,8 +56,9 @@ use_parts() {  # PARTS, COMMON and BASE for the phases after the VAE's
   parts_settings "${PARTS:-$default}"
   BASE=${BASE:-$RUN/pack}
 }
-model_dir() {  # name -> its folder: unpacked from BASE's pieces, or BASE/name
+model_dir() {  # name -> its folder: $RUN/pack/name, else unpacked from BASE's pieces, or BASE/name
   local unpacked
+  if [ -f "$RUN/pack/$1/config.json" ]; then echo "$RUN/pack/$1"; return; fi
   unpacked=$(unpack "$BASE" "$1")
   if [ -d "$unpacked/$1" ]; then echo "$unpacked/$1"; else echo "$BASE/$1"; fi
 }
@@ -81,12 +86,11 @@ teacher_phase() {
   half "$RUN/teacher/final/transformer_ema" "$RUN/pack/teacher"
   ship_folder teacher
   grep -q '"steps": \?'"$steps"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
-  rm -f "$RUN"/eval/quality*.json  # rows of an earlier call's teacher (evaluate --resume would keep them)
   evaluate "$RUN/pack" teacher
 }
 ode_phase() {
   encode 1024
-  local teacher name stage
+  local teacher name
   teacher=$(model_dir teacher)
   local set=(ode_pairs.teacher="$teacher" ode_init.init="$teacher" ode_init.max_seconds="${ODE_INIT_SECONDS:-150}"
              "${COMMON[@]}" ${EXTRA:-})
@@ -108,17 +112,23 @@ distill() {  # name, ODE initialisation, overrides...: one student, shipped when
   half "$RUN/$name/distill/final/generator_ema" "$RUN/pack/$name"
   ship_folder "$name"
 }
+student() {  # name: its distillation
+  case $1 in
+    framewise) distill framewise ode_init_framewise ;;
+    framewise_nogan) distill framewise_nogan ode_init_framewise --no-gan ;;
+    chunkwise) distill chunkwise ode_init_chunkwise model.frames_per_block=3 distill.gan.feature_layers="[5]" ;;
+  esac
+}
 students_phase() {
   encode 1024
   local name
   for name in ${STUDENTS:-framewise framewise_nogan chunkwise}; do
     case $name in
-      framewise) distill framewise ode_init_framewise ;;
-      framewise_nogan) distill framewise_nogan ode_init_framewise --no-gan ;;
-      chunkwise) distill chunkwise ode_init_chunkwise model.frames_per_block=3 distill.gan.feature_layers="[5]" ;;
+      framewise|framewise_nogan|chunkwise) ;;
       *) echo "STUDENTS: unknown student $name (framewise, framewise_nogan, chunkwise)"; exit 2 ;;
     esac
   done
+  for name in ${STUDENTS:-framewise framewise_nogan chunkwise}; do student "$name"; done
 }
 evaluate_phase() {
   local name
