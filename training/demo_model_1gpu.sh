@@ -119,15 +119,13 @@ student() {  # name: its distillation
   esac
 }
 students_phase() {
-  encode 1024
-  local name
-  for name in ${STUDENTS:-framewise framewise_nogan chunkwise}; do
-    case $name in
-      framewise|framewise_nogan|chunkwise) ;;
-      *) echo "STUDENTS: unknown student $name (framewise, framewise_nogan, chunkwise)"; exit 2 ;;
-    esac
+  local all="framewise framewise_nogan chunkwise" name
+  local chosen=${STUDENTS:-$all}
+  for name in $chosen; do  # every name checked before the first student spends GPU time
+    [[ " $all " == *" $name "* ]] || { echo "STUDENTS: unknown student $name ($all)"; exit 2; }
   done
-  for name in ${STUDENTS:-framewise framewise_nogan chunkwise}; do student "$name"; done
+  encode 1024
+  for name in $chosen; do student "$name"; done
 }
 evaluate_phase() {
   local name
