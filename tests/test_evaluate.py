@@ -287,6 +287,29 @@ def test_resume_reruns_a_model_retrained_in_place(tmp_path, tiny_folder, one_thr
     assert again["request"]["path"] == first["request"]["path"]
 
 
+def test_resume_reruns_a_transformer_file_rewritten_in_place(tmp_path, tiny_folder, one_thread, capsys):
+    """A transformer override given as one checkpoint file is part of the model's fingerprint too."""
+    from oneforcing.pipelines.loading import export_reference_checkpoint, load_transformer
+
+    transformer = load_transformer(tiny_folder / "transformer")
+    checkpoint = export_reference_checkpoint(transformer, tmp_path / "student.pt")
+    out = tmp_path / "results.json"
+    argv = ["--model", f"student={tiny_folder}:transformer={checkpoint},steps=1", "--seeds", "0", *TINY,
+            "--device", "cpu", "--workers", "0", "--out", str(out), "--resume"]
+    ev.main(argv)
+    first = json.loads(out.read_text())["models"]["student"]
+    capsys.readouterr()
+    ev.main(argv)  # nothing changed: kept
+    assert "[student] kept from" in capsys.readouterr().out
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(0.5)
+    export_reference_checkpoint(transformer, checkpoint)  # same file, new weights
+    ev.main(argv)
+    assert "[student] kept from" not in capsys.readouterr().out
+    assert json.loads(out.read_text())["models"]["student"]["request"]["weights"] != first["request"]["weights"]
+
+
 def test_results_are_written_after_every_model(tmp_path, tiny_folder, one_thread):
     broken = tmp_path / "broken_transformer"
     broken.mkdir()

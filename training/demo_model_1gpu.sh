@@ -29,7 +29,8 @@
 # or an unpacked pack). Latents, checkpoints and the VAE's training state stay in RUN (default /tmp/oneforcing_demo)
 # and survive between calls only while the machine does. Settings: VAE_STAGES
 # (1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (400), VAE_ARGS (more
-# demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip check), STREAM (0), NUM_SAMPLES (3072, without STREAM), TEACHER_SECONDS (240), TEACHER_STEPS (12000),
+# demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip check), STREAM (0),
+# NUM_SAMPLES (3072, without STREAM), TEACHER_SECONDS (240), TEACHER_STEPS (12000),
 # ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), STUDENTS, EVAL_SEEDS ("0 1 2 3 4 5"), EVAL_PROMPTS (8), EVAL_EXTRA
 # (more evaluate arguments; FRAMES, SIZE, WORKERS, THREADS of training/evaluate_demo.sh pass through), WHEELS
 # (diffusers' wheel when it is not installed), EXTRA (more config overrides for every stage).

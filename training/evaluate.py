@@ -269,14 +269,17 @@ def pipeline_generator(pipe, spec: ModelSpec, max_sequence_length: int) -> Gener
 
 
 def weights_fingerprint(spec: ModelSpec) -> str | None:
-    """SHA-256 over the names and digests of the model's weight files (its pipeline folder's and its transformer
-    override's), so that ``--resume`` reruns a model retrained in place at the same path. None for ground truth."""
+    """SHA-256 over the names and digests of the files the model is made of (every file of its pipeline folder, and
+    its transformer override: a folder or a single checkpoint file), so that ``--resume`` reruns a model retrained in
+    place at the same path. None for ground truth."""
     if spec.is_ground_truth:
         return None
     digest = hashlib.sha256()
-    for folder in (Path(p) for p in (spec.path, spec.transformer) if p):
-        for file in sorted(folder.rglob("*.safetensors")):
-            digest.update(f"{file.relative_to(folder).as_posix()} {file_digest(file)}\n".encode())
+    for source in (Path(p) for p in (spec.path, spec.transformer) if p):
+        files = [source] if source.is_file() else sorted(f for f in source.rglob("*") if f.is_file())
+        for file in files:
+            name = file.name if file == source else file.relative_to(source).as_posix()
+            digest.update(f"{name} {file_digest(file)}\n".encode())
     return digest.hexdigest()
 
 
