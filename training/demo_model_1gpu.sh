@@ -26,8 +26,9 @@
 # the logs. A phase on a fresh machine reads the VAE phase's parts from PARTS (its vae.tar.part-* pieces or a folder
 # with tokenizer/, text_encoder/, vae/; default $RUN/parts when it exists, else models/oneforcing-demo) and the
 # other phases' models from $RUN/pack when an earlier phase made them on this machine, else from BASE (their pieces
-# or an unpacked pack, such as models/oneforcing-demo-training, which holds the bundled teacher). Latents, checkpoints and the VAE's training state stay in RUN (default /tmp/oneforcing_demo)
-# and survive between calls only while the machine does. Settings: VAE_STAGES
+# or an unpacked pack, such as models/oneforcing-demo-training, which holds the bundled teacher). Latents,
+# checkpoints and the VAE's training state stay in RUN (default /tmp/oneforcing_demo) and survive between calls only
+# while the machine does. Settings: VAE_STAGES
 # (1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (400), VAE_ARGS (more
 # demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip check), STREAM (0),
 # NUM_SAMPLES (3072, without STREAM), TEACHER_SECONDS (240), TEACHER_STEPS (12000),
