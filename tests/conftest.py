@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEMO_TEACHER_DIR = REPOSITORY / "models" / "oneforcing-demo-training" / "teacher"  # bundled for retraining the demo
 
 TINY_TRANSFORMER = dict(
     patch_size=(1, 2, 2),

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO_TEACHER_DIR
 
 from oneforcing import CausalWanTransformer3DModel, OneForcingPipeline
 from oneforcing.__main__ import DEMO_MODEL_DIR, main
@@ -26,8 +27,6 @@ PROMPTS = (  # training-split combinations, three different backgrounds
     "a green triangle moves down on a dark green background",
 )
 NUM_FRAMES = 9  # 3 latent frames: a short clip keeps the test fast; the model is causal, so it is a true prefix
-
-TEACHER_DIR = DEMO_MODEL_DIR.parent / "oneforcing-demo-training" / "teacher"
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL_DIR.is_dir(), reason="the demo model is not in this checkout")
 
@@ -107,13 +106,13 @@ def test_demo_model_draws_the_colour_and_motion_of_held_out_prompts(demo_pipe):
     assert colour >= 7 and motion >= 5, scores
 
 
-@pytest.mark.skipif(not TEACHER_DIR.is_dir(), reason="the bundled teacher is not in this checkout")
+@pytest.mark.skipif(not DEMO_TEACHER_DIR.is_dir(), reason="the bundled teacher is not in this checkout")
 def test_bundled_teacher_draws_the_colour_motion_and_some_shapes_of_held_out_prompts():
     """The multi-step teacher bundled for distilling the demo's students, with the demo's tokenizer, text encoder and
     VAE: 32 Euler steps with guidance, as ``training/evaluate.py``'s teacher rows. Four held-out combinations, one seed
     each. It draws every colour and nearly every motion (README, Evaluation); shapes in about 40 % of clips, so one
     of four is asked. A teacher that is missing, damaged or sampled wrongly loses the colours."""
-    spec = evaluate.parse_model_spec(f"teacher={DEMO_MODEL_DIR}:sampler=teacher,transformer={TEACHER_DIR}")
+    spec = evaluate.parse_model_spec(f"teacher={DEMO_MODEL_DIR}:sampler=teacher,transformer={DEMO_TEACHER_DIR}")
     generate = evaluate.pipeline_generator(evaluate.load_pipeline(spec, "cpu", torch.float32), spec, 32)
     scores = held_out_scores(lambda prompt, seed: generate(prompt, seed, evaluate.VideoSize(81, 128, 128)), count=4)
     colour, motion, shape = np.sum(scores, axis=0)

@@ -9,34 +9,34 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_TEACHER_DIR, REPOSITORY
 
 from oneforcing import CausalWanTransformer3DModel
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "models" / "oneforcing-demo-training"
+BASE = DEMO_TEACHER_DIR.parent.relative_to(REPOSITORY).as_posix()  # as the README's command names it, from the root
+TEACHER = f"{BASE}/teacher"
 TINY = ("encode.num_samples=2 encode.batch_size=2 encode.num_frames=9 encode.height=32 encode.width=32 "
         "ode_pairs.num_pairs=2 ode_pairs.batch_size=2 ode_pairs.num_inference_steps=2 "
         "ode_init.steps=1 ode_init.batch_size=2 distill.steps=1 distill.batch_size=1")
 
-pytestmark = pytest.mark.skipif(not (BASE / "teacher").is_dir(), reason="the bundled teacher is not in this checkout")
+pytestmark = pytest.mark.skipif(not DEMO_TEACHER_DIR.is_dir(), reason="the bundled teacher is not in this checkout")
 
 
 def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, RUN_DIR=str(run), PYTHON=sys.executable, BASE="models/oneforcing-demo-training",
+    env = dict(os.environ, RUN_DIR=str(run), PYTHON=sys.executable, BASE=BASE,
                PARTS="models/oneforcing-demo", STUDENTS="framewise", PHASE="ode students", EXTRA=TINY)
-    done = subprocess.run(["bash", str(ROOT / "training" / "demo_model_1gpu.sh")], env=env, capture_output=True,
+    done = subprocess.run(["bash", str(REPOSITORY / "training" / "demo_model_1gpu.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     settings = json.loads((run / "framewise" / "distill" / "run_config.json").read_text())
-    assert settings["distill"]["teacher"] == "models/oneforcing-demo-training/teacher"
+    assert settings["distill"]["teacher"] == TEACHER
     pairs = json.loads((run / "framewise" / "ode_pairs" / "run_config.json").read_text())
-    assert pairs["ode_pairs"]["teacher"] == "models/oneforcing-demo-training/teacher"
+    assert pairs["ode_pairs"]["teacher"] == TEACHER
     for name, frames_per_block in (("ode_init_framewise", 1), ("ode_init_chunkwise", 3), ("framewise", 1)):
         model = CausalWanTransformer3DModel.from_pretrained(run / "pack" / name)
         assert model.config.frames_per_block == frames_per_block
