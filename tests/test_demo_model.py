@@ -107,13 +107,13 @@ def test_demo_model_draws_the_colour_and_motion_of_held_out_prompts(demo_pipe):
 
 
 @pytest.mark.skipif(not DEMO_TEACHER_DIR.is_dir(), reason="the bundled teacher is not in this checkout")
-def test_bundled_teacher_draws_the_colour_motion_and_some_shapes_of_held_out_prompts():
+def test_bundled_teacher_draws_the_colour_motion_and_shape_of_held_out_prompts():
     """The multi-step teacher bundled for distilling the demo's students, with the demo's tokenizer, text encoder and
     VAE: 32 Euler steps with guidance, as ``training/evaluate.py``'s teacher rows. Four held-out combinations, one seed
-    each. It draws every colour and nearly every motion (README, Evaluation); shapes in about 40 % of clips, so one
-    of four is asked. A teacher that is missing, damaged or sampled wrongly loses the colours."""
+    each. It draws every colour, nearly every motion and most shapes (README, Evaluation), so three shapes of four
+    are asked. A teacher that is missing, damaged or sampled wrongly loses the colours."""
     spec = evaluate.parse_model_spec(f"teacher={DEMO_MODEL_DIR}:sampler=teacher,transformer={DEMO_TEACHER_DIR}")
     generate = evaluate.pipeline_generator(evaluate.load_pipeline(spec, "cpu", torch.float32), spec, 32)
     scores = held_out_scores(lambda prompt, seed: generate(prompt, seed, evaluate.VideoSize(81, 128, 128)), count=4)
     colour, motion, shape = np.sum(scores, axis=0)
-    assert colour == 4 and motion >= 3 and shape >= 1, scores
+    assert colour == 4 and motion >= 3 and shape >= 3, scores
