@@ -1,7 +1,8 @@
 """training/demo_model_1gpu.sh from the teacher bundled in models/oneforcing-demo-training, on the CPU at a tiny size:
-the README's "Retraining on one GPU" command for a fresh machine (BASE = that folder), with every stage cut to a step
-or two and the clips to 9 frames of 32x32. The ODE pairs, both ODE initialisations and the student must be made from
-the bundled teacher and land in the run's pack as loadable float16 models."""
+the README's "Retraining on one GPU" commands for a fresh machine, with every stage cut to a step or two and the clips
+to 9 frames of 32x32. From the bundled teacher (BASE = that folder), the ODE pairs, both ODE initialisations and the
+student must land in the run's pack as loadable float16 models; the teacher continued from it (teacher.init) must be
+evaluated, and evaluated again by a later call on the same machine with other seeds."""
 
 from __future__ import annotations
 
@@ -19,19 +20,24 @@ from oneforcing import CausalWanTransformer3DModel
 BASE = DEMO_TEACHER_DIR.parent.relative_to(REPOSITORY).as_posix()  # as the README's command names it, from the root
 TEACHER = f"{BASE}/teacher"
 TINY = ("encode.num_samples=2 encode.batch_size=2 encode.num_frames=9 encode.height=32 encode.width=32 "
+        "teacher.batch_size=2 "
         "ode_pairs.num_pairs=2 ode_pairs.batch_size=2 ode_pairs.num_inference_steps=2 "
         "ode_init.steps=1 ode_init.batch_size=2 distill.steps=1 distill.batch_size=1")
 
 pytestmark = pytest.mark.skipif(not DEMO_TEACHER_DIR.is_dir(), reason="the bundled teacher is not in this checkout")
 
 
-def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
-    run = tmp_path / "run"
-    env = dict(os.environ, RUN_DIR=str(run), PYTHON=sys.executable, BASE=BASE,
-               PARTS="models/oneforcing-demo", STUDENTS="framewise", PHASE="ode students", EXTRA=TINY)
+def run_script(**settings: str) -> None:
+    """training/demo_model_1gpu.sh with these environment settings; it must succeed."""
+    env = dict(os.environ, PYTHON=sys.executable, PARTS="models/oneforcing-demo", **settings)
     done = subprocess.run(["bash", str(REPOSITORY / "training" / "demo_model_1gpu.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
+    run = tmp_path / "run"
+    run_script(RUN_DIR=str(run), BASE=BASE, STUDENTS="framewise", PHASE="ode students", EXTRA=TINY)
 
     settings = json.loads((run / "framewise" / "distill" / "run_config.json").read_text())
     assert settings["distill"]["teacher"] == TEACHER
@@ -42,3 +48,23 @@ def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
         assert model.config.frames_per_block == frames_per_block
         assert model.config.num_layers == 6
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_teacher_phase_continues_the_bundled_teacher_and_evaluates_again_with_other_seeds(tmp_path):
+    """A second call on the same machine asks for more seeds: it gets its own tables instead of a refusal to resume
+    tables made with other seeds, and the first call's tables stay."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    common = dict(RUN_DIR=str(run), OUT=str(out), PHASE="teacher", NUM_SAMPLES="2", TEACHER_STEPS="2",
+                  EVAL_PROMPTS="1", FRAMES="9", SIZE="32", WORKERS="0", EXTRA=f"teacher.init={TEACHER} {TINY}")
+    run_script(EVAL_SEEDS="0", **common)
+    run_script(EVAL_SEEDS="0 1", **common)
+
+    settings = json.loads((run / "teacher" / "run_config.json").read_text())
+    assert settings["teacher"]["init"] == TEACHER
+    for split in ("quality.json", "quality_seen.json"):
+        assert json.loads((out / "eval" / split).read_text())["settings"]["seeds"] == [0, 1]
+        first = json.loads((run / "eval" / "seeds_0" / split).read_text())
+        assert first["settings"]["seeds"] == [0] and "teacher" in first["models"]
+    teacher = CausalWanTransformer3DModel.from_pretrained(run / "pack" / "teacher")
+    assert all(torch.isfinite(p).all() for p in teacher.parameters())

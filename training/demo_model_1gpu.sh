@@ -27,8 +27,9 @@
 # with tokenizer/, text_encoder/, vae/; default $RUN/parts when it exists, else models/oneforcing-demo) and the
 # other phases' models from $RUN/pack when an earlier phase made them on this machine, else from BASE (their pieces
 # or an unpacked pack, such as models/oneforcing-demo-training, which holds the bundled teacher). Latents,
-# checkpoints and the VAE's training state stay in RUN (default /tmp/oneforcing_demo) and survive between calls only
-# while the machine does. Settings: VAE_STAGES
+# checkpoints, the VAE's training state and the evaluation tables ($RUN/eval/seeds_<EVAL_SEEDS>, also copied to
+# $OUT/eval) stay in RUN (default /tmp/oneforcing_demo) and survive between calls only while the machine does.
+# Settings: VAE_STAGES
 # (1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6), VAE_OBJECT_WEIGHT (4), VAE_SECONDS (400), VAE_ARGS (more
 # demo_components arguments), VAE_CHECK_SIZE (81x128x128: FRAMESxHEIGHTxWIDTH of the round-trip check), STREAM (0),
 # NUM_SAMPLES (3072, without STREAM), TEACHER_SECONDS (240), TEACHER_STEPS (12000),
@@ -67,16 +68,20 @@ encode() {  # clips -> $RUN/latents (kept: a later call on the same machine skip
   run_stage encode $PY -m oneforcing.training encode --config "$CONFIG" output_dir="$RUN" \
       encode.num_samples="$1" "${COMMON[@]}" ${EXTRA:-}
 }
-evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-out quality into $RUN/eval
+evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-out quality into $RUN/eval/<seeds>
   local pipeline=$RUN/eval_pipeline  # the parts as a pipeline folder (the rows bring their own transformers)
+  local seeds=${EVAL_SEEDS:-0 1 2 3 4 5}
+  # one folder per seed list: a later call on this machine with other seeds starts its own tables, where the same
+  # seeds resume (and rerun a model whose weights changed since)
+  local dest=$RUN/eval/seeds_${seeds// /_}
   [ -f "$pipeline/model_index.json" ] || $PY -m oneforcing.training.assemble_demo --parts "$PARTS" \
       --transformer "$1/teacher" --out "$pipeline" --max-mb 0
   for split in seen heldout; do
     # TEACHER_STEPS here counts training steps; the evaluation's teacher samples with the recipe's 32 Euler steps
-    EXTRA=${EVAL_EXTRA:-} ONLY=${2:+gt $2} SPLIT=$split SEEDS="${EVAL_SEEDS:-0 1 2 3 4 5}" TEACHER_STEPS=32 \
-        PROMPTS="${EVAL_PROMPTS:-8}" PIPELINE="$pipeline" bash training/evaluate_demo.sh "$1" "$RUN/eval"
+    EXTRA=${EVAL_EXTRA:-} ONLY=${2:+gt $2} SPLIT=$split SEEDS="$seeds" TEACHER_STEPS=32 \
+        PROMPTS="${EVAL_PROMPTS:-8}" PIPELINE="$pipeline" bash training/evaluate_demo.sh "$1" "$dest"
   done
-  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/eval" && cp "$RUN"/eval/quality*.{json,md} "$OUT/eval/"; fi
+  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/eval" && cp "$dest"/quality*.{json,md} "$OUT/eval/"; fi
 }
 teacher_phase() {
   local steps=${TEACHER_STEPS:-12000} data=(data.stream=true)
