@@ -113,7 +113,9 @@ def test_bundled_teacher_draws_the_colour_motion_and_shape_of_held_out_prompts()
     each. It draws every colour, nearly every motion and most shapes (README, Evaluation), so three shapes of four
     are asked. A teacher that is missing, damaged or sampled wrongly loses the colours."""
     spec = evaluate.parse_model_spec(f"teacher={DEMO_MODEL_DIR}:sampler=teacher,transformer={DEMO_TEACHER_DIR}")
-    generate = evaluate.pipeline_generator(evaluate.load_pipeline(spec, "cpu", torch.float32), spec, 32)
-    scores = held_out_scores(lambda prompt, seed: generate(prompt, seed, evaluate.VideoSize(81, 128, 128)), count=4)
+    pipe = evaluate.load_pipeline(spec, "cpu", torch.float32)
+    generate = evaluate.pipeline_generator(pipe, spec, pipe.default_max_sequence_length)
+    size = evaluate.VideoSize(**pipe.config.default_video_size)
+    scores = held_out_scores(lambda prompt, seed: generate(prompt, seed, size), count=4)
     colour, motion, shape = np.sum(scores, axis=0)
     assert colour == 4 and motion >= 3 and shape >= 3, scores

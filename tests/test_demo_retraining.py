@@ -18,7 +18,7 @@ from conftest import DEMO_TEACHER_DIR, REPOSITORY
 from oneforcing import CausalWanTransformer3DModel
 
 BASE = DEMO_TEACHER_DIR.parent.relative_to(REPOSITORY).as_posix()  # as the README's command names it, from the root
-TEACHER = f"{BASE}/teacher"
+TEACHER = DEMO_TEACHER_DIR.relative_to(REPOSITORY).as_posix()
 TINY = ("encode.num_samples=2 encode.batch_size=2 encode.num_frames=9 encode.height=32 encode.width=32 "
         "teacher.batch_size=2 "
         "ode_pairs.num_pairs=2 ode_pairs.batch_size=2 ode_pairs.num_inference_steps=2 "
@@ -35,6 +35,13 @@ def run_script(**settings: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def packed_model(run, name: str) -> CausalWanTransformer3DModel:
+    """The run's pack's model ``name``, loaded; its weights must be finite."""
+    model = CausalWanTransformer3DModel.from_pretrained(run / "pack" / name)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return model
+
+
 def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
     run = tmp_path / "run"
     run_script(RUN_DIR=str(run), BASE=BASE, STUDENTS="framewise", PHASE="ode students", EXTRA=TINY)
@@ -44,10 +51,9 @@ def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
     pairs = json.loads((run / "framewise" / "ode_pairs" / "run_config.json").read_text())
     assert pairs["ode_pairs"]["teacher"] == TEACHER
     for name, frames_per_block in (("ode_init_framewise", 1), ("ode_init_chunkwise", 3), ("framewise", 1)):
-        model = CausalWanTransformer3DModel.from_pretrained(run / "pack" / name)
+        model = packed_model(run, name)
         assert model.config.frames_per_block == frames_per_block
         assert model.config.num_layers == 6
-        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_teacher_phase_continues_the_bundled_teacher_and_evaluates_again_with_other_seeds(tmp_path):
@@ -66,5 +72,4 @@ def test_teacher_phase_continues_the_bundled_teacher_and_evaluates_again_with_ot
         assert json.loads((out / "eval" / split).read_text())["settings"]["seeds"] == [0, 1]
         first = json.loads((run / "eval" / "seeds_0" / split).read_text())
         assert first["settings"]["seeds"] == [0] and "teacher" in first["models"]
-    teacher = CausalWanTransformer3DModel.from_pretrained(run / "pack" / "teacher")
-    assert all(torch.isfinite(p).all() for p in teacher.parameters())
+    packed_model(run, "teacher")
