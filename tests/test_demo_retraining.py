@@ -1,8 +1,9 @@
 """training/demo_model_1gpu.sh from the teacher bundled in models/oneforcing-demo-training, on the CPU at a tiny size:
 the README's "Retraining on one GPU" commands for a fresh machine, with every stage cut to a step or two and the clips
-to 9 frames of 32x32. From the bundled teacher (BASE = that folder), the ODE pairs, both ODE initialisations and the
-student must land in the run's pack as loadable float16 models; the teacher continued from it (teacher.init) must be
-evaluated, and evaluated again by a later call on the same machine with other seeds."""
+to 9 frames of 32x32. From the bundled teacher (BASE = that folder), the ODE pairs, the ODE initialisation of each
+layout the chosen students need, and the students must land in the run's pack as loadable float16 models; the teacher
+continued from it (teacher.init) must be evaluated, and evaluated again by a later call on the same machine with other
+seeds."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def packed_model(run, name: str) -> CausalWanTransformer3DModel:
 
 
 def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
+    """Frame-wise students alone: only the frame-wise ODE initialisation is made."""
     run = tmp_path / "run"
     run_script(RUN_DIR=str(run), BASE=BASE, STUDENTS="framewise", PHASE="ode students", EXTRA=TINY)
 
@@ -50,10 +52,29 @@ def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
     assert settings["distill"]["teacher"] == TEACHER
     pairs = json.loads((run / "framewise" / "ode_pairs" / "run_config.json").read_text())
     assert pairs["ode_pairs"]["teacher"] == TEACHER
-    for name, frames_per_block in (("ode_init_framewise", 1), ("ode_init_chunkwise", 3), ("framewise", 1)):
+    for name in ("ode_init_framewise", "framewise"):
         model = packed_model(run, name)
-        assert model.config.frames_per_block == frames_per_block
+        assert model.config.frames_per_block == 1
         assert model.config.num_layers == 6
+    assert not (run / "pack" / "ode_init_chunkwise").exists()
+    assert not (run / "chunkwise").exists()
+
+
+def test_chunkwise_student_gets_its_own_ode_initialisation(tmp_path):
+    run = tmp_path / "run"
+    run_script(RUN_DIR=str(run), BASE=BASE, STUDENTS="chunkwise", PHASE="ode", EXTRA=TINY)
+    assert packed_model(run, "ode_init_chunkwise").config.frames_per_block == 3
+    assert not (run / "pack" / "ode_init_framewise").exists()
+
+
+def test_an_unknown_student_stops_the_script_before_any_phase(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, RUN_DIR=str(run), STUDENTS="framewise chunkwize", PHASE="ode")
+    done = subprocess.run(["bash", str(REPOSITORY / "training" / "demo_model_1gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown student chunkwize" in done.stderr
+    assert not (run / "latents").exists()
 
 
 def test_teacher_phase_continues_the_bundled_teacher_and_evaluates_again_with_other_seeds(tmp_path):

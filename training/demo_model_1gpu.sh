@@ -13,7 +13,8 @@
 #                                                    # (STREAM=1: on streamed clips), then its evaluation on seen
 #                                                    # and held-out prompts
 #   PHASE=ode      bash training/demo_model_1gpu.sh  # 1024 encoded clips (the later stages' prompts and real data),
-#                                                    # ODE pairs (once), frame-wise + chunk-wise ODE initialisations
+#                                                    # ODE pairs (once), the frame-wise and chunk-wise ODE
+#                                                    # initialisations that STUDENTS start from
 #   PHASE=students bash training/demo_model_1gpu.sh  # STUDENTS (default: framewise framewise_nogan chunkwise):
 #                                                    # frame-wise One-Forcing, frame-wise DMD-only, chunk-wise
 #                                                    # One-Forcing, DISTILL_SECONDS each
@@ -94,6 +95,18 @@ teacher_phase() {
   grep -q '"steps": \?'"$steps"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
   evaluate "$RUN/pack" teacher
 }
+chosen_students() {  # STUDENTS (all three by default), each name checked
+  local all="framewise framewise_nogan chunkwise" name
+  for name in ${STUDENTS:-$all}; do
+    [[ " $all " == *" $name "* ]] || { echo "STUDENTS: unknown student $name ($all)" >&2; return 2; }
+  done
+  echo "${STUDENTS:-$all}"
+}
+ode_layouts() {  # name:frames_per_block of each ODE initialisation the chosen students start from
+  [[ " $CHOSEN " == *" framewise "* || " $CHOSEN " == *" framewise_nogan "* ]] && echo framewise:1
+  [[ " $CHOSEN " == *" chunkwise "* ]] && echo chunkwise:3
+  return 0
+}
 ode_phase() {
   encode 1024
   local teacher name
@@ -102,7 +115,7 @@ ode_phase() {
              "${COMMON[@]}" ${EXTRA:-})
   # the teacher's trajectories do not depend on the student's layout: made once, read by both initialisations
   run_stage ode-pairs $PY -m oneforcing.training ode-pairs --config "$CONFIG" output_dir="$RUN/framewise" "${set[@]}"
-  for layout in framewise:1 chunkwise:3; do
+  for layout in $(ode_layouts); do
     name=${layout%%:*}
     run_stage "ode-init-$name" $PY -m oneforcing.training ode-init --config "$CONFIG" output_dir="$RUN/$name" \
         model.frames_per_block="${layout#*:}" ode_init.pairs="$RUN/framewise/ode_pairs" "${set[@]}"
@@ -126,13 +139,9 @@ student() {  # name: its distillation
   esac
 }
 students_phase() {
-  local all="framewise framewise_nogan chunkwise" name
-  local chosen=${STUDENTS:-$all}
-  for name in $chosen; do  # every name checked before the first student spends GPU time
-    [[ " $all " == *" $name "* ]] || { echo "STUDENTS: unknown student $name ($all)"; exit 2; }
-  done
+  local name
   encode 1024
-  for name in $chosen; do student "$name"; done
+  for name in $CHOSEN; do student "$name"; done
 }
 evaluate_phase() {
   local name
@@ -141,6 +150,8 @@ evaluate_phase() {
   done
   evaluate "$RUN/pack" ""
 }
+
+CHOSEN=$(chosen_students)  # checked before any phase spends GPU time
 
 for PHASE in $PHASES; do
   case $PHASE in
