@@ -28,11 +28,16 @@ TINY = ("encode.num_samples=2 encode.batch_size=2 encode.num_frames=9 encode.hei
 pytestmark = pytest.mark.skipif(not DEMO_TEACHER_DIR.is_dir(), reason="the bundled teacher is not in this checkout")
 
 
-def run_script(**settings: str) -> None:
-    """training/demo_model_1gpu.sh with these environment settings; it must succeed."""
+def script(**settings: str) -> subprocess.CompletedProcess:
+    """training/demo_model_1gpu.sh with these environment settings (PARTS: the demo's), run to its end."""
     env = dict(os.environ, PYTHON=sys.executable, PARTS="models/oneforcing-demo", **settings)
-    done = subprocess.run(["bash", str(REPOSITORY / "training" / "demo_model_1gpu.sh")], env=env, capture_output=True,
+    return subprocess.run(["bash", str(REPOSITORY / "training" / "demo_model_1gpu.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def run_script(**settings: str) -> None:
+    """:func:`script`, which must succeed."""
+    done = script(**settings)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -69,9 +74,7 @@ def test_chunkwise_student_gets_its_own_ode_initialisation(tmp_path):
 
 def test_an_unknown_student_stops_the_script_before_any_phase(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHON=sys.executable, RUN_DIR=str(run), STUDENTS="framewise chunkwize", PHASE="ode")
-    done = subprocess.run(["bash", str(REPOSITORY / "training" / "demo_model_1gpu.sh")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = script(RUN_DIR=str(run), STUDENTS="framewise chunkwize", PHASE="ode")
     assert done.returncode == 2
     assert "unknown student chunkwize" in done.stderr
     assert not (run / "latents").exists()

@@ -95,17 +95,23 @@ teacher_phase() {
   grep -q '"steps": \?'"$steps"'[,}]' "$RUN/teacher/summary.json" || echo "teacher: not finished (run again)"
   evaluate "$RUN/pack" teacher
 }
-chosen_students() {  # STUDENTS (all three by default), each name checked
-  local all="framewise framewise_nogan chunkwise" name
-  for name in ${STUDENTS:-$all}; do
-    [[ " $all " == *" $name "* ]] || { echo "STUDENTS: unknown student $name ($all)" >&2; return 2; }
+STUDENT_NAMES="framewise framewise_nogan chunkwise"  # every student, in the order they are made by default
+# each student's layout: the ODE initialisation it starts from (ode_init_<layout>), and that layout's frames per block
+declare -A STUDENT_LAYOUT=([framewise]=framewise [framewise_nogan]=framewise [chunkwise]=chunkwise)
+declare -A LAYOUT_FRAMES=([framewise]=1 [chunkwise]=3)
+chosen_students() {  # STUDENTS (all by default), each name checked
+  local name
+  for name in ${STUDENTS:-$STUDENT_NAMES}; do
+    [[ -v STUDENT_LAYOUT[$name] ]] || { echo "STUDENTS: unknown student $name ($STUDENT_NAMES)" >&2; return 2; }
   done
-  echo "${STUDENTS:-$all}"
+  echo "${STUDENTS:-$STUDENT_NAMES}"
 }
-ode_layouts() {  # name:frames_per_block of each ODE initialisation the chosen students start from
-  [[ " $CHOSEN " == *" framewise "* || " $CHOSEN " == *" framewise_nogan "* ]] && echo framewise:1
-  [[ " $CHOSEN " == *" chunkwise "* ]] && echo chunkwise:3
-  return 0
+ode_layouts() {  # the layouts whose ODE initialisations the chosen students start from, each once
+  local name layout made=" "
+  for name in $CHOSEN; do
+    layout=${STUDENT_LAYOUT[$name]}
+    [[ $made == *" $layout "* ]] || { echo "$layout"; made+="$layout "; }
+  done
 }
 ode_phase() {
   encode 1024
@@ -115,10 +121,9 @@ ode_phase() {
              "${COMMON[@]}" ${EXTRA:-})
   # the teacher's trajectories do not depend on the student's layout: made once, read by both initialisations
   run_stage ode-pairs $PY -m oneforcing.training ode-pairs --config "$CONFIG" output_dir="$RUN/framewise" "${set[@]}"
-  for layout in $(ode_layouts); do
-    name=${layout%%:*}
+  for name in $(ode_layouts); do
     run_stage "ode-init-$name" $PY -m oneforcing.training ode-init --config "$CONFIG" output_dir="$RUN/$name" \
-        model.frames_per_block="${layout#*:}" ode_init.pairs="$RUN/framewise/ode_pairs" "${set[@]}"
+        model.frames_per_block="${LAYOUT_FRAMES[$name]}" ode_init.pairs="$RUN/framewise/ode_pairs" "${set[@]}"
     half "$RUN/$name/ode_init/final/generator" "$RUN/pack/ode_init_$name"
     ship_folder "ode_init_$name"
   done
@@ -131,12 +136,13 @@ distill() {  # name, ODE initialisation, overrides...: one student, shipped when
   half "$RUN/$name/distill/final/generator_ema" "$RUN/pack/$name"
   ship_folder "$name"
 }
-student() {  # name: its distillation
+student() {  # name: its distillation, from its layout's ODE initialisation
+  local layout=${STUDENT_LAYOUT[$1]} own=()
   case $1 in
-    framewise) distill framewise ode_init_framewise ;;
-    framewise_nogan) distill framewise_nogan ode_init_framewise --no-gan ;;
-    chunkwise) distill chunkwise ode_init_chunkwise model.frames_per_block=3 distill.gan.feature_layers="[5]" ;;
+    framewise_nogan) own=(--no-gan) ;;
+    chunkwise) own=(distill.gan.feature_layers="[5]") ;;
   esac
+  distill "$1" "ode_init_$layout" model.frames_per_block="${LAYOUT_FRAMES[$layout]}" "${own[@]}"
 }
 students_phase() {
   local name
@@ -145,7 +151,7 @@ students_phase() {
 }
 evaluate_phase() {
   local name
-  for name in teacher framewise framewise_nogan chunkwise; do
+  for name in teacher $STUDENT_NAMES; do
     [ -d "$RUN/pack/$name" ] || cp -r "$(model_dir "$name")" "$RUN/pack/$name"
   done
   evaluate "$RUN/pack" ""
