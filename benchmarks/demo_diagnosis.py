@@ -8,11 +8,21 @@
 - VAE: the project's adherence metrics on VAE round trips of ground-truth clips (what the best possible generator in
   this latent space would score), seen and held-out prompts, at each ``--size``.
 
+``dmd-targets``: what the DMD loss asks of a one-step student, by noise level. The student's own one-step clips
+(the ``--pipeline``'s transformer, the first ``--size``, seeds ``--seeds``, ``--num-prompts`` prompts of each split)
+are noised at each ``--timesteps`` t with one noise per clip, and the frozen ``--teacher``'s guided x0 prediction
+there (the DMD "real score", :func:`distill.real_score_x0`, with each ``--guidance``, by default the recipe's
+``distill.guidance_scale``) is decoded and scored like a clip. The DMD gradient at t points from the critic's
+prediction towards that target: a t where the target draws the caption's shape is a t where the loss can teach the
+shape; the share of DMD timesteps at each shift that falls there is listed beside it.
+
 ``collect``: the evaluation JSONs of ``python -m oneforcing.training.evaluate`` runs (teachers trained by the CPU
 recipe, the shipped student...), the stages' ``summary.json`` files and the results of ``components`` runs with
 other parts (``--pipeline``), condensed into the same results file.
 
     python benchmarks/demo_diagnosis.py components --json benchmarks/results/demo_diagnosis.json
+    python benchmarks/demo_diagnosis.py dmd-targets --json benchmarks/results/demo_diagnosis.json \\
+        --teacher models/oneforcing-demo-training/teacher --seeds 0 1
     python benchmarks/demo_diagnosis.py collect --json benchmarks/results/demo_diagnosis.json \\
         --eval small_pool_seen=runs/small/eval_seen.json ... --summary small_pool=runs/small/teacher/summary.json
 
@@ -31,7 +41,10 @@ import numpy as np
 import torch
 
 from oneforcing.training import demo_components, metrics, world
+from oneforcing.training.config import load_config
+from oneforcing.training.distill import real_score_x0
 from oneforcing.training.evaluate import PROMPT_SPLITS, VideoSize, ground_truth_clip, ratio
+from oneforcing.training.flow import add_noise, sample_timesteps
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "oneforcing-demo"
 ADHERENCE = ("background", "colour", "shape", "motion", "joint", "identity")
@@ -91,6 +104,84 @@ def components(args) -> dict:
     return sections
 
 
+def timestep_shares(edges: list[float], shifts: list[float], section) -> dict:
+    """Per shift: the share of the DMD loss's timesteps (``flow.sample_timesteps`` with ``section``'s clamp) in each
+    band between consecutive ``edges`` (0..1000)."""
+    draws = torch.Generator().manual_seed(0)
+    out = {}
+    for shift in shifts:
+        t = sample_timesteps(200_000, shift=shift, min_timestep=section.min_timestep,
+                             max_timestep=section.max_timestep, generator=draws)
+        out[str(shift)] = {f"{lo:g}-{hi:g}": float(((t >= lo) & (t < hi)).float().mean())
+                           for lo, hi in zip(edges[:-1], edges[1:])}
+    return out
+
+
+class TargetScorer:
+    """Scores latents [1, C, F, h, w] of the demo's latent space as clips: decoded, then :func:`metrics.evaluate_clip`
+    against the caption, condensed to the shape figures :func:`shape_row` keeps."""
+
+    def __init__(self, vae):
+        from oneforcing.pipelines.vae_streaming import WanStreamingDecoder
+
+        self.vae, self.decoder = vae, WanStreamingDecoder(vae)
+
+    def __call__(self, latents: torch.Tensor, prompt: str) -> dict:
+        video = self.decoder.decode_all(latents.to(self.vae.dtype))[0]  # [3, T, H, W] in -1..1
+        frames = ((video.float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
+        return shape_row(metrics.evaluate_clip(frames, prompt))
+
+
+def shape_row(result: metrics.ClipResult) -> dict:
+    """Shape and colour adherence of a scored clip, the share of its objects drawn round, and each one's shape."""
+    return {"shape": result.shape, "colour": result.colour,
+            "round": float(np.mean([o.predicted_shape == "circle" for o in result.objects])),
+            "predicted": [o.predicted_shape for o in result.objects]}
+
+
+def target_key(t: float, guidance: float) -> str:
+    return f"t={t:g} g={guidance:g}"
+
+
+def dmd_targets(args) -> dict:
+    from oneforcing.pipelines.loading import load_transformer
+    from oneforcing.pipelines.pipeline_one_forcing import OneForcingPipeline
+
+    section = load_config(args.config).distill
+    pipe = OneForcingPipeline.from_pretrained(str(args.pipeline)).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    teacher = load_transformer(args.teacher).to(args.device).eval()
+    score, size = TargetScorer(pipe.vae), parse_size(args.size[0])
+    guidances = args.guidance or [section.guidance_scale]
+    keys = ["student", *[target_key(t, g) for t in args.timesteps for g in guidances]]
+    negative = pipe.encode_prompt("", device=args.device)  # [1, L, D]
+    rows = []
+    with torch.no_grad():
+        for name, split in PROMPT_SPLITS.items():
+            for prompt in world.split_prompts(split, args.num_prompts):
+                embeds = pipe.encode_prompt(prompt, device=args.device)
+                for seed in args.seeds:
+                    x_gen = pipe(prompt, num_frames=size.num_frames, height=size.height, width=size.width,
+                                 generator=torch.Generator().manual_seed(seed), output_type="latent").frames
+                    noise = torch.randn(x_gen.shape, generator=torch.Generator().manual_seed(1000 + seed)).to(x_gen)
+                    row = {"split": name, "prompt": prompt, "seed": seed, "student": score(x_gen, prompt)}
+                    for t in args.timesteps:
+                        at = torch.full((1,), float(t), device=x_gen.device)
+                        x_t = add_noise(x_gen, noise, at)
+                        for guidance in guidances:
+                            target = real_score_x0(teacher, x_t, at, embeds, negative, guidance)
+                            row[target_key(t, guidance)] = score(target, prompt)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    summary = {name: {key: {figure: float(np.mean([r[key][figure] for r in rows if r["split"] == name]))
+                            for figure in ("shape", "colour", "round")} for key in keys}
+               for name in PROMPT_SPLITS}
+    edges = [0.0, *sorted(float(t) for t in args.timesteps), 1000.0]
+    return {"dmd_targets": {"student": str(args.pipeline), "teacher": str(args.teacher), "size": args.size[0],
+                            "seeds": args.seeds, "guidance_scales": guidances, "summary": summary,
+                            "timestep_shares": timestep_shares(edges, args.shifts, section), "clips": rows}}
+
+
 def condensed_evaluation(path: Path) -> dict:
     """Per model of an evaluate JSON: the mean (and std over seeds) of each summary figure, and the settings."""
     data = json.loads(path.read_text())
@@ -121,7 +212,7 @@ def collect(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("components", "collect"))
+    parser.add_argument("command", choices=("components", "dmd-targets", "collect"))
     parser.add_argument("--json", type=Path, required=True, help="results file (sections are merged into it)")
     parser.add_argument("--pipeline", type=Path, default=DEMO, help="pipeline folder with tokenizer, text encoder, VAE")
     parser.add_argument("--size", nargs="+", default=["81x128x128", "17x64x64"], help="FRAMESxHEIGHTxWIDTH")
@@ -130,13 +221,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the VAE round trips run")
+    parser.add_argument("--teacher", type=Path, help="dmd-targets: the teacher's transformer folder")
+    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "training" / "configs"
+                        / "demo.json", help="dmd-targets: the recipe whose distill section (guidance, clamp) is used")
+    parser.add_argument("--timesteps", type=float, nargs="+", default=[100, 200, 300, 400, 500, 600, 700, 800, 900],
+                        help="dmd-targets: noise levels (0..1000)")
+    parser.add_argument("--guidance", type=float, nargs="*", default=[],
+                        help="dmd-targets: g of the real score cond + g (cond - uncond) (default: the recipe's)")
+    parser.add_argument("--shifts", type=float, nargs="+", default=[5.0, 2.0, 1.0],
+                        help="dmd-targets: timestep shifts whose shares of the DMD timesteps are listed")
     parser.add_argument("--eval", nargs="*", default=[], metavar="NAME=EVAL_JSON")
     parser.add_argument("--summary", nargs="*", default=[], metavar="NAME=SUMMARY_JSON")
     parser.add_argument("--components", nargs="*", default=[], metavar="NAME=COMPONENTS_JSON",
                         help="the results of a components run with other parts (e.g. a retrained VAE)")
     args = parser.parse_args()
+    if args.command == "dmd-targets" and args.teacher is None:
+        parser.error("dmd-targets needs --teacher (the teacher's transformer folder)")
     torch.set_num_threads(args.threads)
-    sections = components(args) if args.command == "components" else collect(args)
+    sections = {"components": components, "dmd-targets": dmd_targets, "collect": collect}[args.command](args)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     results.update(sections)
     results.setdefault("commands", {})[args.command] = "python benchmarks/demo_diagnosis.py " + " ".join(sys.argv[1:])

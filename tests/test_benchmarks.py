@@ -119,6 +119,34 @@ def test_demo_diagnosis_measures_the_shipped_components_and_collects_evaluations
     assert set(result["commands"]) == {"components", "collect"}
 
 
+def test_demo_diagnosis_scores_the_dmd_targets_of_the_shipped_student(tmp_path):
+    """dmd-targets on the shipped student and bundled teacher, at a tiny size: one clip per split, two noise levels,
+    two guidance scales; the timestep shares follow the shifted distribution's closed form."""
+    out = tmp_path / "diagnosis.json"
+    teacher = BENCHMARKS.parent / "models" / "oneforcing-demo-training" / "teacher"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "dmd-targets", "--json", str(out), "--size", "5x32x32",
+         "--num-prompts", "1", "--seeds", "0", "--teacher", str(teacher), "--timesteps", "100", "900",
+         "--guidance", "3", "6", "--shifts", "5", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["dmd_targets"]
+    keys = {"student", "t=100 g=3", "t=100 g=6", "t=900 g=3", "t=900 g=6"}
+    assert [row["split"] for row in result["clips"]] == ["heldout", "seen"]
+    for row in result["clips"]:
+        assert keys <= set(row)
+        assert all(len(row[key]["predicted"]) == len(world.parse_caption(row["prompt"]).objects) for key in keys)
+    assert set(result["summary"]["seen"]) == keys
+    for shift in (5.0, 2.0):
+        shares = result["timestep_shares"][str(shift)]
+        assert list(shares) == ["0-100", "100-900", "900-1000"]
+        assert sum(shares.values()) == pytest.approx(1.0)
+        # P(t >= 900) = 1 - u(900) for t = s u / (1 + (s - 1) u), u uniform
+        u = 0.9 / (shift - (shift - 1) * 0.9)
+        assert shares["900-1000"] == pytest.approx(1 - u, abs=0.01)
+
+
 def test_demo_scripts_parse():
     for script in ("demo_model_1gpu.sh", "demo_model_2gpu.sh", "demo_model.sh", "evaluate_demo.sh", "demo_lib.sh",
                    "demo_env.sh"):
