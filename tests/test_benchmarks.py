@@ -120,27 +120,31 @@ def test_demo_diagnosis_measures_the_shipped_components_and_collects_evaluations
 
 
 def test_demo_diagnosis_scores_the_dmd_targets_of_the_shipped_student(tmp_path):
-    """dmd-targets on the shipped student and bundled teacher, at a tiny size: one clip per split, two noise levels,
-    two guidance scales; the timestep shares follow the shifted distribution's closed form."""
+    """dmd-targets on the shipped student and bundled teacher, 9 frames: two prompts per split, two noise levels, two
+    guidance scales. Barely noised (t = 20), the teacher's target is the student's own clip, object by object; the
+    timestep shares follow the shifted distribution's closed form and the loss's clamp at 20."""
     out = tmp_path / "diagnosis.json"
     teacher = BENCHMARKS.parent / "models" / "oneforcing-demo-training" / "teacher"
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "dmd-targets", "--json", str(out), "--size", "5x32x32",
-         "--num-prompts", "1", "--seeds", "0", "--teacher", str(teacher), "--timesteps", "100", "900",
+        [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "dmd-targets", "--json", str(out), "--size",
+         "9x128x128", "--num-prompts", "2", "--seeds", "0", "--teacher", str(teacher), "--timesteps", "20", "900",
          "--guidance", "3", "6", "--shifts", "5", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())["dmd_targets"]
-    keys = {"student", "t=100 g=3", "t=100 g=6", "t=900 g=3", "t=900 g=6"}
-    assert [row["split"] for row in result["clips"]] == ["heldout", "seen"]
+    keys = {"student", "t=20 g=3", "t=20 g=6", "t=900 g=3", "t=900 g=6"}
+    assert [row["split"] for row in result["clips"]] == ["heldout", "heldout", "seen", "seen"]
     for row in result["clips"]:
-        assert keys <= set(row)
+        assert set(row) >= keys
         assert all(len(row[key]["predicted"]) == len(world.parse_caption(row["prompt"]).objects) for key in keys)
+        assert row["t=20 g=3"]["predicted"] == row["t=20 g=6"]["predicted"] == row["student"]["predicted"]
+    assert any(shape for row in result["clips"] for shape in row["student"]["predicted"])  # objects were found
     assert set(result["summary"]["seen"]) == keys
     for shift in (5.0, 2.0):
         shares = result["timestep_shares"][str(shift)]
-        assert list(shares) == ["0-100", "100-900", "900-1000"]
+        assert list(shares) == ["0-20", "20-900", "900-1000"]
+        assert shares["0-20"] == 0  # the DMD loss clamps t to [20, 980]
         assert sum(shares.values()) == pytest.approx(1.0)
         # P(t >= 900) = 1 - u(900) for t = s u / (1 + (s - 1) u), u uniform
         u = 0.9 / (shift - (shift - 1) * 0.9)
