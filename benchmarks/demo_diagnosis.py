@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from oneforcing.training import demo_components, metrics, world
-from oneforcing.training.config import load_config
+from oneforcing.training.config import DistillConfig, load_config
 from oneforcing.training.distill import real_score_x0
 from oneforcing.training.evaluate import PROMPT_SPLITS, VideoSize, ground_truth_clip, ratio
 from oneforcing.training.flow import add_noise, sample_timesteps
@@ -74,8 +74,8 @@ def vae_section(vae, sizes: list[VideoSize], num_prompts: int, seeds: list[int])
                     truth = ground_truth_clip(prompt, seed, size)  # [T, H, W, 3] in 0..1
                     video = torch.from_numpy(truth).permute(3, 0, 1, 2) * 2 - 1
                     decoded = demo_components.vae_round_trip(vae, video)
-                    frames = ((decoded.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy()
-                    rows.append((metrics.evaluate_clip(truth, prompt), metrics.evaluate_clip(frames, prompt),
+                    rows.append((metrics.evaluate_clip(truth, prompt),
+                                 metrics.evaluate_clip(metrics.world_frames(decoded), prompt),
                                  demo_components.psnr_db(decoded, video)))
             key = f"{size.num_frames}x{size.height}x{size.width}/{name}"
             out[key] = {
@@ -104,7 +104,7 @@ def components(args) -> dict:
     return sections
 
 
-def timestep_shares(edges: list[float], shifts: list[float], section) -> dict:
+def timestep_shares(edges: list[float], shifts: list[float], section: DistillConfig) -> dict:
     """Per shift: the share of the DMD loss's timesteps (``flow.sample_timesteps`` with ``section``'s clamp) in each
     band between consecutive ``edges`` (0..1000)."""
     draws = torch.Generator().manual_seed(0)
@@ -128,8 +128,7 @@ class TargetScorer:
 
     def __call__(self, latents: torch.Tensor, prompt: str) -> dict:
         video = self.decoder.decode_all(latents.to(self.vae.dtype))[0]  # [3, T, H, W] in -1..1
-        frames = ((video.float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
-        return shape_row(metrics.evaluate_clip(frames, prompt))
+        return shape_row(metrics.evaluate_clip(metrics.world_frames(video), prompt))
 
 
 def shape_row(result: metrics.ClipResult) -> dict:
@@ -141,6 +140,12 @@ def shape_row(result: metrics.ClipResult) -> dict:
 
 def target_key(t: float, guidance: float) -> str:
     return f"t={t:g} g={guidance:g}"
+
+
+def split_summary(rows: list[dict], keys: list[str]) -> dict:
+    """Per scored clip key ("student", "t=... g=..."): the mean shape, colour and round figures over ``rows``."""
+    return {key: {figure: float(np.mean([row[key][figure] for row in rows])) for figure in ("shape", "colour", "round")}
+            for key in keys}
 
 
 def dmd_targets(args) -> dict:
@@ -173,9 +178,7 @@ def dmd_targets(args) -> dict:
                             row[target_key(t, guidance)] = score(target, prompt)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    summary = {name: {key: {figure: float(np.mean([r[key][figure] for r in rows if r["split"] == name]))
-                            for figure in ("shape", "colour", "round")} for key in keys}
-               for name in PROMPT_SPLITS}
+    summary = {name: split_summary([r for r in rows if r["split"] == name], keys) for name in PROMPT_SPLITS}
     edges = [0.0, *sorted(float(t) for t in args.timesteps), 1000.0]
     return {"dmd_targets": {"student": str(args.pipeline), "teacher": str(args.teacher), "size": args.size[0],
                             "seeds": args.seeds, "guidance_scales": guidances, "summary": summary,

@@ -263,7 +263,7 @@ def pipeline_generator(pipe, spec: ModelSpec, max_sequence_length: int) -> Gener
             shift=spec.shift, guidance_scale=spec.guidance,
         )
         video = WanStreamingDecoder(pipe.vae).decode_all(states[:, -1].to(pipe.vae.dtype))  # [1, 3, T, H, W]
-        return ((video[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
+        return metrics.world_frames(video[0])
 
     return generate_teacher
 
