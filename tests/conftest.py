@@ -8,7 +8,9 @@ import pytest
 import torch
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-DEMO_TEACHER_DIR = REPOSITORY / "models" / "oneforcing-demo-training" / "teacher"  # bundled for retraining the demo
+DEMO_TRAINING_DIR = REPOSITORY / "models" / "oneforcing-demo-training"  # bundled for retraining the demo
+DEMO_TEACHER_DIR = DEMO_TRAINING_DIR / "teacher"
+DEMO_CHUNKWISE_DIR = DEMO_TRAINING_DIR / "chunkwise"  # the chunk-wise One-Forcing student
 
 TINY_TRANSFORMER = dict(
     patch_size=(1, 2, 2),

@@ -14,11 +14,11 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO_TEACHER_DIR, REPOSITORY
+from conftest import DEMO_TEACHER_DIR, DEMO_TRAINING_DIR, REPOSITORY
 
 from oneforcing import CausalWanTransformer3DModel
 
-BASE = DEMO_TEACHER_DIR.parent.relative_to(REPOSITORY).as_posix()  # as the README's command names it, from the root
+BASE = DEMO_TRAINING_DIR.relative_to(REPOSITORY).as_posix()  # as the README's command names it, from the root
 TEACHER = DEMO_TEACHER_DIR.relative_to(REPOSITORY).as_posix()
 TINY = ("encode.num_samples=2 encode.batch_size=2 encode.num_frames=9 encode.height=32 encode.width=32 "
         "teacher.batch_size=2 "
