@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_vae
+from conftest import DEMO_TEACHER_DIR, make_tiny_vae
 
 from oneforcing.training import world
 
@@ -124,11 +124,10 @@ def test_demo_diagnosis_scores_the_dmd_targets_of_the_shipped_student(tmp_path):
     guidance scales. Barely noised (t = 20), the teacher's target is the student's own clip, object by object; the
     timestep shares follow the shifted distribution's closed form and the loss's clamp at 20."""
     out = tmp_path / "diagnosis.json"
-    teacher = BENCHMARKS.parent / "models" / "oneforcing-demo-training" / "teacher"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "dmd-targets", "--json", str(out), "--size",
-         "9x128x128", "--num-prompts", "2", "--seeds", "0", "--teacher", str(teacher), "--timesteps", "20", "900",
-         "--guidance", "3", "6", "--shifts", "5", "2"],
+         "9x128x128", "--num-prompts", "2", "--seeds", "0", "--teacher", str(DEMO_TEACHER_DIR),
+         "--timesteps", "20", "900", "--guidance", "3", "6", "--shifts", "5", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
