@@ -98,14 +98,14 @@ def test_readme_main_command_writes_a_playable_mp4_with_the_demo_default(tmp_pat
 def test_demo_model_draws_the_colour_motion_and_some_shapes_of_held_out_prompts(demo_pipe):
     """Eight held-out combinations (never in training), one seed, the model's full 81 frames, scored by
     training/metrics.py as the README's evaluation scores them. The thresholds sit below what the shipped model
-    reaches (README, Evaluation) and above the session-12 student, which lost the motion of most of these and drew
-    none of the shapes."""
+    reaches (README, Evaluation) and above the session-19 student, which drew four of these shapes, and the
+    session-12 one, which lost most of the motions and drew no shape."""
     def generate(prompt: str, seed: int) -> np.ndarray:
         return demo_pipe(prompt, output_type="np", generator=torch.Generator().manual_seed(seed)).frames[0]
 
     scores = held_out_scores(generate, count=8)
     colour, motion, shape = np.sum(scores, axis=0)
-    assert colour >= 7 and motion >= 6 and shape >= 2, scores
+    assert colour >= 7 and motion >= 6 and shape >= 5, scores
 
 
 def evaluation_row_scores(options: str, count: int) -> list[tuple[float, float, float]]:
@@ -132,8 +132,8 @@ def test_bundled_teacher_draws_the_colour_motion_and_shape_of_held_out_prompts()
 @pytest.mark.skipif(not DEMO_CHUNKWISE_DIR.is_dir(), reason="the bundled chunk-wise student is not in this checkout")
 def test_bundled_chunkwise_student_draws_the_colour_motion_and_shapes_of_held_out_prompts():
     """The chunk-wise One-Forcing student (3 latent frames a block), one step per block as the evaluation's
-    ``chunkwise_1step`` row. Eight held-out combinations, one seed each: it draws every colour and motion and more
-    shapes than the shipped frame-wise student (README, Evaluation). Its config must give the block size its row
+    ``chunkwise_1step`` row. Eight held-out combinations, one seed each: it draws every colour and motion and most
+    shapes (README, Evaluation). Its config must give the block size its row
     samples with."""
     assert CausalWanTransformer3DModel.load_config(DEMO_CHUNKWISE_DIR)["frames_per_block"] == 3
     scores = evaluation_row_scores(f"transformer={DEMO_CHUNKWISE_DIR},steps=1,frames_per_block=3", count=8)

@@ -36,7 +36,7 @@ from oneforcing.studio.protocol import ControlError, parse_control, read_frame_m
 from oneforcing.studio.server import Studio, is_loopback  # noqa: E402
 from oneforcing.studio.timeline import Branch, SnapshotStore  # noqa: E402
 
-SIZE = 64
+SIZE = 128  # the demo model's trained size: smaller frames hold too little of the object to show a prompt switch
 SETTINGS = StudioSettings(height=SIZE, width=SIZE, ahead_blocks=3)
 CAT, DOG = "a yellow circle moves right on a black background", "a red square moves left"
 ROOT = Path(__file__).resolve().parents[1]
