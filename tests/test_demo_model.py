@@ -133,8 +133,7 @@ def test_bundled_teacher_draws_the_colour_motion_and_shape_of_held_out_prompts()
 def test_bundled_chunkwise_student_draws_the_colour_motion_and_shapes_of_held_out_prompts():
     """The chunk-wise One-Forcing student (3 latent frames a block), one step per block as the evaluation's
     ``chunkwise_1step`` row. Eight held-out combinations, one seed each: it draws every colour and motion and most
-    shapes (README, Evaluation). Its config must give the block size its row
-    samples with."""
+    shapes (README, Evaluation). Its config must give the block size its row samples with."""
     assert CausalWanTransformer3DModel.load_config(DEMO_CHUNKWISE_DIR)["frames_per_block"] == 3
     scores = evaluation_row_scores(f"transformer={DEMO_CHUNKWISE_DIR},steps=1,frames_per_block=3", count=8)
     colour, motion, shape = np.sum(scores, axis=0)
