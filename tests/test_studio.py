@@ -28,7 +28,7 @@ import torch
 aiohttp = pytest.importorskip("aiohttp", reason="the studio needs aiohttp (the 'studio' extra)")
 from aiohttp import web  # noqa: E402
 
-from oneforcing import DEMO_MODEL_DIR  # noqa: E402
+from oneforcing import DEMO_MODEL_DIR, OneForcingPipeline  # noqa: E402
 from oneforcing.pipelines.video_io import read_video_frames  # noqa: E402
 from oneforcing.studio.export import read_comment, with_comment  # noqa: E402
 from oneforcing.studio.live import StudioSettings  # noqa: E402
@@ -36,7 +36,8 @@ from oneforcing.studio.protocol import ControlError, parse_control, read_frame_m
 from oneforcing.studio.server import Studio, is_loopback  # noqa: E402
 from oneforcing.studio.timeline import Branch, SnapshotStore  # noqa: E402
 
-SIZE = 128  # the demo model's trained size: smaller frames hold too little of the object to show a prompt switch
+# the demo model's recorded (trained) size: smaller frames hold too little of the object to show a prompt switch
+SIZE = OneForcingPipeline.load_config(DEMO_MODEL_DIR)["default_video_size"]["height"]
 SETTINGS = StudioSettings(height=SIZE, width=SIZE, ahead_blocks=3)
 CAT, DOG = "a yellow circle moves right on a black background", "a red square moves left"
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def pipe():
-    from oneforcing import OneForcingPipeline
-
     pipe = OneForcingPipeline.from_pretrained(DEMO_MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
     return pipe
