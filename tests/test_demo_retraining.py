@@ -49,14 +49,20 @@ def packed_model(run, name: str) -> CausalWanTransformer3DModel:
 
 
 def test_ode_and_students_phases_start_from_the_bundled_teacher(tmp_path):
-    """Frame-wise students alone: only the frame-wise ODE initialisation is made."""
+    """Frame-wise students alone: only the frame-wise ODE initialisation is made. The call's CALL_SECONDS leave
+    1,000 s after their reserve: the distillation's own 5,000 s are cut to what is left of those when it starts, the
+    ODE initialisation's 150 s fit and stay."""
     run = tmp_path / "run"
-    run_script(RUN_DIR=str(run), BASE=BASE, STUDENTS="framewise", PHASE="ode students", EXTRA=TINY)
+    run_script(RUN_DIR=str(run), BASE=BASE, STUDENTS="framewise", PHASE="ode students", EXTRA=TINY,
+               CALL_SECONDS="100000", CALL_RESERVE="99000", DISTILL_SECONDS="5000")
 
     settings = json.loads((run / "framewise" / "distill" / "run_config.json").read_text())
     assert settings["distill"]["teacher"] == TEACHER
+    assert 1000 - 600 < settings["distill"]["max_seconds"] < 1000  # 600: the script's own time limit in tests
     pairs = json.loads((run / "framewise" / "ode_pairs" / "run_config.json").read_text())
     assert pairs["ode_pairs"]["teacher"] == TEACHER
+    ode_init = json.loads((run / "framewise" / "ode_init" / "run_config.json").read_text())
+    assert ode_init["ode_init"]["max_seconds"] == 150
     for name in ("ode_init_framewise", "framewise"):
         model = packed_model(run, name)
         assert model.config.frames_per_block == 1
@@ -72,11 +78,34 @@ def test_chunkwise_student_gets_its_own_ode_initialisation(tmp_path):
     assert not (run / "pack" / "ode_init_framewise").exists()
 
 
+def test_a_training_stage_left_no_time_by_call_seconds_is_not_started(tmp_path):
+    """CALL_SECONDS spent before the ODE initialisation: the ODE pairs (not a training stage) are made, the
+    initialisation and the student are not started and say so, and the call still ends well (a later one resumes)."""
+    run = tmp_path / "run"
+    done = script(RUN_DIR=str(run), BASE=BASE, STUDENTS="framewise", PHASE="ode students", EXTRA=TINY,
+                  CALL_SECONDS="1", CALL_RESERVE="0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage in ("ode-init-framewise", "distill-framewise"):
+        assert f"{stage} not started: CALL_SECONDS=1 leaves it no time" in done.stdout
+    assert (run / "framewise" / "ode_pairs" / "run_config.json").is_file()
+    assert not (run / "framewise" / "ode_init").exists()
+    assert not (run / "pack" / "ode_init_framewise").exists()
+    assert not (run / "pack" / "framewise").exists()
+
+
 def test_an_unknown_student_stops_the_script_before_any_phase(tmp_path):
     run = tmp_path / "run"
     done = script(RUN_DIR=str(run), STUDENTS="framewise chunkwize", PHASE="ode")
     assert done.returncode == 2
     assert "unknown student chunkwize" in done.stderr
+    assert not (run / "latents").exists()
+
+
+def test_time_settings_that_are_not_whole_seconds_stop_the_script_before_any_phase(tmp_path):
+    run = tmp_path / "run"
+    done = script(RUN_DIR=str(run), STUDENTS="framewise", PHASE="ode", CALL_SECONDS="570.5")
+    assert done.returncode == 2
+    assert "CALL_SECONDS must be whole seconds, not 570.5" in done.stderr
     assert not (run / "latents").exists()
 
 

@@ -10,6 +10,19 @@ source "$ROOT/training/demo_env.sh"  # oneforcing and diffusers importable (WHEE
 mkdir -p "$RUN/pack" "$RUN/logs"
 started=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - started )) s)"; }
+stage_seconds() {  # a training stage's own time limit (whole seconds) -> that limit, cut so that the stage stops
+  # CALL_RESERVE seconds (default 60: its last iteration, the save, the float16 copy and the shipping) before the call's
+  # CALL_SECONDS (when set: how long this call may run, counted from the script's start) are spent. Prints nothing and
+  # fails when not a second of training would be left: the caller skips the stage, and a later call resumes it.
+  local limit=$1 left
+  [ -n "${CALL_SECONDS:-}" ] || { echo "$limit"; return 0; }
+  left=$(( CALL_SECONDS - ($(date +%s) - started) - ${CALL_RESERVE:-60} ))
+  (( left >= 1 )) || return 1
+  echo $(( left < limit ? left : limit ))
+}
+no_time_for() {  # stage name: say that CALL_SECONDS left it no time
+  stamp "$1 not started: CALL_SECONDS=$CALL_SECONDS leaves it no time (not finished: run again, it resumes)"
+}
 run_stage() {  # name, command...: output in $RUN/logs/<name>.out; its last lines, or the error
   local name=$1; shift
   stamp "$name"

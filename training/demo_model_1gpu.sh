@@ -36,7 +36,10 @@
 # NUM_SAMPLES (3072, without STREAM), TEACHER_SECONDS (240), TEACHER_STEPS (12000),
 # ODE_INIT_SECONDS (150), DISTILL_SECONDS (150), STUDENTS, EVAL_SEEDS ("0 1 2 3 4 5"), EVAL_PROMPTS (8), EVAL_EXTRA
 # (more evaluate arguments; FRAMES, SIZE, WORKERS, THREADS of training/evaluate_demo.sh pass through), WHEELS
-# (diffusers' wheel when it is not installed), EXTRA (more config overrides for every stage).
+# (diffusers' wheel when it is not installed), EXTRA (more config overrides for every stage), CALL_SECONDS (unset: no
+# limit): how long this call may run, for a device whose calls are killed at a time limit; every training stage's own
+# limit above is cut so that it stops CALL_RESERVE (60) s before, and a stage left no time is not started (encodes and
+# evaluations are not cut: a later call resumes them). All *_SECONDS settings and CALL_RESERVE are whole seconds.
 set -euo pipefail
 source "$(dirname "$0")/demo_lib.sh"  # the repository root as working folder, RUN, CONFIG, PY, run_stage, half...
 PHASES=${PHASE:?set PHASE to vae, teacher, ode, students or evaluate (or several, in that order)}
@@ -44,9 +47,11 @@ VAE_INIT=${VAE_INIT-models/oneforcing-demo/vae}  # set it empty for a fresh VAE
 
 vae_phase() {  # the shipped tokenizer and text encoder; the VAE fine-tuned (or trained afresh), then its check
   mkdir -p "$RUN/parts" && cp -rn models/oneforcing-demo/tokenizer models/oneforcing-demo/text_encoder "$RUN/parts/"
+  local seconds
+  seconds=$(stage_seconds "${VAE_SECONDS:-400}") || { no_time_for vae; return 0; }
   run_stage vae $PY -m oneforcing.training.demo_components --out "$RUN/parts" --parts vae \
       --vae-stages "${VAE_STAGES:-1200x64x5x32,600x128x9x12,200x128x33x4,250x64x81x6}" \
-      --vae-object-weight "${VAE_OBJECT_WEIGHT:-4}" --vae-max-seconds "${VAE_SECONDS:-400}" --eval-clips 4 \
+      --vae-object-weight "${VAE_OBJECT_WEIGHT:-4}" --vae-max-seconds "$seconds" --eval-clips 4 \
       --stat-clips 8 ${VAE_INIT:+--vae-init "$VAE_INIT"} ${VAE_ARGS:-}
   run_stage vae-check $PY benchmarks/demo_diagnosis.py components --pipeline "$RUN/parts" \
       --size "${VAE_CHECK_SIZE:-81x128x128}" --seeds 0 1 --json "$RUN/parts/diagnosis.json"
@@ -87,8 +92,10 @@ evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-o
 teacher_phase() {
   local steps=${TEACHER_STEPS:-12000} data=(data.stream=true)
   if [ "${STREAM:-0}" = 0 ]; then encode "${NUM_SAMPLES:-3072}"; data=(); fi
+  local seconds
+  seconds=$(stage_seconds "${TEACHER_SECONDS:-240}") || { no_time_for teacher; return 0; }
   run_stage teacher $PY -m oneforcing.training teacher --config "$CONFIG" output_dir="$RUN" "${COMMON[@]}" \
-      "${data[@]}" teacher.steps="$steps" teacher.max_seconds="${TEACHER_SECONDS:-240}" teacher.save_every=500 \
+      "${data[@]}" teacher.steps="$steps" teacher.max_seconds="$seconds" teacher.save_every=500 \
       ${EXTRA:-}
   half "$RUN/teacher/final/transformer_ema" "$RUN/pack/teacher"
   ship_folder teacher
@@ -115,23 +122,25 @@ ode_layouts() {  # the layouts whose ODE initialisations the chosen students sta
 }
 ode_phase() {
   encode 1024
-  local teacher name
+  local teacher name seconds
   teacher=$(model_dir teacher)
-  local set=(ode_pairs.teacher="$teacher" ode_init.init="$teacher" ode_init.max_seconds="${ODE_INIT_SECONDS:-150}"
-             "${COMMON[@]}" ${EXTRA:-})
+  local set=(ode_pairs.teacher="$teacher" ode_init.init="$teacher" "${COMMON[@]}" ${EXTRA:-})
   # the teacher's trajectories do not depend on the student's layout: made once, read by both initialisations
   run_stage ode-pairs $PY -m oneforcing.training ode-pairs --config "$CONFIG" output_dir="$RUN/framewise" "${set[@]}"
   for name in $(ode_layouts); do
+    seconds=$(stage_seconds "${ODE_INIT_SECONDS:-150}") || { no_time_for "ode-init-$name"; continue; }
     run_stage "ode-init-$name" $PY -m oneforcing.training ode-init --config "$CONFIG" output_dir="$RUN/$name" \
-        model.frames_per_block="${LAYOUT_FRAMES[$name]}" ode_init.pairs="$RUN/framewise/ode_pairs" "${set[@]}"
+        model.frames_per_block="${LAYOUT_FRAMES[$name]}" ode_init.pairs="$RUN/framewise/ode_pairs" \
+        ode_init.max_seconds="$seconds" "${set[@]}"
     half "$RUN/$name/ode_init/final/generator" "$RUN/pack/ode_init_$name"
     ship_folder "ode_init_$name"
   done
 }
 distill() {  # name, ODE initialisation, overrides...: one student, shipped when done
-  local name=$1 init=$2; shift 2
+  local name=$1 init=$2 seconds; shift 2
+  seconds=$(stage_seconds "${DISTILL_SECONDS:-150}") || { no_time_for "distill-$name"; return 0; }
   run_stage "distill-$name" $PY -m oneforcing.training distill --config "$CONFIG" "${COMMON[@]}" \
-      distill.teacher="$(model_dir teacher)" distill.max_seconds="${DISTILL_SECONDS:-150}" ${EXTRA:-} \
+      distill.teacher="$(model_dir teacher)" distill.max_seconds="$seconds" ${EXTRA:-} \
       output_dir="$RUN/$name" distill.generator="$(model_dir "$init")" "$@"
   half "$RUN/$name/distill/final/generator_ema" "$RUN/pack/$name"
   ship_folder "$name"
@@ -158,6 +167,9 @@ evaluate_phase() {
 }
 
 CHOSEN=$(chosen_students)  # checked before any phase spends GPU time
+for setting in CALL_SECONDS CALL_RESERVE VAE_SECONDS TEACHER_SECONDS ODE_INIT_SECONDS DISTILL_SECONDS; do
+  [[ -z ${!setting:-} || ${!setting} =~ ^[0-9]+$ ]] || { echo "$setting must be whole seconds, not ${!setting}" >&2; exit 2; }
+done
 
 for PHASE in $PHASES; do
   case $PHASE in
