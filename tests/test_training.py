@@ -19,6 +19,7 @@ from oneforcing.training.discriminator import RegisterDiscriminator, critic_logi
 from oneforcing.training.distill import (
     DistillModels,
     critic_loss,
+    critic_optimizer,
     frozen,
     generator_loss,
     self_forcing_rollout,
@@ -193,6 +194,37 @@ def test_critic_step_gradients_reach_only_the_critic_and_head():
             assert {"d_adv", "r1", "r2", "d_real", "d_fake"} <= set(logs)
     # the discriminator loss also trains the critic backbone (the shared noised-latent critic)
     assert (grads[True] - grads[False]).abs().max() > 0
+
+
+def test_critic_optimizer_steps_the_head_at_its_own_learning_rate():
+    """One critic step with the adversarial term: the head's parameters move by about ``gan.lr`` (Adam's first step
+    is about the learning rate per parameter), the critic's by about ``lr_critic`` whatever the head's rate; without
+    ``gan.lr`` both move at ``lr_critic``, and a critic without a head has one parameter group."""
+    start = _distill_models()
+    embeds = _embeds()
+    x_gen = self_forcing_rollout(start.generator, OneForcingScheduler(), _noise(), embeds, exit_step=0,
+                                 rng=torch.Generator().manual_seed(0)).detach()
+
+    def largest_moves(section):
+        models = copy.deepcopy(start)
+        optimizer = critic_optimizer(section, models.critic, models.discriminator)
+        assert [g["lr"] for g in optimizer.param_groups] == [section.lr_critic, section.gan.lr or section.lr_critic]
+        loss, _ = critic_loss(models, x_gen, _noise(seed=9), embeds, section, torch.Generator().manual_seed(2), True)
+        loss.backward()
+        optimizer.step()
+        return [max((after - before).abs().max().item() for after, before in zip(m.parameters(), s.parameters()))
+                for m, s in ((models.critic, start.critic), (models.discriminator, start.discriminator))]
+
+    section = _section()
+    critic_move, head_move = largest_moves(section)
+    assert critic_move == pytest.approx(section.lr_critic, rel=0.05)
+    assert head_move == pytest.approx(section.lr_critic, rel=0.05)
+    critic_move, head_move = largest_moves(_section(lr=100 * section.lr_critic))
+    assert critic_move == pytest.approx(section.lr_critic, rel=0.05)
+    assert head_move == pytest.approx(100 * section.lr_critic, rel=0.05)
+    assert len(critic_optimizer(section, start.critic, None).param_groups) == 1
+    with pytest.raises(ConfigError, match="distill.gan.lr"):
+        load_config(None, ["distill.gan.lr=0"])
 
 
 def test_discriminator_head_reads_only_its_feature_layers():

@@ -163,7 +163,9 @@ class GanConfig:
 
     ``feature_layers``: critic blocks whose output hidden states the register tokens read (one register per layer).
     Losses are non-saturating softplus; ``r1_*`` / ``r2_*``: finite-difference penalties on real / generated inputs,
-    mean (D(x + sigma * n) - D(x))^2 (R2 also scaled by 0.5); weight 0 disables them.
+    mean (D(x + sigma * n) - D(x))^2 (R2 also scaled by 0.5); weight 0 disables them. ``lr``: the head's learning rate
+    (null: ``distill.lr_critic``). Only the discriminator loss trains the head, and Adam's step does not scale with the
+    loss, so ``discriminator_weight`` sets how much that loss moves the shared critic, not how fast the head learns.
     """
 
     enabled: bool = True
@@ -176,6 +178,7 @@ class GanConfig:
     r1_sigma: float = 0.1
     r2_weight: float = 0.0
     r2_sigma: float = 0.01
+    lr: float | None = None
 
 
 @dataclass
@@ -375,3 +378,4 @@ def _validate(config: TrainingConfig, source: str) -> None:
     gan = config.distill.gan
     need(len(gan.feature_layers) >= 1, "distill.gan.feature_layers needs at least one layer")
     need(list(gan.feature_layers) == sorted(set(gan.feature_layers)), "distill.gan.feature_layers must increase")
+    need(gan.lr is None or gan.lr > 0, "distill.gan.lr must be > 0 (or null: distill.lr_critic)")

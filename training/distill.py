@@ -257,8 +257,7 @@ def train_distill(config: TrainingConfig, resume: str = "auto") -> dict:
     ema = ExponentialMovingAverage(generator, section.ema_decay, section.ema_start_step) if section.ema_decay > 0 else None
     emas = {"generator_ema": ema} if ema else {}
     opt_g = make_optimizer(generator.parameters(), section.lr, section.betas, section.weight_decay)
-    critic_params = list(critic.parameters()) + (list(discriminator.parameters()) if use_gan else [])
-    opt_c = make_optimizer(critic_params, section.lr_critic, section.betas, section.weight_decay)
+    opt_c = critic_optimizer(section, critic, discriminator)
     checkpoint = run.resume_from()
     if checkpoint is not None:
         run.load_model_states(checkpoint, trained, emas)
@@ -348,6 +347,16 @@ def train_distill(config: TrainingConfig, resume: str = "auto") -> dict:
     exported = export_generator(run, final_states.get("generator_ema"), generator)
     return run.finish({"steps": last, "planned_steps": section.steps, "gan": use_gan, "final": str(run.dir / "final"),
                        "reference_checkpoint": str(exported) if exported else None})
+
+
+def critic_optimizer(section: DistillConfig, critic, discriminator) -> torch.optim.AdamW:
+    """AdamW of the critic step: the critic at ``lr_critic``; the adversarial head (``discriminator``, None without
+    the adversarial term) as a parameter group of its own at ``gan.lr`` (null: ``lr_critic``)."""
+    optimizer = make_optimizer(critic.parameters(), section.lr_critic, section.betas, section.weight_decay)
+    if discriminator is not None:
+        head_lr = section.lr_critic if section.gan.lr is None else section.gan.lr
+        optimizer.add_param_group({"params": [p for p in discriminator.parameters() if p.requires_grad], "lr": head_lr})
+    return optimizer
 
 
 def critic_params_of(critic, discriminator):
