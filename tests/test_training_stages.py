@@ -61,6 +61,7 @@ def recipe(tmp_path_factory):
     config["ode_pairs"].update(num_pairs=4, batch_size=2, num_inference_steps=4)
     config["ode_init"].update(steps=4, log_every=100)
     config["distill"].update(steps=6, save_every=3, log_every=100)
+    config["distill"].setdefault("gan", {})["lr"] = 3 * config["distill"]["lr_critic"]
     path = root / "recipe.json"
     path.write_text(json.dumps(config))
     for stage in ("teacher", "ode-pairs", "ode-init", "distill"):
@@ -91,6 +92,10 @@ def test_every_stage_writes_loadable_outputs(recipe):
     assert all({"critic_flow", "d_adv", "r1", "r2"} <= set(r) for r in rows)
     summary = json.loads((run / "distill" / "summary.json").read_text())
     assert summary["gan"] and "g_adv" in summary["last"]
+    # the head trains as a parameter group of its own at distill.gan.lr, which the checkpoint keeps for a resume
+    state = torch.load(run / "distill" / "checkpoints" / "step_0000003" / "state.pt", weights_only=True)
+    lr_critic = json.loads((CONFIGS / "tiny_cpu.json").read_text())["distill"]["lr_critic"]
+    assert [g["lr"] for g in state["optimizers"]["critic"]["param_groups"]] == [lr_critic, 3 * lr_critic]
 
     # the reference export holds the EMA weights under Wan2.1 names and loads back as the same model
     exported = CausalWanTransformer3DModel.from_single_file(final / "one_forcing.pt")  # heads read from the file
