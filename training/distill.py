@@ -35,7 +35,7 @@ from .losses import (
 )
 from .ode import student_scheduler
 from .rollout import self_forcing_blocks
-from .runner import StageRun, gathered_state, clip_and_step, load_transformer, make_optimizer
+from .runner import StageRun, gathered_state, clip_and_step, load_transformer, make_optimizer, trainable
 
 # random streams of one iteration (see flow.step_generator)
 _GEN_NOISE, _GEN_LOSS, _CRITIC_NOISE, _CRITIC_LOSS, _EXIT = 10, 11, 12, 13, 100
@@ -355,7 +355,7 @@ def critic_optimizer(section: DistillConfig, critic, discriminator) -> torch.opt
     optimizer = make_optimizer(critic.parameters(), section.lr_critic, section.betas, section.weight_decay)
     if discriminator is not None:
         head_lr = section.lr_critic if section.gan.lr is None else section.gan.lr
-        optimizer.add_param_group({"params": [p for p in discriminator.parameters() if p.requires_grad], "lr": head_lr})
+        optimizer.add_param_group({"params": trainable(discriminator.parameters()), "lr": head_lr})
     return optimizer
 
 

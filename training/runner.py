@@ -414,8 +414,13 @@ class StageRun:
         return summary
 
 
+def trainable(params) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer steps: those that require grad (frozen ones, e.g. a LoRA run's base weights, not)."""
+    return [p for p in params if p.requires_grad]
+
+
 def make_optimizer(params, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
+    params = trainable(params)
     if not params:
         raise ValueError("no trainable parameters")
     return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in betas), weight_decay=weight_decay)
