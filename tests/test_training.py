@@ -18,14 +18,16 @@ from oneforcing.training.rollout import self_forcing_blocks
 from oneforcing.training.discriminator import RegisterDiscriminator, critic_logits
 from oneforcing.training.distill import (
     DistillModels,
+    adversarial_timesteps,
     critic_loss,
     critic_optimizer,
     frozen,
     generator_loss,
+    loss_timesteps,
     self_forcing_rollout,
 )
 from oneforcing.training.flow import add_noise, ode_sigmas, sample_timesteps
-from oneforcing.training.losses import dmd_loss
+from oneforcing.training.losses import dmd_loss, perturbation_penalty
 from oneforcing.training.ode import block_state_choices, ode_regression_loss, teacher_trajectory
 from oneforcing.training.teacher import clean_context_timesteps, teacher_loss
 
@@ -225,6 +227,57 @@ def test_critic_optimizer_steps_the_head_at_its_own_learning_rate():
     assert len(critic_optimizer(section, start.critic, None).param_groups) == 1
     with pytest.raises(ConfigError, match="distill.gan.lr"):
         load_config(None, ["distill.gan.lr=0"])
+
+
+def test_adversarial_term_noises_at_its_own_timesteps_when_set():
+    """``gan.timestep_shift`` moves the adversarial term's noise levels and nothing else: they are drawn with that
+    shift after the loss's own t and noise; the DMD loss and the critic's flow loss keep their values; the head reads
+    both videos at the new levels (its logits and R1 recomputed there); the shift must be positive."""
+    shared, own = _section(r1_weight=1.0), _section(r1_weight=1.0, timestep_shift=0.2)
+    t = loss_timesteps(shared, 256, torch.Generator().manual_seed(5), "cpu")
+    assert adversarial_timesteps(shared, t, torch.Generator().manual_seed(6)) is t
+    t_adv = adversarial_timesteps(own, t, torch.Generator().manual_seed(6))
+    assert torch.equal(t_adv, sample_timesteps(256, shift=0.2, generator=torch.Generator().manual_seed(6)))
+    assert t_adv.mean() < 0.5 * t.mean()  # shift 0.2 against the loss's 5: far less noise
+
+    models = _distill_models()
+    embeds, negative = _embeds(), torch.zeros(1, 8, 32)
+    x_gen = self_forcing_rollout(models.generator, OneForcingScheduler(), _noise(), embeds, exit_step=0,
+                                 rng=torch.Generator().manual_seed(0)).detach()
+    logs = {}
+    for name, section in (("shared", shared), ("own", own)):
+        with frozen(models.critic, models.discriminator):
+            _, generator_logs = generator_loss(models, x_gen, embeds, negative, section,
+                                               torch.Generator().manual_seed(1), True)
+        _, critic_logs = critic_loss(models, x_gen, _noise(seed=9), embeds, section, torch.Generator().manual_seed(2),
+                                     True)
+        logs[name] = {**generator_logs, **critic_logs}
+    assert logs["own"]["dmd"] == logs["shared"]["dmd"]
+    assert logs["own"]["critic_flow"] == pytest.approx(logs["shared"]["critic_flow"], rel=1e-5)
+
+    def head_at_own_levels(video, seed):
+        """(mean logit, R1) of the head on ``video`` noised as a loss drawing from ``seed`` noises it."""
+        rng = torch.Generator().manual_seed(seed)
+        t = loss_timesteps(own, video.shape[0], rng, "cpu")
+        noise = torch.randn(video.shape, generator=rng)
+        t_adv = adversarial_timesteps(own, t, rng)
+
+        def head(x):
+            return critic_logits(models.critic, models.discriminator, own.gan.feature_layers, x, t_adv, embeds)[0]
+
+        with torch.no_grad():
+            x_adv = add_noise(video, noise, t_adv)
+            logits = head(x_adv)
+            return logits.mean().item(), perturbation_penalty(head, x_adv, logits, own.gan.r1_sigma, rng).item()
+
+    assert logs["own"]["d_fake_gen"] == pytest.approx(head_at_own_levels(x_gen, 1)[0], rel=1e-4)
+    assert logs["own"]["d_fake"] == pytest.approx(head_at_own_levels(x_gen, 2)[0], rel=1e-4)
+    d_real, r1 = head_at_own_levels(_noise(seed=9), 2)
+    assert (logs["own"]["d_real"], logs["own"]["r1"]) == pytest.approx((d_real, r1), rel=1e-4)
+    assert logs["own"]["d_real"] != pytest.approx(logs["shared"]["d_real"], rel=1e-3)
+    with pytest.raises(ConfigError, match="distill.gan.timestep_shift"):
+        load_config(None, ["distill.gan.timestep_shift=0"])
+    assert load_config(None, ["distill.gan.timestep_shift=1.5"]).distill.gan.timestep_shift == 1.5
 
 
 def test_discriminator_head_reads_only_its_feature_layers():

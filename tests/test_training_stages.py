@@ -61,7 +61,8 @@ def recipe(tmp_path_factory):
     config["ode_pairs"].update(num_pairs=4, batch_size=2, num_inference_steps=4)
     config["ode_init"].update(steps=4, log_every=100)
     config["distill"].update(steps=6, save_every=3, log_every=100)
-    config["distill"].setdefault("gan", {})["lr"] = 3 * config["distill"]["lr_critic"]
+    # the head at a rate of its own, and reading clips at noise levels of its own (a three-video critic pass)
+    config["distill"].setdefault("gan", {}).update(lr=3 * config["distill"]["lr_critic"], timestep_shift=1.0)
     path = root / "recipe.json"
     path.write_text(json.dumps(config))
     for stage in ("teacher", "ode-pairs", "ode-init", "distill"):

@@ -166,6 +166,8 @@ class GanConfig:
     mean (D(x + sigma * n) - D(x))^2 (R2 also scaled by 0.5); weight 0 disables them. ``lr``: the head's learning rate
     (null: ``distill.lr_critic``). Only the discriminator loss trains the head, and Adam's step does not scale with the
     loss, so ``discriminator_weight`` sets how much that loss moves the shared critic, not how fast the head learns.
+    ``timestep_shift``: the shift of the noise levels at which both adversarial losses noise their videos (null: the
+    DMD and critic losses' own timesteps, ``distill.timestep_shift``; a smaller shift shows the head less noisy clips).
     """
 
     enabled: bool = True
@@ -179,6 +181,7 @@ class GanConfig:
     r2_weight: float = 0.0
     r2_sigma: float = 0.01
     lr: float | None = None
+    timestep_shift: float | None = None
 
 
 @dataclass
@@ -379,3 +382,5 @@ def _validate(config: TrainingConfig, source: str) -> None:
     need(len(gan.feature_layers) >= 1, "distill.gan.feature_layers needs at least one layer")
     need(list(gan.feature_layers) == sorted(set(gan.feature_layers)), "distill.gan.feature_layers must increase")
     need(gan.lr is None or gan.lr > 0, "distill.gan.lr must be > 0 (or null: distill.lr_critic)")
+    need(gan.timestep_shift is None or gan.timestep_shift > 0,
+         "distill.gan.timestep_shift must be > 0 (or null: the DMD loss's timesteps)")

@@ -124,6 +124,21 @@ def real_score_x0(teacher, x_t, timesteps, prompt_embeds, negative_embeds, guida
     return guided(cond, uncond, guidance_scale + 1.0)
 
 
+def loss_timesteps(section: DistillConfig, batch: int, rng: torch.Generator, device, shift: float | None = None):
+    """[B] timesteps of the DMD and critic losses: shift ``section.timestep_shift`` (or ``shift``), clamped to
+    [min_timestep, max_timestep]."""
+    return sample_timesteps(batch, shift=section.timestep_shift if shift is None else shift, generator=rng,
+                            min_timestep=section.min_timestep, max_timestep=section.max_timestep, device=device)
+
+
+def adversarial_timesteps(section: DistillConfig, t: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """[B] timesteps at which the adversarial term noises its videos: ``t`` itself (the DMD or critic loss's), unless
+    ``gan.timestep_shift`` gives the term noise levels of its own (drawn from ``rng``; the noise stays the loss's)."""
+    if section.gan.timestep_shift is None:
+        return t
+    return loss_timesteps(section, t.shape[0], rng, t.device, section.gan.timestep_shift)
+
+
 def generator_loss(
     models: DistillModels,
     x_gen: torch.Tensor,
@@ -140,9 +155,7 @@ def generator_loss(
     they get no parameter gradient (frozen through the backward: gradient checkpointing recomputes the critic's
     forward then, and must find the same ``requires_grad`` flags).
     """
-    batch = x_gen.shape[0]
-    t = sample_timesteps(batch, shift=section.timestep_shift, min_timestep=section.min_timestep,
-                         max_timestep=section.max_timestep, generator=rng, device=x_gen.device)
+    t = loss_timesteps(section, x_gen.shape[0], rng, x_gen.device)
     noise = randn(x_gen.shape, rng, x_gen.device)
     x_t = add_noise(x_gen.detach(), noise, t)
     with torch.no_grad():
@@ -152,9 +165,10 @@ def generator_loss(
     logs = {"dmd": loss.item(), **stats}
     total = loss.float()
     if use_gan:
+        t_adv = adversarial_timesteps(section, t, rng)
         logits, _ = critic_logits(
             models.critic_model, models.discriminator_model, section.gan.feature_layers,
-            add_noise(x_gen, noise, t), t, prompt_embeds,
+            add_noise(x_gen, noise, t_adv), t_adv, prompt_embeds,
         )
         adversarial = generator_adversarial_loss(logits)
         total = total + section.gan.generator_weight * adversarial
@@ -173,11 +187,11 @@ def critic_loss(
     use_gan: bool,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow matching of the critic on the (detached) generated video, plus the discriminator loss on real vs
-    generated latents noised with the same t and noise. Gradient reaches only the critic and the head."""
+    generated latents noised with the same noise at the same :func:`adversarial_timesteps`. Gradient reaches only the
+    critic and the head."""
     x_gen = x_gen.detach()
     batch = x_gen.shape[0]
-    t = sample_timesteps(batch, shift=section.timestep_shift, min_timestep=section.min_timestep,
-                         max_timestep=section.max_timestep, generator=rng, device=x_gen.device)
+    t = loss_timesteps(section, batch, rng, x_gen.device)
     noise = randn(x_gen.shape, rng, x_gen.device)
     fake_t = add_noise(x_gen, noise, t)
     if not use_gan:
@@ -187,12 +201,17 @@ def critic_loss(
     if real_latents is None or real_latents.shape != x_gen.shape:
         raise ValueError("the adversarial critic needs real latents shaped like the generated video")
     gan = section.gan
-    real_t = add_noise(real_latents.to(x_gen), noise, t)
+    t_adv = adversarial_timesteps(section, t, rng)
+    real_t = add_noise(real_latents.to(x_gen), noise, t_adv)
+    # one critic pass: the generated video at t for the flow loss, and both videos at t_adv for the head (the
+    # generated one once when the levels are the same)
+    fake_adv = fake_t if t_adv is t else add_noise(x_gen, noise, t_adv)
+    inputs = [fake_t, real_t] if t_adv is t else [fake_t, fake_adv, real_t]
     logits, flow = critic_logits(
-        models.critic, models.discriminator, gan.feature_layers, torch.cat([fake_t, real_t]), torch.cat([t, t]),
-        torch.cat([prompt_embeds, prompt_embeds]),
+        models.critic, models.discriminator, gan.feature_layers, torch.cat(inputs),
+        torch.cat([t] + [t_adv] * (len(inputs) - 1)), torch.cat([prompt_embeds] * len(inputs)),
     )
-    logits_fake, logits_real = logits.chunk(2)
+    logits_fake, logits_real = logits[-2 * batch:].chunk(2)
     flow_loss = flow_matching_loss(flow[:batch], noise, x_gen)
     adversarial = discriminator_adversarial_loss(logits_real, logits_fake)
     total = flow_loss + gan.discriminator_weight * adversarial
@@ -200,14 +219,14 @@ def critic_loss(
             "d_real": logits_real.float().mean().item(), "d_fake": logits_fake.float().mean().item()}
 
     def head(x):
-        return critic_logits(models.critic, models.discriminator, gan.feature_layers, x, t, prompt_embeds)[0]
+        return critic_logits(models.critic, models.discriminator, gan.feature_layers, x, t_adv, prompt_embeds)[0]
 
     if gan.r1_weight > 0:
         r1 = perturbation_penalty(head, real_t, logits_real, gan.r1_sigma, rng)
         total = total + gan.r1_weight * r1
         logs["r1"] = r1.item()
     if gan.r2_weight > 0:
-        r2 = 0.5 * perturbation_penalty(head, fake_t, logits_fake, gan.r2_sigma, rng)
+        r2 = 0.5 * perturbation_penalty(head, fake_adv, logits_fake, gan.r2_sigma, rng)
         total = total + gan.r2_weight * r2
         logs["r2"] = r2.item()
     logs["critic_loss"] = total.item()
