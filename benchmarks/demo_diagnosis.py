@@ -16,6 +16,15 @@ there (the DMD "real score", :func:`distill.real_score_x0`, with each ``--guidan
 prediction towards that target: a t where the target draws the caption's shape is a t where the loss can teach the
 shape; the share of DMD timesteps at each shift that falls there is listed beside it.
 
+``adversarial-levels``: at which noise levels can the adversarial head tell real clips from the student's? The
+world's renders of the prompts (encoded by the pipeline's VAE, as the recipe's ``encode`` stage does) and the
+student's one-step clips of the same prompts and seeds are noised at each ``--timesteps`` t with one noise per
+(prompt, seed), and the ``--teacher`` (the critic's starting weights) reads them; what the head reads is condensed to
+the mean and standard deviation over tokens of the hidden states after the recipe's ``distill.gan.feature_layers``.
+Per t: the accuracy of a linear probe telling real from student, fitted on one split's clips and tested on the
+other's (:func:`demo_components.ridge_probe_accuracy`, both ways), and the share of the features' variance that real
+against student explains; beside them, the share of the adversarial term's timesteps at each shift.
+
 ``collect``: the evaluation JSONs of ``python -m oneforcing.training.evaluate`` runs (teachers trained by the CPU
 recipe, the shipped student...), the stages' ``summary.json`` files and the results of ``components`` runs with
 other parts (``--pipeline``), condensed into the same results file.
@@ -23,6 +32,8 @@ other parts (``--pipeline``), condensed into the same results file.
     python benchmarks/demo_diagnosis.py components --json benchmarks/results/demo_diagnosis.json
     python benchmarks/demo_diagnosis.py dmd-targets --json benchmarks/results/demo_diagnosis.json \\
         --teacher models/oneforcing-demo-training/teacher --seeds 0 1
+    python benchmarks/demo_diagnosis.py adversarial-levels --json benchmarks/results/demo_diagnosis.json \\
+        --teacher models/oneforcing-demo-training/teacher --seeds 0 1 2 3 --timesteps 100 300 500 700 900
     python benchmarks/demo_diagnosis.py collect --json benchmarks/results/demo_diagnosis.json \\
         --eval small_pool_seen=runs/small/eval_seen.json ... --summary small_pool=runs/small/teacher/summary.json
 
@@ -43,7 +54,7 @@ import torch
 from oneforcing.training import demo_components, metrics, world
 from oneforcing.training.config import DistillConfig, load_config
 from oneforcing.training.distill import real_score_x0
-from oneforcing.training.evaluate import PROMPT_SPLITS, VideoSize, ground_truth_clip, ratio
+from oneforcing.training.evaluate import PROMPT_SPLITS, VideoSize, ground_truth_clip, ground_truth_video, ratio
 from oneforcing.training.flow import add_noise, sample_timesteps
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "oneforcing-demo"
@@ -104,9 +115,10 @@ def components(args) -> dict:
     return sections
 
 
-def timestep_shares(edges: list[float], shifts: list[float], section: DistillConfig) -> dict:
+def timestep_shares(timesteps: list[float], shifts: list[float], section: DistillConfig) -> dict:
     """Per shift: the share of the DMD loss's timesteps (``flow.sample_timesteps`` with ``section``'s clamp) in each
-    band between consecutive ``edges`` (0..1000)."""
+    band of 0..1000 that ``timesteps`` cut it into."""
+    edges = sorted({0.0, 1000.0, *(float(t) for t in timesteps)})
     draws = torch.Generator().manual_seed(0)
     out = {}
     for shift in shifts:
@@ -148,41 +160,91 @@ def split_summary(rows: list[dict], keys: list[str]) -> dict:
             for key in keys}
 
 
-def dmd_targets(args) -> dict:
+def student_and_teacher(args):
+    """(the ``--pipeline`` with the student as its transformer, the ``--teacher`` transformer), on ``--device``."""
     from oneforcing.pipelines.loading import load_transformer
     from oneforcing.pipelines.pipeline_one_forcing import OneForcingPipeline
 
-    section = load_config(args.config).distill
     pipe = OneForcingPipeline.from_pretrained(str(args.pipeline)).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    teacher = load_transformer(args.teacher).to(args.device).eval()
-    score, size = TargetScorer(pipe.vae), parse_size(args.size[0])
+    return pipe, load_transformer(args.teacher).to(args.device).eval()
+
+
+def student_clips(pipe, args):
+    """For every split, prompt and seed: (split name, prompt, seed, prompt embeddings [1, L, D], the student's
+    one-step latents [1, C, F, h, w] at the first ``--size``, one noise of their shape drawn from the seed)."""
+    size = parse_size(args.size[0])
+    for name, split in PROMPT_SPLITS.items():
+        for prompt in world.split_prompts(split, args.num_prompts):
+            embeds = pipe.encode_prompt(prompt, device=args.device)
+            for seed in args.seeds:
+                x_gen = pipe(prompt, num_frames=size.num_frames, height=size.height, width=size.width,
+                             generator=torch.Generator().manual_seed(seed), output_type="latent").frames
+                noise = torch.randn(x_gen.shape, generator=torch.Generator().manual_seed(1000 + seed)).to(x_gen)
+                yield name, prompt, seed, embeds, x_gen, noise
+
+
+def dmd_targets(args) -> dict:
+    section = load_config(args.config).distill
+    pipe, teacher = student_and_teacher(args)
+    score = TargetScorer(pipe.vae)
     guidances = args.guidance or [section.guidance_scale]
     keys = ["student", *[target_key(t, g) for t in args.timesteps for g in guidances]]
     negative = pipe.encode_prompt("", device=args.device)  # [1, L, D]
     rows = []
     with torch.no_grad():
-        for name, split in PROMPT_SPLITS.items():
-            for prompt in world.split_prompts(split, args.num_prompts):
-                embeds = pipe.encode_prompt(prompt, device=args.device)
-                for seed in args.seeds:
-                    x_gen = pipe(prompt, num_frames=size.num_frames, height=size.height, width=size.width,
-                                 generator=torch.Generator().manual_seed(seed), output_type="latent").frames
-                    noise = torch.randn(x_gen.shape, generator=torch.Generator().manual_seed(1000 + seed)).to(x_gen)
-                    row = {"split": name, "prompt": prompt, "seed": seed, "student": score(x_gen, prompt)}
-                    for t in args.timesteps:
-                        at = torch.full((1,), float(t), device=x_gen.device)
-                        x_t = add_noise(x_gen, noise, at)
-                        for guidance in guidances:
-                            target = real_score_x0(teacher, x_t, at, embeds, negative, guidance)
-                            row[target_key(t, guidance)] = score(target, prompt)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+        for name, prompt, seed, embeds, x_gen, noise in student_clips(pipe, args):
+            row = {"split": name, "prompt": prompt, "seed": seed, "student": score(x_gen, prompt)}
+            for t in args.timesteps:
+                at = torch.full((1,), float(t), device=x_gen.device)
+                x_t = add_noise(x_gen, noise, at)
+                for guidance in guidances:
+                    target = real_score_x0(teacher, x_t, at, embeds, negative, guidance)
+                    row[target_key(t, guidance)] = score(target, prompt)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     summary = {name: split_summary([r for r in rows if r["split"] == name], keys) for name in PROMPT_SPLITS}
-    edges = [0.0, *sorted(float(t) for t in args.timesteps), 1000.0]
     return {"dmd_targets": {"student": str(args.pipeline), "teacher": str(args.teacher), "size": args.size[0],
                             "seeds": args.seeds, "guidance_scales": guidances, "summary": summary,
-                            "timestep_shares": timestep_shares(edges, args.shifts, section), "clips": rows}}
+                            "timestep_shares": timestep_shares(args.timesteps, args.shifts, section), "clips": rows}}
+
+
+def head_features(critic, latents, noise, t: float, embeds, layers) -> np.ndarray:
+    """What the adversarial head reads, condensed: the mean and standard deviation over tokens of the critic's hidden
+    states after ``layers`` for ``latents`` [1, C, F, h, w] noised with ``noise`` at ``t`` -> [2 * len(layers) * D]."""
+    at = torch.full((1,), float(t), device=latents.device)
+    out = critic(add_noise(latents, noise, at), at, embeds, attention_mode="bidirectional",
+                 hidden_states_at=tuple(layers))
+    return torch.cat([torch.cat([h.mean(1), h.std(1)], -1) for h in out.hidden_states], -1)[0].float().cpu().numpy()
+
+
+def adversarial_levels(args) -> dict:
+    from oneforcing.pipelines.vae_streaming import encode_video
+
+    section = load_config(args.config).distill
+    layers = list(section.gan.feature_layers)
+    pipe, critic = student_and_teacher(args)
+    size = parse_size(args.size[0])
+    features = {t: [] for t in args.timesteps}  # per t: [real, student] rows of every clip
+    seen = []
+    with torch.no_grad():
+        for name, prompt, seed, embeds, x_gen, noise in student_clips(pipe, args):
+            video = ground_truth_video(prompt, seed, size)[None].to(args.device)
+            real = encode_video(pipe.vae, video).to(x_gen)
+            for t in args.timesteps:
+                features[t] += [head_features(critic, x, noise, t, embeds, layers) for x in (real, x_gen)]
+            seen += [name == "seen"] * 2
+    labels, seen = ["real", "student"] * (len(seen) // 2), np.array(seen)
+    levels = {}
+    for t, rows in features.items():
+        rows = np.stack(rows)
+        levels[f"{t:g}"] = {"probe_seen_to_heldout": demo_components.ridge_probe_accuracy(rows, labels, seen),
+                            "probe_heldout_to_seen": demo_components.ridge_probe_accuracy(rows, labels, ~seen),
+                            "between_fraction": demo_components.between_class_fraction(rows, labels)}
+    return {"adversarial_levels": {"student": str(args.pipeline), "critic": str(args.teacher),
+                                   "feature_layers": layers, "size": args.size[0], "seeds": args.seeds,
+                                   "clips_per_split": len(seen) // 4, "levels": levels,
+                                   "timestep_shares": timestep_shares(args.timesteps, args.shifts, section)}}
 
 
 def condensed_evaluation(path: Path) -> dict:
@@ -215,7 +277,7 @@ def collect(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("components", "dmd-targets", "collect"))
+    parser.add_argument("command", choices=("components", "dmd-targets", "adversarial-levels", "collect"))
     parser.add_argument("--json", type=Path, required=True, help="results file (sections are merged into it)")
     parser.add_argument("--pipeline", type=Path, default=DEMO, help="pipeline folder with tokenizer, text encoder, VAE")
     parser.add_argument("--size", nargs="+", default=["81x128x128", "17x64x64"], help="FRAMESxHEIGHTxWIDTH")
@@ -224,24 +286,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the VAE round trips run")
-    parser.add_argument("--teacher", type=Path, help="dmd-targets: the teacher's transformer folder")
+    parser.add_argument("--teacher", type=Path,
+                        help="dmd-targets, adversarial-levels: the teacher's transformer folder (the critic's start)")
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "training" / "configs"
-                        / "demo.json", help="dmd-targets: the recipe whose distill section (guidance, clamp) is used")
+                        / "demo.json", help="dmd-targets, adversarial-levels: the recipe whose distill section "
+                        "(guidance, clamp, the head's feature layers) is used")
     parser.add_argument("--timesteps", type=float, nargs="+", default=[100, 200, 300, 400, 500, 600, 700, 800, 900],
-                        help="dmd-targets: noise levels (0..1000)")
+                        help="dmd-targets, adversarial-levels: noise levels (0..1000)")
     parser.add_argument("--guidance", type=float, nargs="*", default=[],
                         help="dmd-targets: g of the real score cond + g (cond - uncond) (default: the recipe's)")
     parser.add_argument("--shifts", type=float, nargs="+", default=[5.0, 2.0, 1.0],
-                        help="dmd-targets: timestep shifts whose shares of the DMD timesteps are listed")
+                        help="dmd-targets, adversarial-levels: timestep shifts whose shares of the loss's timesteps "
+                        "are listed")
     parser.add_argument("--eval", nargs="*", default=[], metavar="NAME=EVAL_JSON")
     parser.add_argument("--summary", nargs="*", default=[], metavar="NAME=SUMMARY_JSON")
     parser.add_argument("--components", nargs="*", default=[], metavar="NAME=COMPONENTS_JSON",
                         help="the results of a components run with other parts (e.g. a retrained VAE)")
     args = parser.parse_args()
-    if args.command == "dmd-targets" and args.teacher is None:
-        parser.error("dmd-targets needs --teacher (the teacher's transformer folder)")
+    if args.command in ("dmd-targets", "adversarial-levels") and args.teacher is None:
+        parser.error(f"{args.command} needs --teacher (the teacher's transformer folder)")
     torch.set_num_threads(args.threads)
-    sections = {"components": components, "dmd-targets": dmd_targets, "collect": collect}[args.command](args)
+    commands = {"components": components, "dmd-targets": dmd_targets, "adversarial-levels": adversarial_levels,
+                "collect": collect}
+    sections = commands[args.command](args)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     results.update(sections)
     results.setdefault("commands", {})[args.command] = "python benchmarks/demo_diagnosis.py " + " ".join(sys.argv[1:])

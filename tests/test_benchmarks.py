@@ -150,6 +150,28 @@ def test_demo_diagnosis_scores_the_dmd_targets_of_the_shipped_student(tmp_path):
         assert shares["900-1000"] == pytest.approx(1 - u, abs=0.01)
 
 
+def test_demo_diagnosis_measures_what_the_adversarial_head_can_tell_apart_by_noise_level(tmp_path):
+    """adversarial-levels on the shipped student and the bundled teacher, 9 frames, two prompts per split. At t = 1000 a
+    noised clip is its noise alone, and a real clip and the student's share their noise: the features are the same,
+    nothing of their variance is real against student and the probe is at chance. Nearly clean (t = 20) they differ
+    more than at t = 900."""
+    out = tmp_path / "diagnosis.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "demo_diagnosis.py"), "adversarial-levels", "--json", str(out), "--size",
+         "9x128x128", "--num-prompts", "2", "--seeds", "0", "--teacher", str(DEMO_TEACHER_DIR),
+         "--timesteps", "20", "900", "1000", "--shifts", "5"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["adversarial_levels"]
+    assert result["feature_layers"] == [3, 5] and result["clips_per_split"] == 2  # the demo recipe's head layers
+    levels = result["levels"]
+    assert levels["1000"]["between_fraction"] == pytest.approx(0, abs=1e-9)
+    assert levels["1000"]["probe_seen_to_heldout"] == levels["1000"]["probe_heldout_to_seen"] == 0.5
+    assert levels["20"]["between_fraction"] > levels["900"]["between_fraction"] > 0
+    assert list(result["timestep_shares"]["5.0"]) == ["0-20", "20-900", "900-1000"]
+
+
 def test_demo_scripts_parse():
     for script in ("demo_model_1gpu.sh", "demo_model_2gpu.sh", "demo_model.sh", "evaluate_demo.sh", "demo_lib.sh",
                    "demo_env.sh"):

@@ -191,11 +191,16 @@ class VideoSize:
 Generate = Callable[[str, int, VideoSize], np.ndarray]  # (prompt, seed, size) -> frames [T, H, W, 3] float32 0..1
 
 
-def ground_truth_clip(prompt: str, seed: int, size: VideoSize) -> np.ndarray:
-    """The world's render of ``prompt`` with the layout of ``seed``: frames [T, H, W, 3] in 0..1."""
+def ground_truth_video(prompt: str, seed: int, size: VideoSize) -> torch.Tensor:
+    """The world's render of ``prompt`` with the layout of ``seed``: video [3, T, H, W] in -1..1."""
     split = world.caption_split(prompt) or "train"
     video, _, _ = world.render_clip(seed, split, size.num_frames, size.height, size.width, caption=prompt)
-    return metrics.world_frames(video)
+    return video
+
+
+def ground_truth_clip(prompt: str, seed: int, size: VideoSize) -> np.ndarray:
+    """:func:`ground_truth_video` as frames [T, H, W, 3] in 0..1."""
+    return metrics.world_frames(ground_truth_video(prompt, seed, size))
 
 
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
