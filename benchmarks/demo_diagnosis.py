@@ -226,15 +226,15 @@ def adversarial_levels(args) -> dict:
     pipe, critic = student_and_teacher(args)
     size = parse_size(args.size[0])
     features = {t: [] for t in args.timesteps}  # per t: [real, student] rows of every clip
-    seen = []
+    splits = []  # per clip
     with torch.no_grad():
         for name, prompt, seed, embeds, x_gen, noise in student_clips(pipe, args):
             video = ground_truth_video(prompt, seed, size)[None].to(args.device)
             real = encode_video(pipe.vae, video).to(x_gen)
             for t in args.timesteps:
                 features[t] += [head_features(critic, x, noise, t, embeds, layers) for x in (real, x_gen)]
-            seen += [name == "seen"] * 2
-    labels, seen = ["real", "student"] * (len(seen) // 2), np.array(seen)
+            splits.append(name)
+    labels, seen = ["real", "student"] * len(splits), np.repeat(np.array(splits) == "seen", 2)  # per row
     levels = {}
     for t, rows in features.items():
         rows = np.stack(rows)
@@ -243,7 +243,7 @@ def adversarial_levels(args) -> dict:
                             "between_fraction": demo_components.between_class_fraction(rows, labels)}
     return {"adversarial_levels": {"student": str(args.pipeline), "critic": str(args.teacher),
                                    "feature_layers": layers, "size": args.size[0], "seeds": args.seeds,
-                                   "clips_per_split": len(seen) // 4, "levels": levels,
+                                   "clips_per_split": len(splits) // len(PROMPT_SPLITS), "levels": levels,
                                    "timestep_shares": timestep_shares(args.timesteps, args.shifts, section)}}
 
 
