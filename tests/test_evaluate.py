@@ -144,7 +144,8 @@ def test_model_spec_parsing(tmp_path):
     for bad, message in [(f"{tmp_path}", "NAME=PATH"), (f"a={tmp_path}:colour=red", "unknown option"),
                          (f"a={tmp_path}:steps=two", "not a int"), (f"a={tmp_path}:steps=0", ">= 1"),
                          (f"a={tmp_path}/nope", "not a folder"), (f"a={tmp_path}:sampler=magic", "sampler"),
-                         ("gt=ground-truth:steps=2", "no options")]:
+                         ("gt=ground-truth:steps=2", "no options"),
+                         (f"vae={tmp_path}:sampler=round-trip,steps=2", "runs no transformer")]:
         with pytest.raises(ValueError, match=message):
             ev.parse_model_spec(bad)
 
@@ -265,6 +266,33 @@ def test_cli_quality_run_speed_run_table_and_resume(tmp_path, tiny_folder, one_t
     assert again["models"]["one_step"]["spec"]["block_timesteps"] == [1000.0]
     with pytest.raises(SystemExit, match="other settings .*seeds"):
         ev.main([*argv[:4], "--seeds", "0", *TINY, "--out", str(out), "--resume"])
+
+
+def test_round_trip_row_is_the_world_through_the_pipelines_vae(tmp_path, one_thread):
+    """The ``round-trip`` sampler encodes the world's render with the pipeline's VAE and decodes it: the demo VAE keeps
+    the object's background, colour and motion and blurs its edges, so its row sits below ground truth's sharpness."""
+    from diffusers import AutoencoderKLWan
+
+    from oneforcing.__main__ import DEMO_MODEL_DIR
+
+    out = tmp_path / "results.json"
+    ev.main(["--model", "gt=ground-truth", "--model", f"vae={DEMO_MODEL_DIR}:sampler=round-trip", "--num-frames", "9",
+             "--height", "128", "--width", "128", "--num-prompts", "1", "--seeds", "0", "--warmup", "0",
+             "--device", "cpu", "--workers", "0", "--out", str(out)])
+    vae_row = json.loads(out.read_text())["models"]["vae"]
+    assert vae_row["spec"]["sampler"] == "round-trip"
+    assert not {"steps", "guidance", "shift", "parameters"} & set(vae_row["spec"])  # no transformer ran
+    (clip_scores,) = vae_row["clips"]
+    assert (clip_scores["background"], clip_scores["colour"]) == (1.0, 1.0)
+    assert 0.3 < vae_row["summary"]["edge_sharpness"]["mean"] < 0.95
+
+    prompt = ev.prompt_list("heldout", 1)[0]
+    vae = AutoencoderKLWan.from_pretrained(DEMO_MODEL_DIR / "vae").eval()
+    with torch.no_grad():
+        video = ev.ground_truth_video(prompt, 0, ev.VideoSize(9, 128, 128))[None]
+        decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample[0]
+    assert clip_scores["edge_sharpness"] == pytest.approx(metrics.edge_sharpness(metrics.world_frames(decoded)),
+                                                          rel=1e-4)
 
 
 def test_resume_reruns_a_model_retrained_in_place(tmp_path, tiny_folder, one_thread, capsys):

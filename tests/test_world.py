@@ -283,6 +283,29 @@ def test_cli_builds_loadable_parts_with_normalising_statistics(tmp_path):
         dc.main(["--out", str(tmp_path), "--parts", "decoder"])
 
 
+def test_decoder_only_fine_tune_keeps_the_encoder_and_its_statistics(tmp_path):
+    """``--vae-decoder-only``: the encoder (so every latent the transformers were trained on) and the stored latent
+    statistics stay bit for bit; the decoder learns."""
+    from diffusers import AutoencoderKLWan
+
+    dc.main(["--out", str(tmp_path / "first"), "--parts", "vae", "--vae-stages", "1x32x5x1", "--vae-base-dim", "8",
+             "--eval-clips", "1", "--stat-clips", "2", "--eval-frames", "5"])
+    start = tmp_path / "first" / "vae"
+    report = dc.main(["--out", str(tmp_path / "tuned"), "--parts", "vae", "--vae-init", str(start),
+                      "--vae-decoder-only", "--vae-stages", "3x32x5x1", "--vae-lr", "1e-3", "--eval-clips", "1",
+                      "--eval-frames", "5"])
+    assert report["vae"]["decoder_only"] is True
+    before, after = (AutoencoderKLWan.from_pretrained(str(folder)) for folder in (start, tmp_path / "tuned" / "vae"))
+    decoder_names = {f"post_quant_conv.{n}" for n, _ in before.post_quant_conv.named_parameters()}
+    decoder_names |= {f"decoder.{n}" for n, _ in before.decoder.named_parameters()}
+    changed = {name for name, p in before.named_parameters() if not torch.equal(p, after.get_parameter(name))}
+    assert changed and changed <= decoder_names  # only the decoder moved, and it did
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+    with pytest.raises(SystemExit):
+        dc.main(["--out", str(tmp_path / "bad"), "--parts", "vae", "--vae-decoder-only"])  # no --vae-init
+
+
 def test_a_background_colour_override_keeps_the_caption():
     """A restyled world (the demo LoRA's data): every background in the given colour, the caption unchanged."""
     plain, caption, _ = world.render_clip(5, "train", 5, 64, 64, 0.0, 0.0)

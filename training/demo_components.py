@@ -394,6 +394,11 @@ def vae_loss(
     return loss, {"loss": loss.item(), "l1": l1.item(), "edge": edge.item(), "kl": kl.item(), "psnr": psnr}
 
 
+def decoder_parameters(vae) -> list[torch.nn.Parameter]:
+    """The parameters that map latents to pixels: ``post_quant_conv`` and the decoder."""
+    return [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+
+
 def _learning_rate(step: int, total: int, peak: float, warmup: int = 50) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -421,9 +426,13 @@ def train_vae(
     log=print,
     device: str | torch.device = "cpu",
     max_seconds: float | None = None,
+    decoder_only: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``vae`` in place through ``stages``; resumes from ``state_path`` when it exists. Returns the logged rows
     (running means since the previous row; ``seconds`` counts training time over all runs).
+
+    ``decoder_only``: the encoder stays frozen, so the latents of every clip stay what they were and the transformers
+    trained on them stay valid; only how latents are drawn back into pixels changes.
 
     Batches and posterior noise depend only on (seed, global step), so a resumed run sees what an unbroken one would.
     ``device``: where the VAE trains (it is moved there); batches are rendered on the CPU and copied.
@@ -432,7 +441,11 @@ def train_vae(
     device = torch.device(device)
     vae.to(device)
     total = sum(s.steps for s in stages)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99))
+    trainable = decoder_parameters(vae) if decoder_only else list(vae.parameters())
+    vae.requires_grad_(not decoder_only)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(trainable, lr=lr, betas=(0.9, 0.99))
     step, seconds_before = 0, 0.0
     state_path = Path(state_path) if state_path is not None else None
     if state_path is not None and state_path.exists():
@@ -458,7 +471,7 @@ def train_vae(
         loss, parts = vae_loss(vae, video, weights, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         step += 1
         window.append(parts)
@@ -561,6 +574,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-frames", type=int, default=81, help="frames per clip for the statistics and PSNR")
     parser.add_argument("--vae-init", default=None,
                         help="start VAE training from this saved VAE folder (fine-tuning) instead of a fresh VAE")
+    parser.add_argument("--vae-decoder-only", action="store_true",
+                        help="with --vae-init: train the decoder alone; the encoder, and so every latent and the "
+                        "latents_mean / latents_std the transformers were trained with, stay as they are")
     parser.add_argument("--vae-max-seconds", type=float, default=None,
                         help="stop VAE training after this many seconds (the state is saved; a rerun resumes)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -571,6 +587,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = parts - {"tokenizer", "text_encoder", "vae"}
     if unknown or not parts:
         parser.error(f"--parts: unknown {sorted(unknown)}; choose from tokenizer,text_encoder,vae")
+    if args.vae_decoder_only and not args.vae_init:
+        parser.error("--vae-decoder-only fine-tunes a trained VAE's decoder: give --vae-init")
     stages = [VaeStage.parse(s) for s in args.vae_stages.split(",") if s.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -609,17 +627,20 @@ def main(argv: list[str] | None = None) -> dict:
         weights = VaeLossWeights(args.vae_kl_weight, args.vae_edge_weight, args.vae_object_weight)
         rows = train_vae(vae, stages, args.vae_lr, weights, args.seed,
                          out / "train_state" / "vae.pt", device=args.device,
-                         max_seconds=args.vae_max_seconds)
+                         max_seconds=args.vae_max_seconds, decoder_only=args.vae_decoder_only)
         train_seconds = time.time() - started
-        mean, std = latent_statistics(vae, args.stat_clips, args.eval_frames)
-        vae.register_to_config(latents_mean=mean, latents_std=std)
+        if args.vae_decoder_only:  # the encoder did not change, nor did its latents' statistics
+            mean, std = list(vae.config.latents_mean), list(vae.config.latents_std)
+        else:
+            mean, std = latent_statistics(vae, args.stat_clips, args.eval_frames)
+            vae.register_to_config(latents_mean=mean, latents_std=std)
         vae.to("cpu").save_pretrained(str(out / "vae"))
         vae.to(args.device)
         started = time.time()
         psnr = reconstruction_psnr(vae, args.eval_clips, args.eval_frames)
         report["vae"] = {
             "parameters": sum(p.numel() for p in vae.parameters()), "bytes": _folder_bytes(out / "vae"),
-            "stages": args.vae_stages, "loss_weights": asdict(weights),
+            "stages": args.vae_stages, "loss_weights": asdict(weights), "decoder_only": args.vae_decoder_only,
             "train_seconds_this_run": round(train_seconds, 1),
             "final_train_row": rows[-1] if rows else None,
             "heldout_psnr_db": round(psnr, 2), "eval_clips": args.eval_clips, "eval_frames": args.eval_frames,

@@ -84,7 +84,7 @@ evaluate() {  # models folder, rows ("teacher"; all when empty): seen and held-o
       --transformer "$1/teacher" --out "$pipeline" --max-mb 0
   for split in seen heldout; do
     # TEACHER_STEPS here counts training steps; the evaluation's teacher samples with the recipe's 32 Euler steps
-    EXTRA=${EVAL_EXTRA:-} ONLY=${2:+gt $2} SPLIT=$split SEEDS="$seeds" TEACHER_STEPS=32 \
+    EXTRA=${EVAL_EXTRA:-} ONLY=${2:+gt vae $2} SPLIT=$split SEEDS="$seeds" TEACHER_STEPS=32 \
         PROMPTS="${EVAL_PROMPTS:-8}" PIPELINE="$pipeline" bash training/evaluate_demo.sh "$1" "$dest"
   done
   if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/eval" && cp "$dest"/quality*.{json,md} "$OUT/eval/"; fi

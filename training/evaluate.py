@@ -20,6 +20,9 @@ a ``OneForcingPipeline`` folder (``OneForcingPipeline.from_pretrained``). Option
   recipe's ``ode-pairs`` stage runs it (:func:`.ode.teacher_trajectory`): ``steps`` (default 32), ``shift`` (8),
   ``guidance`` (3.0, standard ``uncond + s (cond - uncond)``; 1 = no guidance) and the empty negative prompt
   (the recipe's default ``encode.negative_prompt``). The latents are decoded by the pipeline's VAE in one pass.
+- ``sampler=round-trip``: no transformer runs; the world's render of the prompt is encoded by the pipeline's VAE
+  (posterior mode) and decoded again (:func:`.demo_components.vae_round_trip`). It is what a generator that drew
+  exactly the encoder's latents would give: the ceiling of every model decoded by that VAE. Takes no other option.
 
 Every model sees the same prompts and seeds; the seed fixes the ground truth's layout and the models' initial noise
 (drawn on the CPU, so a seed gives the same noise on every device). Ground truth is rendered for every (prompt, seed)
@@ -67,7 +70,7 @@ from ..pipelines.presets import DTYPES
 from . import metrics, world
 
 GROUND_TRUTH = "ground-truth"
-SAMPLERS = ("rollout", "teacher")
+SAMPLERS = ("rollout", "teacher", "round-trip")
 SUMMARY_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness", "sharpness_denoised",
                 "edge_sharpness", "flicker", "identity")
 TABLE_KEYS = ("background", "colour", "shape", "motion", "joint", "sharpness", "edge_sharpness", "flicker", "identity")
@@ -130,6 +133,9 @@ def parse_model_spec(text: str) -> ModelSpec:
             raise ValueError(f"--model {name}: {key} must be >= 1, got {value}")
     if spec.is_ground_truth and options:
         raise ValueError(f"--model {name}: {GROUND_TRUTH} takes no options, got {sorted(options)}")
+    if spec.sampler == "round-trip" and set(options) - {"sampler"}:
+        raise ValueError(f"--model {name}: the round-trip sampler runs no transformer; it takes no other option, "
+                         f"got {sorted(set(options) - {'sampler'})}")
     if spec.sampler == "teacher" and (spec.first_block_steps or spec.frames_per_block):
         raise ValueError(f"--model {name}: the teacher sampler denoises the whole clip at once; "
                          "first_block_steps / frames_per_block do not apply")
@@ -247,6 +253,14 @@ def pipeline_generator(pipe, spec: ModelSpec, max_sequence_length: int) -> Gener
 
         return generate
 
+    if spec.sampler == "round-trip":
+        from .demo_components import vae_round_trip
+
+        def round_trip(prompt: str, seed: int, size: VideoSize) -> np.ndarray:
+            return metrics.world_frames(vae_round_trip(pipe.vae, ground_truth_video(prompt, seed, size)))
+
+        return round_trip
+
     from ..pipelines.vae_streaming import WanStreamingDecoder
     from .ode import teacher_trajectory
 
@@ -293,9 +307,9 @@ def spec_settings(spec: ModelSpec, pipe=None) -> dict:
     if spec.is_ground_truth:
         return {"name": spec.name, "path": spec.path, "sampler": "world renderer"}
     out = asdict(spec)
-    if spec.sampler == "rollout":
+    if spec.sampler != "teacher":
         del out["guidance"], out["shift"]
-    if pipe is not None:
+    if pipe is not None and spec.sampler != "round-trip":
         if spec.sampler == "rollout":
             out["frames_per_block"] = spec.frames_per_block or pipe.transformer.config.frames_per_block
             scheduler = pipe.scheduler

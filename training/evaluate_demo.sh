@@ -6,6 +6,7 @@
 # MODELS holds transformer folders (diffusers format) teacher/, framewise/, framewise_nogan/, chunkwise/; any that is
 # missing is skipped. The other components (tokenizer, text encoder, VAE, scheduler) come from PIPELINE. Rows:
 #   gt               the world's own renders (the reference of the ratios)
+#   vae              those renders through PIPELINE's VAE and back: the ceiling of every row decoded by that VAE
 #   framewise_1step  frame-wise One-Forcing (DMD + adversarial), one step per frame
 #   dmd_1step        frame-wise DMD-only (framewise_nogan), one step
 #   chunkwise_1step  chunk-wise One-Forcing, 3 latent frames per block, one step
@@ -51,12 +52,13 @@ ARGS=()
 add() {  # add NAME SUBFOLDER OPTIONS: a row, when MODELS/SUBFOLDER exists and ONLY (if set) names it
   local name=$1 folder=$2 options=$3
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  if [ -z "$folder" ]; then ARGS+=(--model "$name=ground-truth"); return; fi
+  if [ -z "$folder" ]; then ARGS+=(--model "$name=$options"); return; fi  # no transformer: OPTIONS is the model
   if [ ! -f "$MODELS/$folder/config.json" ]; then echo "skipping $name: no $MODELS/$folder/config.json"; return; fi
   ARGS+=(--model "$name=$PIPELINE:transformer=$MODELS/$folder${options:+,$options}")
 }
 # the rows the paper's claim is about first; the teacher (the slowest on a CPU) last
-[ "$MODE" = speed ] || add gt "" ""
+[ "$MODE" = speed ] || add gt "" ground-truth
+[ "$MODE" = speed ] || add vae "" "$PIPELINE:sampler=round-trip"
 add framewise_1step framewise "steps=1,frames_per_block=1"
 add dmd_1step framewise_nogan "steps=1,frames_per_block=1"
 add chunkwise_1step chunkwise "steps=1,frames_per_block=3"
